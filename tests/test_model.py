@@ -1,0 +1,336 @@
+"""model.py against transformers: logits, KV cache, padding, generation, loading routes and bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import model as M
+from conftest import VARIANTS
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL = list(VARIANTS) + ["llama_sharded"]
+
+
+def hf_logits(hf, ids, mask=None):
+    """transformers' logits; for left padding give it the same per-row positions a real run uses."""
+    kwargs = {}
+    if mask is not None:
+        kwargs = {"attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+    with torch.no_grad():
+        return hf(input_ids=ids, **kwargs).logits
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_logits_match_transformers(tiny_checkpoints, variant):
+    folder, hf = tiny_checkpoints[variant]
+    ours, _ = M.load_model(folder)
+    ids = torch.randint(0, 300, (2, 100), generator=torch.Generator().manual_seed(1))  # 100 > original ctx 64
+    with torch.no_grad():
+        got = ours(ids)
+    assert got.shape == (2, 100, 300)
+    assert (got - hf_logits(hf, ids)).abs().max().item() <= 1e-4
+
+
+def test_llama3_scaling_really_exercised(tiny_checkpoints):
+    """The tiny llama's head_dim puts frequencies in all three llama3 regimes, so the test above tests them."""
+    folder, hf = tiny_checkpoints["llama"]
+    ours, _ = M.load_model(folder)
+    base = 1.0 / (500000.0 ** (torch.arange(0, 16, 2).float() / 16))
+    ratio = ours.inv_freq / base
+    assert (ratio == 1).any() and (ratio == 0.125).any() and ((ratio > 0.125) & (ratio < 1)).any()
+    assert torch.allclose(ours.inv_freq, hf.model.rotary_emb.inv_freq, rtol=1e-6, atol=0)
+
+
+def test_classic_rope_keys_equal_rope_parameters(tiny_checkpoints, tmp_path):
+    """The same checkpoint with rope_theta/rope_scaling instead of rope_parameters gives the same logits."""
+    folder, hf = tiny_checkpoints["llama"]
+    classic = tmp_path / "classic"
+    shutil.copytree(folder, classic)
+    cfg = json.loads((classic / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = {**rope, "type": rope.pop("rope_type")}  # the oldest spelling: "type"
+    (classic / "config.json").write_text(json.dumps(cfg))
+    ours, _ = M.load_model(classic)
+    assert ours.cfg.rope_scaling["factor"] == 8.0 and ours.cfg.rope_theta == 500000.0
+    ids = torch.randint(0, 300, (1, 90), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (ours(ids) - hf_logits(hf, ids)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3"])
+def test_left_padded_batch_matches_transformers(tiny_checkpoints, variant):
+    folder, hf = tiny_checkpoints[variant]
+    ours, _ = M.load_model(folder)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 300, (3, 20), generator=g)
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[1, :7] = 0
+    mask[2, :15] = 0
+    with torch.no_grad():
+        got = ours(ids, attention_mask=mask)
+    want = hf_logits(hf, ids, mask)
+    real = mask.bool()
+    assert torch.isfinite(got).all()
+    assert (got[real] - want[real]).abs().max().item() <= 1e-4
+    # and each padded row equals that prompt run alone
+    with torch.no_grad():
+        alone = ours(ids[2:3, 15:])
+    assert (got[2, 15:] - alone[0]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen3"])
+def test_kv_cache_decoding_equals_full_forward(tiny_checkpoints, variant):
+    folder, _ = tiny_checkpoints[variant]
+    ours, _ = M.load_model(folder)
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = ours(ids)
+        cache = ours.new_cache(2, 40)
+        pieces = [ours(ids[:, :25], cache=cache)]  # prefill a chunk, then one token at a time
+        pieces += [ours(ids[:, t:t + 1], cache=cache) for t in range(25, 40)]
+    assert (torch.cat(pieces, 1) - full).abs().max().item() <= 1e-4
+
+
+def test_left_padded_batch_generates_like_each_prompt_alone(tiny_checkpoints):
+    folder, _ = tiny_checkpoints["qwen2"]
+    ours, _ = M.load_model(folder)
+    prompts = [[5, 9, 200, 31, 7, 8, 100, 101, 102], [42], [17, 18, 19, 20]]
+    batch = M.generate(ours, prompts, 12, temperature=0, stop_ids=())
+    for p, got in zip(prompts, batch):
+        assert got == M.generate(ours, [p], 12, temperature=0, stop_ids=())[0]
+        assert len(got) == 12
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3"])
+def test_greedy_generate_equals_transformers(tiny_checkpoints, variant):
+    folder, hf = tiny_checkpoints[variant]
+    ours, _ = M.load_model(folder)
+    prompt = [11, 250, 37, 99, 4, 180, 66]
+    got = M.generate(ours, [prompt], 30, temperature=0, stop_ids=())[0]
+    with torch.no_grad():
+        x = torch.tensor([prompt])
+        want = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=30, do_sample=False,
+                           eos_token_id=None, pad_token_id=0, min_new_tokens=30)[0, len(prompt):].tolist()
+    assert got == want
+
+
+def test_generate_stops_and_cuts_after_stop_id(tiny_checkpoints):
+    folder, _ = tiny_checkpoints["llama"]
+    ours, _ = M.load_model(folder)
+    free = M.generate(ours, [[1, 2, 3]], 20, temperature=0, stop_ids=())[0]
+    stop = free[5]
+    first = free.index(stop)
+    cut = M.generate(ours, [[1, 2, 3]], 20, temperature=0, stop_ids=(stop,))[0]
+    assert cut == free[:first + 1]
+
+
+def test_seeded_sampling_is_reproducible_and_logprobs_are_the_tempered_model(tiny_checkpoints):
+    folder, _ = tiny_checkpoints["qwen3"]
+    ours, _ = M.load_model(folder)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    a, la = M.generate(ours, prompts, 15, temperature=0.7, seed=123, stop_ids=(), return_logprobs=True)
+    b, lb = M.generate(ours, prompts, 15, temperature=0.7, seed=123, stop_ids=(), return_logprobs=True)
+    c = M.generate(ours, prompts, 15, temperature=0.7, seed=124, stop_ids=())
+    assert a == b and la == lb and a != c
+    for p, toks, lps in zip(prompts, a, la):  # recompute each token's log-prob with one full forward
+        with torch.no_grad():
+            logits = ours(torch.tensor([p + toks]))[0, len(p) - 1:-1] / 0.7
+        want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(toks)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(lps), want, atol=1e-4)
+
+
+def test_top_p_keeps_the_nucleus_and_renormalises():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    seen = set()
+    for s in range(50):
+        tok, logp = M.sample_next(probs.log(), 1.0, 0.7, torch.Generator().manual_seed(s))
+        seen.add(tok.item())
+        want = {0: 0.5 / 0.8, 1: 0.3 / 0.8}[tok.item()]  # only 0.5 + 0.3 reach 0.7; renormalised by 0.8
+        assert logp.exp().item() == pytest.approx(want, rel=1e-5)
+    assert seen == {0, 1}
+
+
+def test_identical_prompts_are_prefilled_once(tiny_checkpoints):
+    folder, _ = tiny_checkpoints["llama"]
+    ours, _ = M.load_model(folder)
+    batches = []
+    hook = ours.register_forward_pre_hook(lambda mod, args: batches.append(tuple(args[0].shape)))
+    prompt = list(range(10, 60))
+    out = M.generate(ours, [prompt] * 4 + [[7, 8]], 6, temperature=1.0, seed=0, stop_ids=())
+    hook.remove()
+    assert batches[0] == (2, 50)  # two distinct prompts in the prefill
+    assert all(shape == (5, 1) for shape in batches[1:])
+    greedy = M.generate(ours, [prompt] * 3, 6, temperature=0, stop_ids=())
+    assert greedy == [M.generate(ours, [prompt], 6, temperature=0, stop_ids=())[0]] * 3
+    assert len(out) == 5 and all(len(o) == 6 for o in out)
+
+
+def test_chat_formats():
+    from tokenizers import Tokenizer as HFTok
+    tok = M.Tokenizer.build(HFTok.from_str(json.dumps({"version": "1.0", "model": {"type": "WordLevel", "vocab": {
+        "<|start_header_id|>": 0, "<|end_header_id|>": 1, "<|eot_id|>": 2, "<|begin_of_text|>": 3}, "unk_token": "<|eot_id|>"}})))
+    assert tok.chat_format == "llama3" and tok.stop_ids == (2,)
+    text = tok.chat_text([{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}])
+    assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>"
+                    "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+# ------------------------------------------------------------------ the real SmolLM2-135M-Instruct (GGUF)
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    ours, tok = M.load_model(smollm2_path)
+    return smollm2_path, ours, tok
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf(smollm2_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    kw = dict(gguf_file=smollm2_path.name)
+    return (AutoModelForCausalLM.from_pretrained(smollm2_path.parent, dtype=torch.float32, **kw).eval(),
+            AutoTokenizer.from_pretrained(smollm2_path.parent, **kw))
+
+
+def test_smollm2_gguf_logits_match_transformers(smollm2, smollm2_hf):
+    _, ours, tok = smollm2
+    hf, _ = smollm2_hf
+    ids = torch.tensor([tok.chat([{"role": "user", "content": "Where did Caroline go on 7 May 2023?"}])])
+    with torch.no_grad():
+        diff = (ours(ids) - hf(input_ids=ids).logits).abs().max().item()
+    assert diff <= 1e-3
+
+
+def test_smollm2_gguf_tokenizer_matches_transformers(smollm2, smollm2_hf):
+    _, _, tok = smollm2
+    _, hf_tok = smollm2_hf
+    text = "Caroline adopted Buddy & Scout in 2023!\n\n  Tabs\tand   spaces, émigré ünïcode 12345 don't <|im_end|>"
+    assert tok.encode(text) == hf_tok.encode(text, add_special_tokens=False)
+    msgs = [{"role": "user", "content": "What is the capital of France? Answer briefly."}]
+    want = hf_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    want = want["input_ids"] if hasattr(want, "keys") else want
+    assert tok.chat(msgs) == list(want)
+    assert tok.decode(tok.encode(text), skip_special=False) == text
+    assert 2 in tok.stop_ids  # <|im_end|>
+
+
+def test_smollm2_greedy_chat_says_paris(smollm2):
+    _, ours, tok = smollm2
+    ids = tok.chat([{"role": "user", "content": "What is the capital of France? Answer briefly."}])
+    out = M.generate(ours, [ids], 32, temperature=0)[0]
+    assert out[-1] in tok.stop_ids
+    assert "Paris" in tok.decode(out)
+
+
+def test_smollm2_greedy_generate_equals_transformers(smollm2, smollm2_hf):
+    _, ours, tok = smollm2
+    hf, _ = smollm2_hf
+    ids = tok.chat([{"role": "user", "content": "Name three colours."}])
+    got = M.generate(ours, [ids], 24, temperature=0, stop_ids=())[0]
+    with torch.no_grad():
+        x = torch.tensor([ids])  # an explicit mask: <|im_end|> (2) is both pad and part of the prompt
+        want = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False,
+                           min_new_tokens=24, eos_token_id=None, pad_token_id=2)[0, len(ids):].tolist()
+    assert got == want
+
+
+def test_cli_chats_once(smollm2_path):
+    r = subprocess.run([sys.executable, str(ROOT / "model.py"), "--model", str(smollm2_path), "--prompt",
+                        "What is the capital of France? Answer briefly.", "--max-new-tokens", "20"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
+# ------------------------------------------------------------------ bad input: one clear error each
+
+def test_missing_config(tiny_checkpoints, tmp_path):
+    bad = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints["qwen2"][0], bad)
+    (bad / "config.json").unlink()
+    with pytest.raises(M.ModelLoadError, match=r"config\.json.*not found"):
+        M.load_model(bad)
+
+
+def test_corrupt_config(tiny_checkpoints, tmp_path):
+    bad = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints["qwen2"][0], bad)
+    (bad / "config.json").write_text('{"model_type": "qwen2", ')
+    with pytest.raises(M.ModelLoadError, match=r"config\.json.*not valid JSON"):
+        M.load_model(bad)
+
+
+def test_unknown_model_type(tiny_checkpoints, tmp_path):
+    bad = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints["qwen2"][0], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
+    with pytest.raises(M.ModelLoadError, match=r"config\.json.*'mamba' is not supported"):
+        M.load_model(bad)
+
+
+def test_missing_and_corrupt_weights(tiny_checkpoints, tmp_path):
+    bad = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints["qwen2"][0], bad)
+    (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(M.ModelLoadError, match=r"model\.safetensors: cannot read safetensors"):
+        M.load_model(bad)
+    (bad / "model.safetensors").unlink()
+    with pytest.raises(M.ModelLoadError, match=r"no model\.safetensors"):
+        M.load_model(bad)
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_checkpoints["llama_sharded"][0], sharded)
+    shard = sorted(sharded.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(M.ModelLoadError, match=f"{shard.name}: weight shard listed in the index is missing"):
+        M.load_model(sharded)
+
+
+def test_weight_shape_disagrees_with_config(tiny_checkpoints, tmp_path):
+    bad = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints["qwen3"][0], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
+    with pytest.raises(M.ModelLoadError, match=r"weight layers\.0\.w_gate\.weight has shape \(96, 64\), "
+                                               r"the config implies \(128, 64\)"):
+        M.load_model(bad)
+
+
+def test_missing_weight(tiny_checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+    bad = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints["qwen3"][0], bad)
+    state = load_file(bad / "model.safetensors")
+    del state["model.layers.1.self_attn.k_norm.weight"]
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(M.ModelLoadError, match=r"missing weight\(s\) \['layers\.1\.k_norm\.weight'\]"):
+        M.load_model(bad)
+
+
+def test_missing_path_and_bad_gguf(tmp_path):
+    with pytest.raises(M.ModelLoadError, match="no such file or folder"):
+        M.load_model(tmp_path / "nothing_here")
+    with pytest.raises(M.ModelLoadError, match="GGUF file not found"):
+        M.load_model(tmp_path / "x.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\x00" * 20)
+    with pytest.raises(M.ModelLoadError, match="junk.gguf: cannot read GGUF file"):
+        M.load_model(tmp_path / "junk.gguf")
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}])
+def test_hub_id_while_offline(tmp_path, env):
+    code = ("import model\n"
+            "try:\n    model.load_model('nobody-here/no-such-model-xyz')\n"
+            "except model.ModelLoadError as e:\n    print('ERROR:', e)\n")
+    full_env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), **env}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ERROR: nobody-here/no-such-model-xyz: not a local path, and downloading it")
