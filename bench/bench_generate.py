@@ -1,0 +1,147 @@
+"""Decode speed: this repository's `generate` vs transformers' `generate` on the same SmolLM2 weights.
+
+    python bench/bench_generate.py                      # SmolLM2-135M-Instruct (GGUF), CPU, bf16 and fp32
+    python bench/bench_generate.py --random-config qwen2.5-7b --device cuda --dtypes bfloat16   # on a GPU
+
+Sampling (temperature 1.0), 64 new tokens forced (no early stop), batch 1 and batch 8 (eight different
+prompts, left-padded for transformers). Prints new tokens per second for each, best of --repeats runs,
+plus the memory-bandwidth bound of batch-1 decoding: every new token reads every weight once.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import model as M  # noqa: E402
+
+QWEN25_7B = {"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "num_hidden_layers": 28,
+             "num_attention_heads": 28, "num_key_value_heads": 4, "intermediate_size": 18944,
+             "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": False,
+             "max_position_embeddings": 32768, "eos_token_id": 151645}
+
+QUESTIONS = ["What is the capital of France?", "Name three colours of the rainbow.",
+             "Why is the sky blue? Explain briefly.", "Write a haiku about memory.",
+             "What did Caroline adopt in 2023?", "Give me a synonym for happy.",
+             "How many legs does a spider have?", "Translate 'good morning' into Spanish."]
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bandwidth_gbs(device, dtype):
+    """Bytes per second of reading a 512 MiB tensor (a reduction reads each byte once)."""
+    x = torch.ones(256 * 2**20, dtype=dtype, device=device) if dtype != torch.float32 else \
+        torch.ones(128 * 2**20, dtype=dtype, device=device)
+    t = timed(lambda: x.sum(), device, 5)
+    return x.numel() * x.element_size() / t / 1e9
+
+
+def to_hf(ours: M.Transformer):
+    """The same weights in transformers' model class (for --random-config, where no file exists)."""
+    import transformers
+    from safetensors.torch import save_file  # noqa: F401
+    cfg = ours.cfg.to_hf()
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[cfg["model_type"]]
+    hf_cfg = transformers.AutoConfig.for_model(**cfg)
+    with torch.device("meta"):
+        hf = getattr(transformers, arch)(hf_cfg)
+    names = M.weight_names(ours.cfg, "hf")
+    state = {names[k]: v for k, v in ours.state_dict().items() if k in names}
+    hf.load_state_dict(state, strict=False, assign=True)
+    if hf_cfg.tie_word_embeddings:
+        hf.tie_weights()
+    return hf.eval()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=M.OFFLINE_SMOLLM2, help="checkpoint for both implementations")
+    ap.add_argument("--random-config", choices=["qwen2.5-7b"], help="random weights of a real model's shape")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-hf", action="store_true", help="time only this repository's generate")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        if args.random_config:
+            cfg = M.Config.from_hf(QWEN25_7B)
+            with torch.device(args.device):
+                ours = M.Transformer(cfg).to(dtype).eval()
+            vocab_ids = [list(range(1000 + 37 * i, 1000 + 37 * i + 24 + i)) for i in range(8)]
+            prompts = vocab_ids
+        else:
+            ours, tok = M.load_model(args.model, dtype=dtype, device=args.device)
+            prompts = [tok.chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+        hf = None
+        if not args.skip_hf:
+            if args.random_config:
+                hf = to_hf(ours)
+            else:
+                from transformers import AutoModelForCausalLM
+                p = Path(M.resolve_alias(args.model))
+                hf = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype).to(args.device).eval()
+        n_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied weights count once
+        bw = bandwidth_gbs(args.device, dtype)
+        for B in map(int, args.batches.split(",")):
+            batch = prompts[:B]
+            t_ours = timed(lambda: M.generate(ours, batch, args.new_tokens, temperature=1.0, seed=0, stop_ids=()),
+                           args.device, args.repeats)
+            row = {"device": args.device, "dtype": dtype_name, "batch": B,
+                   "ours_tok_s": round(B * args.new_tokens / t_ours, 1)}
+            if hf is not None:
+                T = max(map(len, batch))
+                ids = torch.tensor([[0] * (T - len(p)) + p for p in batch], device=args.device)
+                mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in batch], device=args.device)
+
+                def run_hf():
+                    with torch.no_grad():
+                        hf.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                    max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                    pad_token_id=0)
+                t_hf = timed(run_hf, args.device, args.repeats)
+                row["hf_tok_s"] = round(B * args.new_tokens / t_hf, 1)
+                row["speedup"] = round(t_hf / t_ours, 2)
+            if B == 1:  # batch-1 decode reads all weights once per token: the bandwidth bound
+                row["bandwidth_GBs"] = round(bw, 1)
+                row["weights_MB"] = round(n_bytes / 1e6, 1)
+                row["bound_tok_s"] = round(bw * 1e9 / n_bytes, 1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n| device | dtype | batch | ours tok/s | transformers tok/s | speed-up |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['device']} | {r['dtype']} | {r['batch']} | {r['ours_tok_s']} | {r.get('hf_tok_s', '-')} | "
+              f"{r.get('speedup', '-')} |")
+    for r in rows:
+        if "bound_tok_s" in r:
+            print(f"{r['dtype']}: weights {r['weights_MB']} MB, read bandwidth {r['bandwidth_GBs']} GB/s -> "
+                  f"bound {r['bound_tok_s']} tok/s at batch 1; measured {r['ours_tok_s']} "
+                  f"({100 * r['ours_tok_s'] / r['bound_tok_s']:.0f}% of the bound)")
+
+
+if __name__ == "__main__":
+    main()
