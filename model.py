@@ -153,17 +153,22 @@ def rope_inv_freq(cfg: Config) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [B, T] -> cos, sin [B, 1, T, head_dim] in float32, shared by every layer of one forward."""
+    """positions [B, T] -> cos, signed sin [B, 1, T, head_dim] in float32, shared by every layer of one forward.
+
+    The sin table carries rotate_half's sign, (-sin, sin), so apply_rope needs only a roll of x.
+    """
     freqs = positions[..., None].float() * inv_freq  # [B, T, head_dim/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, head_dim]: rotate-half layout
-    return emb.cos(), emb.sin()
+    sin = freqs.sin()
+    return torch.cat((freqs, freqs), -1).cos()[:, None], torch.cat((-sin, sin), -1)[:, None]  # [B, 1, T, D]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D] rotated in float32: x*cos + rotate_half(x)*sin, with rotate_half(x) = (-x2, x1)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D] rotated in float32: x*cos + rotate_half(x)*sin, with rotate_half(x) = (-x2, x1).
+
+    roll(x, D/2) = (x2, x1), and the sign of -x2 lives in sin_signed.
+    """
     xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+    return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin_signed).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -173,10 +178,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and cast back before the weight, as the reference implementation does.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # x / sqrt(mean(x^2) + eps) in float32, cast back before the weight, as the reference implementation does.
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,23 +208,45 @@ class KVCache:
         self.valid, self.next_pos = self.valid[rows], self.next_pos[rows]
 
 
+# Without AVX512-BF16/AMX (e.g. an AVX2 CPU), torch multiplies 16-bit matrices about row by row: right for
+# decoding (memory-bound), ~6x slower than float32 for many rows (prefill, the loss pass). Measured here:
+# upcasting the weight wins from about 16 rows on (bench/bench_generate.py shows the effect on prefill).
+CPU_SLOW_16BIT_GEMM = not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+UPCAST_MIN_ROWS = 16
+
+
+class Linear(nn.Linear):
+    """nn.Linear; with 16-bit weights on such a CPU, an input of many rows is multiplied in float32.
+
+    Upcasting bf16 is exact and the product accumulates in float32 either way, so only the speed changes.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (CPU_SLOW_16BIT_GEMM and w.is_cpu and w.dtype in (torch.bfloat16, torch.float16)
+                and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]):
+            b = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), w.float(), b).to(x.dtype)
+        return F.linear(x, w, self.bias)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
         q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.wq = nn.Linear(cfg.dim, q_out, bias=cfg.qkv_bias)
-        self.wk = nn.Linear(cfg.dim, kv_out, bias=cfg.qkv_bias)
-        self.wv = nn.Linear(cfg.dim, kv_out, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(q_out, cfg.dim, bias=cfg.o_bias)
+        self.wq = Linear(cfg.dim, q_out, bias=cfg.qkv_bias)
+        self.wk = Linear(cfg.dim, kv_out, bias=cfg.qkv_bias)
+        self.wv = Linear(cfg.dim, kv_out, bias=cfg.qkv_bias)
+        self.wo = Linear(q_out, cfg.dim, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.w_gate = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
-        self.w_up = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
-        self.w_down = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
+        self.w_gate = Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.w_up = Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.w_down = Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def attention(self, x, cos, sin, mask, kv):
         B, T, _ = x.shape
@@ -256,7 +281,7 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -661,7 +686,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
         sorted_logp = sorted_logp.masked_fill(mass_before >= top_p, float("-inf"))
         logp = torch.full_like(logp, float("-inf")).scatter(-1, order, sorted_logp)
         logp = torch.log_softmax(logp, -1)  # renormalise over the nucleus
-    token = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+    # Inverse-CDF sampling: one uniform number per row (multinomial draws one per vocabulary entry); u > 0 so
+    # the first index with cdf >= u always has non-zero probability.
+    cdf = logp.exp().cumsum(-1)  # [B, V]
+    u = (1 - torch.rand(logp.shape[0], 1, generator=generator, device=logp.device)) * cdf[:, -1:]  # in (0, 1]
+    token = torch.searchsorted(cdf, u)[:, 0].clamp(max=logp.shape[-1] - 1)
     return token, logp.gather(-1, token[:, None])[:, 0]
 
 

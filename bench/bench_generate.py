@@ -58,7 +58,6 @@ def bandwidth_gbs(device, dtype):
 def to_hf(ours: M.Transformer):
     """The same weights in transformers' model class (for --random-config, where no file exists)."""
     import transformers
-    from safetensors.torch import save_file  # noqa: F401
     cfg = ours.cfg.to_hf()
     arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[cfg["model_type"]]
     hf_cfg = transformers.AutoConfig.for_model(**cfg)
@@ -67,6 +66,9 @@ def to_hf(ours: M.Transformer):
     names = M.weight_names(ours.cfg, "hf")
     state = {names[k]: v for k, v in ours.state_dict().items() if k in names}
     hf.load_state_dict(state, strict=False, assign=True)
+    dev = ours.lm_head.weight.device
+    with torch.device(dev):  # its buffers were left on meta
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_cfg)
     if hf_cfg.tie_word_embeddings:
         hf.tie_weights()
     return hf.eval()
@@ -97,13 +99,12 @@ def main():
             ours, tok = M.load_model(args.model, dtype=dtype, device=args.device)
             prompts = [tok.chat([{"role": "user", "content": q}]) for q in QUESTIONS]
         hf = None
-        if not args.skip_hf:
-            if args.random_config:
-                hf = to_hf(ours)
-            else:
-                from transformers import AutoModelForCausalLM
-                p = Path(M.resolve_alias(args.model))
-                hf = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype).to(args.device).eval()
+        if not args.skip_hf:  # the same dense weights in transformers' own model class
+            hf = to_hf(ours)
+            x = torch.tensor(prompts[:1], device=args.device)
+            with torch.no_grad():
+                diff = (hf(input_ids=x).logits.float() - ours(x).float()).abs().max().item()
+            print(f"{dtype_name}: max |logit difference| ours vs transformers = {diff:.2e}", flush=True)
         n_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied weights count once
         bw = bandwidth_gbs(args.device, dtype)
         for B in map(int, args.batches.split(",")):
