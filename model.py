@@ -284,6 +284,12 @@ class Transformer(nn.Module):
         real tokens, so a left-padded prompt sees exactly the positions it would see alone.
         With `cache`, the T tokens are appended after the cache's filled slots.
         """
+        x = self.hidden_states(input_ids, attention_mask, cache)
+        return self.lm_head(x[:, -1:] if last_only else x)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """The final (normed) hidden states [B, T, dim] that the LM head reads; embedders pool them."""
         B, T = input_ids.shape
         dev = input_ids.device
         real = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
@@ -309,9 +315,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, kv)
         if cache is not None:
             cache.len = start + T
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.lm_head.weight

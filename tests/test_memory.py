@@ -1,0 +1,124 @@
+"""memory.py: the bank's operations, search against a brute-force reference, apply(), persistence."""
+
+import json
+
+import numpy as np
+import pytest
+
+from memory import HashEmbedder, MemoryBank
+
+
+def test_hash_embedder_is_deterministic_unit_and_semantic():
+    e = HashEmbedder()
+    a = e(["Melanie adopted a dog named Buddy", "Melanie adopted a dog named Buddy", "The stock market fell"])
+    assert a.shape == (3, 512) and a.dtype == np.float32
+    assert np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
+    assert np.array_equal(a[0], a[1])
+    q = e(["What dog did Melanie adopt?"])[0]
+    assert q @ a[0] > q @ a[2] + 0.1
+
+
+def test_add_update_delete_and_search_order():
+    bank = MemoryBank()
+    ids = [bank.add(t, speaker="Melanie") for t in
+           ["Melanie adopted a dog named Buddy", "Melanie likes pottery", "Melanie ran a charity race"]]
+    assert len(bank) == 3
+    top = bank.search("Which dog did Melanie adopt?", k=2)
+    assert [m["id"] for m in top][0] == ids[0] and len(top) == 2
+    assert top[0]["score"] >= top[1]["score"]
+    bank.update(ids[0], "Melanie adopted two dogs, Buddy and Scout")
+    assert bank.memories[ids[0]].text == "Melanie adopted two dogs, Buddy and Scout"
+    assert bank.search("Scout", k=1)[0]["id"] == ids[0]
+    bank.delete(ids[1])
+    assert len(bank) == 2 and ids[1] not in bank
+    assert {m["id"] for m in bank.search("pottery", k=10)} == {ids[0], ids[2]}
+    assert [e["op"] for e in bank.log] == ["ADD", "ADD", "ADD", "UPDATE", "DELETE"]
+
+
+def test_search_equals_brute_force_after_many_operations():
+    rng = np.random.default_rng(0)
+    words = ["dog", "cat", "paint", "race", "beach", "camp", "book", "music", "school", "friend", "pottery"]
+    bank = MemoryBank()
+    for i in range(300):
+        bank.add(" ".join(rng.choice(words, 4)) + f" {i}")
+    for mid in list(bank.memories)[::3]:
+        bank.delete(mid)
+    for mid in list(bank.memories)[::5]:
+        bank.update(mid, "updated " + " ".join(rng.choice(words, 3)))
+    query = "dog beach friend"
+    got = bank.search(query, k=25)
+    texts = {mid: m.text for mid, m in bank.memories.items()}
+    e = bank.embedder
+    ref = sorted(texts, key=lambda mid: -float(e([texts[mid]])[0] @ e([query])[0]))
+    ref_scores = sorted((float(e([t])[0] @ e([query])[0]) for t in texts.values()), reverse=True)[:25]
+    assert np.allclose([m["score"] for m in got], ref_scores, atol=1e-5)
+    assert got[0]["id"] == ref[0] or got[0]["score"] == pytest.approx(ref_scores[0], abs=1e-6)
+
+
+def test_unknown_id_and_empty_text_are_refused_and_change_nothing():
+    bank = MemoryBank()
+    mid = bank.add("Caroline paints sunsets")
+    before = (dict(bank.memories), list(bank.log))
+    with pytest.raises(KeyError, match="no memory with id '99'"):
+        bank.update("99", "x")
+    with pytest.raises(KeyError, match="no memory with id '99'"):
+        bank.delete("99")
+    with pytest.raises(ValueError, match="non-empty string"):
+        bank.update(mid, "   ")
+    with pytest.raises(ValueError, match="non-empty string"):
+        bank.add(None)
+    assert (dict(bank.memories), list(bank.log)) == before
+    assert bank.memories[mid].text == "Caroline paints sunsets"
+
+
+def test_apply_counts_and_skips_invalid_events():
+    bank = MemoryBank()
+    a = bank.add("Melanie adopted a dog named Buddy")
+    b = bank.add("Melanie is vegetarian")
+    id_map = {"0": a, "1": b}
+    events = [
+        {"id": "0", "text": "Melanie adopted two dogs, Buddy and Scout", "event": "UPDATE", "old_memory": "..."},
+        {"id": "1", "text": "Melanie is vegetarian", "event": "DELETE"},
+        {"id": "2", "text": "Melanie went camping in July", "event": "ADD"},
+        {"id": "0", "text": "Melanie adopted two dogs, Buddy and Scout", "event": "NONE"},
+        {"id": "7", "text": "ghost", "event": "UPDATE"},  # unknown id
+        {"id": "2", "text": "", "event": "ADD"},  # empty text
+        {"id": "0", "text": 5, "event": "UPDATE"},  # wrong type
+        {"id": "0", "event": "MERGE"},  # unknown event
+        "not a dict",
+    ]
+    counts = bank.apply(events, id_map)
+    assert counts == {"ADD": 1, "UPDATE": 1, "DELETE": 1, "NONE": 1, "invalid": 5}
+    assert sorted(m.text for m in bank.memories.values()) == ["Melanie adopted two dogs, Buddy and Scout",
+                                                               "Melanie went camping in July"]
+    assert bank.apply("garbage") == {"ADD": 0, "UPDATE": 0, "DELETE": 0, "NONE": 0, "invalid": 0}
+
+
+def test_save_and_load_round_trip(tmp_path):
+    bank = MemoryBank()
+    for t in ["a dog named Buddy", "a cat named Tom", "pottery class"]:
+        bank.add(t, speaker="Melanie", timestamp="8 May 2023", dia_ids=["D1:2"])
+    bank.delete("1")
+    path = tmp_path / "bank.json"
+    bank.save(path)
+    assert not (tmp_path / "bank.json.tmp").exists()
+    back = MemoryBank.load(path)
+    assert back.memories == bank.memories and back.log == bank.log
+    assert back.search("dog", 2) == bank.search("dog", 2)
+    assert back.add("new one") == "3"  # ids keep counting after a reload
+    path.write_text("{broken")
+    with pytest.raises(ValueError, match="not a memory bank file"):
+        MemoryBank.load(path)
+    bank.save(path)
+    state = json.loads(path.read_text())
+    state["embedder"] = "model-last"
+    path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="saved with embedder model-last"):
+        MemoryBank.load(path)
+
+
+def test_growth_keeps_every_vector():
+    bank = MemoryBank(HashEmbedder(dim=64))
+    ids = [bank.add(f"memory number {i}") for i in range(1000)]
+    assert len(bank) == 1000 and bank._vecs.shape[0] >= 1000
+    assert bank.search("memory number 777", 1)[0]["id"] == ids[777]
