@@ -1,0 +1,225 @@
+"""The three prompts of Memory-R1 (SPEC section 1) and parsers for their outputs that never raise.
+
+    facts_messages(turn_text, date)             -> chat messages; the model answers {"facts": [...]}
+    manager_messages(memories, facts)           -> chat messages; the model answers {"memory": [events]}
+    answer_messages(question, a, mems_a, b, mems_b, distill=True)
+                                                -> chat messages; the model answers ... **Answer:** x
+    parse_facts / parse_manager / parse_answer  -> Parsed(value, ok, error)
+
+The prompts follow Mem0's fact-extraction, update-memory and LoCoMo answer prompts in substance (the
+paper reuses them); the answer prompt adds Memory-R1's two rules: list the useful memories first
+(memory distillation), then the final answer after `**Answer:**`. Model output is often malformed
+(code fences, prose around the JSON, cut off at the token limit, wrong types): the parsers recover
+what they can and say so in `ok` / `error`, so callers count failures instead of crashing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+# --------------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------------
+
+FACTS_SYSTEM = """You extract personal facts from one turn of a conversation, for a long-term memory.
+
+Keep what is worth remembering about the speaker or people they mention: events and when they happened,
+plans, preferences, relationships, possessions, places, jobs, hobbies, health, opinions. Write each fact
+as a short self-contained sentence that names the person ("Melanie adopted a dog named Buddy"), and turn
+relative dates into absolute ones using the turn's date. Skip greetings and small talk.
+
+Answer with JSON only, in this shape: {"facts": ["fact one", "fact two"]}. With nothing worth keeping,
+answer {"facts": []}.
+
+Example
+Turn (8 May 2023) Caroline: I went to an LGBTQ support group yesterday, it was so powerful!
+{"facts": ["Caroline attended an LGBTQ support group on 7 May 2023", "Caroline found the support group powerful"]}"""
+
+MANAGER_SYSTEM = """You are the manager of a memory. Compare newly retrieved facts with the existing
+memories and decide, for each memory and each fact, one of four operations:
+
+- ADD: the fact is new information: add it as a new memory (give it a new id).
+- UPDATE: the fact adds detail to, or refines, an existing memory: keep that memory's id and write the
+  merged text. Example: memory "Melanie adopted a dog named Buddy" + fact "Melanie adopted another dog,
+  Scout" -> UPDATE to "Melanie adopted two dogs, Buddy and Scout".
+- DELETE: the fact contradicts an existing memory: delete that memory.
+- NONE: the fact is already there, or says the same thing: leave the memory as it is.
+
+Answer with JSON only, in this shape:
+{"memory": [{"id": "0", "text": "...", "event": "ADD|UPDATE|DELETE|NONE", "old_memory": "..."}]}
+List every existing memory with its id and event (NONE if unchanged), and new memories with new ids.
+For UPDATE, put the previous text in "old_memory". Write nothing outside the JSON."""
+
+ANSWER_SYSTEM = """You are an intelligent memory assistant that answers questions from conversation memories.
+
+# CONTEXT
+You have memories from the two speakers of a conversation. They carry timestamps and may be relevant to
+the question.
+
+# INSTRUCTIONS
+1. Read all memories of both speakers carefully, paying attention to the timestamps.
+2. For a question about a specific event or fact, look for direct evidence in the memories.
+3. If memories contradict each other, prefer the most recent one.
+4. Turn relative time references into absolute dates using the memory's timestamp: a memory from
+   4 May 2022 that mentions "went to India last year" means the trip was in 2021. Answer with the date,
+   month or year, not with the relative reference.
+5. Use only the content of the memories; do not confuse people mentioned in a memory with the speakers.
+6. The answer should be less than 5-6 words.
+{distill_rules}"""
+
+DISTILL_RULES = """7. First select the memories that are useful for the question and list them under
+   **Memories selected as relevant:** as bullet lines; ignore the rest.
+8. Then give the final answer after **Answer:**
+
+Output format:
+**Memories selected as relevant:**
+- <memory>
+**Answer:** <answer>"""
+
+PLAIN_RULES = """7. Give the final answer after **Answer:**"""
+
+
+def facts_messages(turn_text: str, date: str = "", speaker: str = "") -> list[dict]:
+    who = f" {speaker}:" if speaker else ""
+    when = f" ({date})" if date else ""
+    return [{"role": "system", "content": FACTS_SYSTEM},
+            {"role": "user", "content": f"Turn{when}{who} {turn_text}"}]
+
+
+def manager_messages(memories: list[dict], facts: list[str]) -> list[dict]:
+    """memories: [{"id": "0", "text": ...}] with ids already renamed to "0", "1", ... (Mem0's convention)."""
+    shown = json.dumps([{"id": m["id"], "text": m["text"]} for m in memories], ensure_ascii=False)
+    user = (f"Existing memories:\n{shown}\n\nNew facts:\n{json.dumps(list(facts), ensure_ascii=False)}\n\n"
+            "Answer with the JSON only.")
+    return [{"role": "system", "content": MANAGER_SYSTEM}, {"role": "user", "content": user}]
+
+
+def format_memories(memories: list[dict]) -> str:
+    return "\n".join(f"- {m.get('timestamp') or ''}: {m['text']}" for m in memories)
+
+
+def answer_messages(question: str, speaker_a: str, memories_a: list[dict], speaker_b: str,
+                    memories_b: list[dict], distill: bool = True) -> list[dict]:
+    system = ANSWER_SYSTEM.format(distill_rules=DISTILL_RULES if distill else PLAIN_RULES)
+    user = (f"Memories for user {speaker_a}:\n\n{format_memories(memories_a)}\n\n"
+            f"Memories for user {speaker_b}:\n\n{format_memories(memories_b)}\n\n"
+            f"Question: {question}")
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsers
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Parsed:
+    value: object  # what could be recovered (an empty list / string when nothing)
+    ok: bool  # True only when the output had the expected shape
+    error: str = ""  # why parsing failed, or what had to be repaired
+    selected: list = field(default_factory=list)  # parse_answer: the memories listed as relevant
+
+
+def close_truncated_json(text: str) -> str:
+    """Append the quotes and brackets a cut-off JSON text still needs (scanning strings and escapes)."""
+    stack, in_string, escaped = [], False, False
+    for ch in text:
+        if in_string:
+            if ch == '"' and not escaped:
+                in_string = False
+            escaped = ch == "\\" and not escaped  # a backslash escapes the next character, unless escaped
+            continue
+        if ch == '"':
+            in_string = True
+        elif ch in "[{":
+            stack.append("]" if ch == "[" else "}")
+        elif ch in "]}" and stack:
+            stack.pop()
+    tail = ('"' if in_string else "")
+    body = (text + tail).rstrip()
+    body = re.sub(r",\s*$", "", body)  # a dangling comma before the closers
+    if stack and stack[-1] == "}":  # inside an object, a trailing lone string is a key cut off before its value
+        body = re.sub(r'([{,]\s*"[^"]*")\s*:?\s*$', r"\1: null", body)
+    return body + "".join(reversed(stack))
+
+
+def extract_json_object(text) -> tuple[dict | None, str]:
+    """The first JSON object in `text` (code fences and prose allowed around it), repairing truncation."""
+    if not isinstance(text, str):
+        return None, f"output is {type(text).__name__}, not text"
+    text = re.sub(r"```(?:json)?", "", text)
+    decoder = json.JSONDecoder()
+    for start in (m.start() for m in re.finditer(r"\{", text)):  # the outermost object comes first
+        try:
+            obj, _ = decoder.raw_decode(text[start:])
+            note = ""
+        except json.JSONDecodeError:
+            try:  # maybe the output was cut off at the token limit
+                obj, note = json.loads(close_truncated_json(text[start:])), "repaired truncated JSON"
+            except json.JSONDecodeError:
+                continue
+        if isinstance(obj, dict):
+            return obj, note
+    return None, "no JSON object found"
+
+
+def parse_facts(text) -> Parsed:
+    """{"facts": [str, ...]} -> Parsed(list of non-empty fact strings)."""
+    obj, note = extract_json_object(text)
+    if obj is None:
+        return Parsed([], False, note)
+    facts = obj.get("facts")
+    if not isinstance(facts, list):
+        return Parsed([], False, f'"facts" is {type(facts).__name__}, not a list')
+    good = [f.strip() for f in facts if isinstance(f, str) and f.strip()]
+    if len(good) != len(facts):
+        return Parsed(good, False, f"{len(facts) - len(good)} fact(s) were not non-empty strings")
+    return Parsed(good, not note, note)
+
+
+EVENTS = ("ADD", "UPDATE", "DELETE", "NONE")
+
+
+def parse_manager(text) -> Parsed:
+    """{"memory": [{"id", "text", "event", "old_memory"}]} -> Parsed(list of event dicts).
+
+    Events keep whatever fields they had; MemoryBank.apply skips (and counts) the invalid ones. `ok` is
+    False when the JSON is broken or some event has a wrong shape.
+    """
+    obj, note = extract_json_object(text)
+    if obj is None:
+        return Parsed([], False, note)
+    events = obj.get("memory")
+    if not isinstance(events, list):
+        return Parsed([], False, f'"memory" is {type(events).__name__}, not a list')
+    dicts = [e for e in events if isinstance(e, dict)]
+    bad = sum(1 for e in dicts if str(e.get("event", "")).upper() not in EVENTS) + len(events) - len(dicts)
+    if bad:
+        return Parsed(dicts, False, f"{bad} event(s) without a known event type")
+    return Parsed(dicts, not note, note)
+
+
+ANSWER_MARK = re.compile(r"\*\*\s*answer\s*:?\s*\*\*\s*:?", re.I)
+SELECTED_MARK = re.compile(r"\*\*\s*memories selected as relevant\s*:?\s*\*\*\s*:?", re.I)
+
+
+def parse_answer(text) -> Parsed:
+    """The text after the last `**Answer:**` -> Parsed(answer); also `.selected` memories when listed.
+
+    Without the marker the whole output (first line) is kept as a fallback answer and ok is False.
+    """
+    if not isinstance(text, str):
+        return Parsed("", False, f"output is {type(text).__name__}, not text")
+    marks = list(ANSWER_MARK.finditer(text))
+    sel = SELECTED_MARK.search(text)
+    end = marks[-1].start() if marks else len(text)
+    selected = [re.sub(r"^\s*[-*•]\s*", "", line).strip() for line in text[sel.end():end].splitlines()
+                if line.strip()] if sel else []
+    if not marks:
+        first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        return Parsed(first, False, "no **Answer:** marker", selected)
+    answer = text[marks[-1].end():].strip().splitlines()
+    answer = answer[0].strip() if answer else ""
+    return Parsed(answer, bool(answer), "" if answer else "empty answer after **Answer:**", selected)

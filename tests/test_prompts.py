@@ -1,0 +1,124 @@
+"""prompts.py: the prompts' shape, and parsers on a corpus of malformed outputs (never raising)."""
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prompts import (answer_messages, close_truncated_json, facts_messages, manager_messages, parse_answer,
+                     parse_facts, parse_manager)
+
+
+def test_answer_prompt_layout():
+    msgs = answer_messages("Where did Caroline go?", "Caroline", [{"text": "went to the beach", "timestamp":
+                           "8 May 2023"}], "Melanie", [{"text": "paints", "timestamp": None}])
+    user = msgs[1]["content"]
+    assert user.startswith("Memories for user Caroline:\n\n- 8 May 2023: went to the beach\n\n"
+                           "Memories for user Melanie:\n\n- : paints\n\nQuestion: Where did Caroline go?")
+    assert "**Memories selected as relevant:**" in msgs[0]["content"] and "**Answer:**" in msgs[0]["content"]
+    plain = answer_messages("q", "A", [], "B", [], distill=False)[0]["content"]
+    assert "selected as relevant" not in plain and "**Answer:**" in plain
+
+
+def test_manager_and_facts_prompts_carry_their_inputs():
+    user = manager_messages([{"id": "0", "text": "Melanie adopted a dog named Buddy", "score": 0.9}],
+                            ["Melanie adopted Scout"])[1]["content"]
+    assert '[{"id": "0", "text": "Melanie adopted a dog named Buddy"}]' in user
+    assert '["Melanie adopted Scout"]' in user
+    assert facts_messages("I love pottery", "8 May 2023", "Melanie")[1]["content"] == \
+        "Turn (8 May 2023) Melanie: I love pottery"
+
+
+FACTS_CASES = [
+    ('{"facts": ["a", "b"]}', ["a", "b"], True),
+    ('```json\n{"facts": ["Caroline paints"]}\n```', ["Caroline paints"], True),
+    ('Sure! Here are the facts: {"facts": ["x"]} Hope this helps.', ["x"], True),
+    ('{"facts": ["one", "two', ["one", "two"], False),  # cut off mid-string
+    ('{"facts": ["one",', ["one"], False),
+    ('{"facts": "just a string"}', [], False),
+    ('{"facts": ["ok", 3, null, ""]}', ["ok"], False),
+    ("no json here", [], False),
+    ("", [], False),
+    ('{"fact": ["typo key"]}', [], False),
+    ('[{"facts": ["in a list"]}]', ["in a list"], True),
+]
+
+
+@pytest.mark.parametrize("text,facts,ok", FACTS_CASES)
+def test_parse_facts(text, facts, ok):
+    got = parse_facts(text)
+    assert got.value == facts and got.ok == ok
+    assert ok or got.error
+
+
+MANAGER_OK = {"memory": [{"id": "0", "text": "Melanie adopted two dogs, Buddy and Scout", "event": "UPDATE",
+                          "old_memory": "Melanie adopted a dog named Buddy"},
+                         {"id": "1", "text": "Melanie went camping", "event": "ADD"}]}
+
+
+def test_parse_manager_good_and_fenced():
+    for text in [json.dumps(MANAGER_OK), "```json\n" + json.dumps(MANAGER_OK, indent=2) + "\n```",
+                 "Here you go:\n" + json.dumps(MANAGER_OK) + "\nDone."]:
+        got = parse_manager(text)
+        assert got.ok and got.value == MANAGER_OK["memory"]
+
+
+@pytest.mark.parametrize("text,n_events,error", [
+    (json.dumps(MANAGER_OK)[:-2], 2, "repaired truncated JSON"),  # only the closing brackets lost
+    (json.dumps(MANAGER_OK)[:-25], 2, "known event type"),  # cut inside the 2nd event: it lost its type
+    ('{"memory": {"id": "0"}}', 0, "not a list"),
+    ('{"memory": [{"id": "0", "text": "x", "event": "MERGE"}]}', 1, "known event type"),
+    ('{"memory": ["ADD everything"]}', 0, "known event type"),
+    ("I think we should add the fact.", 0, "no JSON object"),
+    (None, 0, "not text"),
+])
+def test_parse_manager_malformed(text, n_events, error):
+    got = parse_manager(text)
+    assert not got.ok or "repaired" in got.error
+    assert len(got.value) == n_events and error in got.error
+
+
+def test_parse_answer():
+    out = "**Memories selected as relevant:**\n- 8 May 2023: went to the beach\n- likes sun\n**Answer:** beach"
+    got = parse_answer(out)
+    assert got.ok and got.value == "beach"
+    assert got.selected == ["8 May 2023: went to the beach", "likes sun"]
+    assert parse_answer("blah\n**Answer**: 7 May 2023\nextra").value == "7 May 2023"
+    assert parse_answer("**answer:** Paris").value == "Paris"
+    missing = parse_answer("I think it was the beach.\nMore text")
+    assert not missing.ok and missing.value == "I think it was the beach." and "no **Answer:**" in missing.error
+    empty = parse_answer("**Answer:**   ")
+    assert not empty.ok and empty.value == ""
+    assert not parse_answer(None).ok and not parse_answer("").ok
+
+
+def test_close_truncated_json():
+    assert json.loads(close_truncated_json('{"a": [1, 2, {"b": "x\\"y')) == {"a": [1, 2, {"b": 'x"y'}]}
+    assert json.loads(close_truncated_json('{"a": 1, "b"')) == {"a": 1, "b": None}
+
+
+junk = st.text(max_size=200) | st.lists(st.sampled_from(
+    ['{', '}', '[', ']', '"', ':', ',', '"facts"', '"memory"', '"event"', '"ADD"', "```json", "**Answer:**",
+     "**Memories selected as relevant:**", "\n", "- x", "null", "3", "\\", "text"]), max_size=40).map("".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(junk)
+def test_parsers_never_raise(text):
+    for parse in (parse_facts, parse_manager, parse_answer):
+        got = parse(text)
+        assert isinstance(got.ok, bool) and isinstance(got.error, str)
+        assert got.ok or got.error or got.value in ([], "")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20),
+                max_size=5), st.integers(min_value=0, max_value=200))
+def test_truncated_facts_recover_a_prefix(facts, cut):
+    text = json.dumps({"facts": facts})
+    got = parse_facts(text[:cut])
+    clean = [f.strip() for f in facts if f.strip()]
+    if cut >= len(text):
+        assert got.value == clean
+    assert all(isinstance(f, str) for f in got.value)
