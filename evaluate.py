@@ -2,18 +2,26 @@
 
 This file so far holds the metrics; the end-to-end `python evaluate.py` (banks, answers, report) follows.
 
-    exact_match(pred, gold)   SQuAD normalisation, the RL reward (SPEC section 1)
-    f1(pred, gold)            Mem0's token-set F1, the F1 of the paper's tables
-    bleu1(pred, gold)         NLTK sentence_bleu, weights (1,0,0,0), smoothing method1, Treebank tokens
-    evidence_recall(...)      how many of a question's evidence turns reached the retrieved memories
+    exact_match(pred, gold)          SQuAD normalisation, the RL reward (SPEC section 1)
+    f1(pred, gold)                   Mem0's token-set F1, the F1 of the paper's tables
+    bleu1(pred, gold)                NLTK sentence_bleu, weights (1,0,0,0), smoothing method1, Treebank tokens
+    locomo_f1(pred, gold, category)  the official LoCoMo F1 (stemmed, per category), always labelled as such
+    HTTPJudge / LocalJudge           the LLM judge (J) with Mem0's judge prompt: CORRECT or WRONG
+    evidence_recall(...)             how many of a question's evidence turns reached the retrieved memories
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+import socket
 import string
+import urllib.error
+import urllib.request
 from collections import Counter
+from dataclasses import dataclass
 
 # --------------------------------------------------------------------------------------------------
 # Exact match and Mem0's F1
@@ -117,6 +125,156 @@ def bleu1(pred, gold) -> float:
     c, r = len(hyp), len(ref)
     brevity = 1.0 if c > r else math.exp(1 - r / c)
     return brevity * matches / c
+
+
+# --------------------------------------------------------------------------------------------------
+# The official LoCoMo F1 (snap-research/locomo task_eval/evaluation.py), reported beside Mem0's
+# --------------------------------------------------------------------------------------------------
+
+
+def normalise_locomo(text) -> str:
+    """Delete commas, lowercase, strip punctuation, drop a/an/the/and, collapse whitespace."""
+    text = "".join(ch for ch in str(text).replace(",", "").lower() if ch not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the|and)\b", " ", text).split())
+
+
+def stemmed_f1(pred, gold) -> float:
+    """F1 over Porter-stemmed tokens counted as multisets."""
+    from nltk.stem import PorterStemmer  # the stemmer LoCoMo's own F1 uses (README: dependencies)
+
+    stem = PorterStemmer().stem
+    p = [stem(w) for w in normalise_locomo(pred).split()]
+    g = [stem(w) for w in normalise_locomo(gold).split()]
+    same = sum((Counter(p) & Counter(g)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(p), same / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def locomo_f1(pred, gold, category: int) -> float:
+    """LoCoMo's per-category F1 (its category ids): 1 splits both strings on commas and averages, over the
+    gold parts, the best match among the predicted parts; 3 keeps the gold before the first ';';
+    5 (adversarial) scores 1 when the answer says the information is not available."""
+    pred, gold = str(pred), str(gold)
+    if category == 5:
+        return float("no information available" in pred.lower() or "not mentioned" in pred.lower())
+    if category == 1:
+        preds = [p.strip() for p in pred.split(",")]
+        golds = [g.strip() for g in gold.split(",")]
+        return sum(max(stemmed_f1(p, g) for p in preds) for g in golds) / len(golds)
+    if category == 3:
+        gold = gold.split(";")[0].strip()
+    return stemmed_f1(pred, gold)
+
+
+# --------------------------------------------------------------------------------------------------
+# LLM judge (J): Mem0's judge prompt, run by an OpenAI-compatible endpoint or a local checkpoint
+# --------------------------------------------------------------------------------------------------
+
+JUDGE_PROMPT = """Your task is to label an answer to a question as "CORRECT" or "WRONG". You get:
+(1) a question (asked by one user to another user), (2) a "gold" (ground truth) answer, (3) a generated answer.
+
+The question asks about something one user should know about the other from their earlier conversations.
+The gold answer is usually short and names the topic, for example:
+Question: Do you remember what I got the last time I went to Hawaii?
+Gold answer: A shell necklace
+The generated answer may be much longer. Be generous: if it touches on the same topic as the gold answer,
+count it as CORRECT.
+
+For questions about time, the gold answer is a specific date, month or year. The generated answer may be
+longer or use relative references ("last Tuesday", "next month"); be generous: if it refers to the same date
+or period, it is CORRECT, whatever the format ("May 7th" and "7 May" are the same date).
+
+Question: {question}
+Gold answer: {gold}
+Generated answer: {answer}
+
+First give a one-sentence explanation, then the label. Never write both CORRECT and WRONG.
+Return the label as JSON with the key "label", e.g. {{"label": "CORRECT"}}."""
+
+
+class JudgeError(RuntimeError):
+    """The judge endpoint cannot be used (refused, timed out, HTTP error, a reply that is not JSON)."""
+
+
+@dataclass
+class Verdict:
+    correct: bool | None  # None: the judge's text had no usable label (counted, scored as not correct)
+    raw: str
+
+
+def judge_messages(question, gold, answer) -> list[dict]:
+    return [{"role": "user", "content": JUDGE_PROMPT.format(question=question, gold=gold, answer=answer)}]
+
+
+def parse_verdict(text: str) -> bool | None:
+    """{"label": "CORRECT"} anywhere in the text; else a lone CORRECT or WRONG word; else None."""
+    for m in re.finditer(r"\{[^{}]*\}", text or ""):
+        try:
+            label = str(json.loads(m.group()).get("label", "")).strip().upper()
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if label in ("CORRECT", "WRONG"):
+            return label == "CORRECT"
+    words = set(re.findall(r"\b(CORRECT|WRONG)\b", text or ""))
+    return (words == {"CORRECT"}) if len(words) == 1 else None
+
+
+class HTTPJudge:
+    """An OpenAI-compatible chat endpoint (POST {url}/chat/completions), with Python's standard HTTP client.
+
+    url, model and key fall back to the JUDGE_URL (or OPENAI_BASE_URL), JUDGE_MODEL and OPENAI_API_KEY
+    environment variables. Mem0 judged with gpt-4o-mini at temperature 0.
+    """
+
+    def __init__(self, url=None, model=None, api_key=None, timeout: float = 60.0):
+        self.url = (url or os.environ.get("JUDGE_URL") or os.environ.get("OPENAI_BASE_URL") or "").rstrip("/")
+        self.model = model or os.environ.get("JUDGE_MODEL") or "gpt-4o-mini"
+        self.api_key = api_key or os.environ.get("OPENAI_API_KEY")
+        self.timeout = timeout
+        if not self.url:
+            raise JudgeError("no judge URL: pass one or set JUDGE_URL / OPENAI_BASE_URL")
+
+    def __call__(self, question, gold, answer) -> Verdict:
+        body = json.dumps({"model": self.model, "messages": judge_messages(question, gold, answer),
+                           "temperature": 0.0}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(f"{self.url}/chat/completions", data=body, headers=headers)
+        where = f"judge endpoint {self.url}"
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as e:
+            raise JudgeError(f"{where}: HTTP {e.code} {e.reason}") from None
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, (TimeoutError, socket.timeout)):
+                raise JudgeError(f"{where}: no reply within {self.timeout:g} s") from None
+            raise JudgeError(f"{where}: cannot connect ({e.reason})") from None
+        except (TimeoutError, socket.timeout):
+            raise JudgeError(f"{where}: no reply within {self.timeout:g} s") from None
+        try:
+            text = json.loads(payload)["choices"][0]["message"]["content"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError):
+            raise JudgeError(f"{where}: the reply is not an OpenAI chat completion JSON "
+                             f"({payload[:80]!r})") from None
+        return Verdict(parse_verdict(text), text)
+
+
+class LocalJudge:
+    """The judge prompt run greedily by a model.py checkpoint (weaker than gpt-4o-mini; label it so)."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = 96):
+        self.model, self.tok, self.max_new_tokens = model, tokenizer, max_new_tokens
+
+    def __call__(self, question, gold, answer) -> Verdict:
+        from model import generate
+
+        ids = self.tok.chat(judge_messages(question, gold, answer))
+        text = self.tok.decode(generate(self.model, [ids], self.max_new_tokens, temperature=0)[0])
+        return Verdict(parse_verdict(text), text)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -81,3 +81,125 @@ def test_evidence_recall():
     retrieved = [{"dia_ids": ["D1:3"]}, {"dia_ids": ["D2:1", "D2:2"]}, {"dia_ids": []}]
     assert evidence_recall(["D1:3", "D2:2", "D9:9", "D4:1"], retrieved) == 0.5
     assert evidence_recall([], retrieved) is None
+
+
+# ------------------------------------------------------------------ the official LoCoMo F1
+
+def test_locomo_f1_hand_computed():
+    from evaluate import locomo_f1
+    # stems: run, dog | dog, ran -> one common token: P = R = 1/2
+    assert locomo_f1("running dogs", "the dog ran", 2) == pytest.approx(0.5)
+    # category 1: per gold part, the best predicted part: beach 1, mountains 1, lake 0
+    assert locomo_f1("beach, mountains", "mountains, beach, lake", 1) == pytest.approx(2 / 3)
+    # category 3: gold before the first ';'
+    assert locomo_f1("yes", "Yes; she likes it", 3) == 1.0
+    # multisets, commas deleted, and/the dropped: pred [dog, dog] vs gold [dog, cat] -> 1 common
+    assert locomo_f1("dog and the dog", "dog, cat", 4) == pytest.approx(0.5)
+    assert locomo_f1("Not mentioned in the conversation", "self-care", 5) == 1.0
+    assert locomo_f1("self-care", "self-care", 5) == 0.0
+    assert locomo_f1("", "beach", 4) == 0.0
+
+
+# ------------------------------------------------------------------ the LLM judge over HTTP
+
+import http.server  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+from evaluate import HTTPJudge, JudgeError, judge_messages, parse_verdict  # noqa: E402
+
+
+class FakeEndpoint(http.server.BaseHTTPRequestHandler):
+    """Answers like an OpenAI chat endpoint; the model name picks the behaviour under test."""
+    seen = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeEndpoint.seen.append((self.path, self.headers.get("Authorization"), body))
+        mode = body["model"]
+        if mode == "slow":
+            time.sleep(2)
+        if mode == "error":
+            self.send_error(500, "boom")
+            return
+        if mode == "html":
+            payload = b"<html>not json</html>"
+        else:
+            content = {"good": 'Same date. {"label": "CORRECT"}', "wrong": '{"label": "WRONG"}',
+                       "babble": "I am not sure."}.get(mode, "")
+            payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        try:
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeEndpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+import json  # noqa: E402
+
+
+def test_judge_over_http(endpoint):
+    verdict = HTTPJudge(endpoint, "good", api_key="sk-test")("When?", "7 May 2023", "May 7, 2023")
+    assert verdict.correct is True
+    path, auth, body = FakeEndpoint.seen[-1]
+    assert path == "/v1/chat/completions" and auth == "Bearer sk-test"
+    assert body["temperature"] == 0.0 and "Gold answer: 7 May 2023" in body["messages"][0]["content"]
+    assert HTTPJudge(endpoint, "wrong")("q", "g", "a").correct is False
+    assert HTTPJudge(endpoint, "babble")("q", "g", "a").correct is None  # counted, never a crash
+
+
+def test_judge_error_paths(endpoint):
+    with pytest.raises(JudgeError, match="no reply within 0.5 s"):
+        HTTPJudge(endpoint, "slow", timeout=0.5)("q", "g", "a")
+    with pytest.raises(JudgeError, match="HTTP 500"):
+        HTTPJudge(endpoint, "error")("q", "g", "a")
+    with pytest.raises(JudgeError, match="not an OpenAI chat completion JSON"):
+        HTTPJudge(endpoint, "html")("q", "g", "a")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    with pytest.raises(JudgeError, match="cannot connect"):
+        HTTPJudge(f"http://127.0.0.1:{port}", "good", timeout=5)("q", "g", "a")
+
+
+def test_judge_env_and_missing_url(monkeypatch):
+    monkeypatch.delenv("JUDGE_URL", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(JudgeError, match="no judge URL"):
+        HTTPJudge()
+    monkeypatch.setenv("JUDGE_URL", "http://example.invalid/v1/")
+    monkeypatch.setenv("JUDGE_MODEL", "m")
+    j = HTTPJudge()
+    assert (j.url, j.model) == ("http://example.invalid/v1", "m")
+
+
+def test_parse_verdict():
+    assert parse_verdict('Both name the beach. {"label": "CORRECT"}') is True
+    assert parse_verdict('```json\n{"label": "wrong"}\n```') is False
+    assert parse_verdict("WRONG") is False and parse_verdict("CORRECT.") is True
+    assert parse_verdict("CORRECT or WRONG?") is None and parse_verdict("") is None
+    assert "Generated answer: x" in judge_messages("q", "g", "x")[0]["content"]
+
+
+def test_local_judge_runs_a_real_checkpoint(smollm2_path):
+    import model as M
+    from evaluate import LocalJudge
+    net, tok = M.load_model(smollm2_path)
+    verdict = LocalJudge(net, tok, max_new_tokens=40)("What is the capital of France?", "Paris", "Paris")
+    assert isinstance(verdict.raw, str) and verdict.raw.strip()  # the real model wrote a reply
+    assert verdict.correct == parse_verdict(verdict.raw)
