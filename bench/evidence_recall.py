@@ -18,20 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.locomo import CATEGORY_LABELS, load_conversations, load_split, split_of  # noqa: E402
 from evaluate import evidence_recall  # noqa: E402
-from memory import MemoryBank  # noqa: E402
-
-
-def build_banks(conv, facts: str) -> dict[str, MemoryBank]:
-    banks = {conv.speaker_a: MemoryBank(), conv.speaker_b: MemoryBank()}
-    dates = {s.index: s.date_text for s in conv.sessions}
-    if facts == "observation":
-        for f in conv.observations:
-            if f.speaker in banks:
-                banks[f.speaker].add(f.text, speaker=f.speaker, timestamp=dates.get(f.session), dia_ids=f.dia_ids)
-    else:
-        for t in conv.turns():
-            banks[t.speaker].add(t.text, speaker=t.speaker, timestamp=dates.get(t.session), dia_ids=[t.dia_id])
-    return banks
+from memory import add_all_banks, conversation_facts  # noqa: E402
 
 
 def main():
@@ -42,7 +29,7 @@ def main():
     args = ap.parse_args()
     t0 = time.perf_counter()
     convs = {c.sample_id: c for c in load_conversations() if split_of(c.sample_id) == args.split}
-    banks = {cid: build_banks(c, args.facts) for cid, c in convs.items()}
+    banks = {cid: add_all_banks(c, conversation_facts(c, args.facts)) for cid, c in convs.items()}
     per_cat = defaultdict(list)
     for q in load_split(args.split):
         retrieved = [m for bank in banks[q.conv_id].values() for m in bank.search(q.question, args.k // 2)]

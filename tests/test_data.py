@@ -88,3 +88,25 @@ def test_missing_file_offline(tmp_path, monkeypatch):
 def test_unknown_split():
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         locomo.load_split("dev")
+
+
+def test_download_when_absent_checks_and_writes_atomically(tmp_path, monkeypatch):
+    import huggingface_hub
+    calls = []
+
+    def fake_download(repo_id, filename, repo_type):
+        calls.append((repo_id, filename, repo_type))
+        return str(locomo.DATA_FILE)  # the real bytes, as the mirror would serve them
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    target = tmp_path / "sub" / "locomo10.json"
+    assert len(locomo.load_conversations(target)) == 10
+    assert calls == [("KimmoZZZ/locomo", "locomo10.json", "dataset")]
+    assert target.read_bytes() == locomo.DATA_FILE.read_bytes() and not target.with_suffix(".tmp").exists()
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("not locomo")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: str(bad))
+    with pytest.raises(locomo.DataError, match="is not LoCoMo's"):
+        locomo.load_conversations(tmp_path / "again.json")
+    assert not (tmp_path / "again.json").exists()

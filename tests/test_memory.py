@@ -122,3 +122,62 @@ def test_growth_keeps_every_vector():
     ids = [bank.add(f"memory number {i}") for i in range(1000)]
     assert len(bank) == 1000 and bank._vecs.shape[0] >= 1000
     assert bank.search("memory number 777", 1)[0]["id"] == ids[777]
+
+
+# ------------------------------------------------------------------ embedders and fact sources with real models
+
+import torch  # noqa: E402
+
+import model as M  # noqa: E402
+from data.locomo import Conversation, Session, Turn, load_conversations  # noqa: E402
+from memory import ModelEmbedder, add_all_banks, conversation_facts  # noqa: E402
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_model_embedder_pools_transformers_hidden_states(tiny_checkpoints, pooling):
+    folder, hf = tiny_checkpoints["qwen3"]
+    net, tok = M.load_model(folder)
+    texts = ["Melanie adopted a dog", "a much longer sentence about pottery and painting classes", "x"]
+    got = ModelEmbedder(net, tok, pooling=pooling, batch_size=2)(texts)  # batches mix lengths: left padding
+    for row, text in zip(got, texts):
+        with torch.no_grad():
+            h = hf.model(input_ids=torch.tensor([tok.encode(text)])).last_hidden_state[0]  # [T, dim], normed
+        want = h[-1] if pooling == "last" else h.mean(0)
+        want = (want / want.norm()).numpy()
+        assert np.allclose(row, want, atol=1e-4)
+
+
+def tiny_conversation():
+    turns = [Turn("D1:1", "Melanie", "I adopted a dog named Buddy last week!", 1, None),
+             Turn("D1:2", "Caroline", "That's great. I started a pottery class.", 1, None)]
+    return Conversation("conv-x", "Melanie", "Caroline", [Session(1, None, "8 May 2023", turns)], [], [])
+
+
+def test_fact_sources_observation_and_turn():
+    conv = load_conversations()[0]
+    obs = conversation_facts(conv, "observation")
+    turns = conversation_facts(conv, "turn")
+    assert len(obs) == len(conv.observations) and len(turns) == len(conv.turns())
+    assert turns[0].dia_ids == ["D1:1"] and turns[0].timestamp == "1:56 pm on 8 May, 2023"
+    banks = add_all_banks(conv, obs)
+    assert set(banks) == {"Caroline", "Melanie"}
+    assert sum(len(b) for b in banks.values()) == len(obs)
+    with pytest.raises(ValueError, match="unknown fact source 'summary'"):
+        conversation_facts(conv, "summary")
+    with pytest.raises(ValueError, match="needs a model"):
+        conversation_facts(conv, "llm")
+
+
+def test_llm_fact_source_counts_garbage_from_a_random_model(tiny_checkpoints):
+    net, tok = M.load_model(tiny_checkpoints["llama"][0])
+    stats = {}
+    facts = conversation_facts(tiny_conversation(), "llm", net, tok, max_new_tokens=12, stats=stats)
+    assert stats["parse_failures"] == 2 and facts == []  # random weights never write {"facts": [...]}
+
+
+def test_llm_fact_source_with_smollm2(smollm2_path):
+    net, tok = M.load_model(smollm2_path)
+    stats = {}
+    facts = conversation_facts(tiny_conversation(), "llm", net, tok, max_new_tokens=64, stats=stats)
+    assert 0 <= stats["parse_failures"] <= 2
+    assert all(f.text.strip() and f.dia_ids[0] in ("D1:1", "D1:2") and f.timestamp == "8 May 2023" for f in facts)
