@@ -165,21 +165,29 @@ def extract_json_object(text) -> tuple[dict | None, str]:
     return None, "no JSON object found"
 
 
-def parse_facts(text) -> Parsed:
-    """{"facts": [str, ...]} -> Parsed(list of non-empty fact strings)."""
+def extract_list(text, key: str) -> tuple[list | None, str]:
+    """The list under `key` of the first JSON object in `text`, with a note (repair or failure reason)."""
     obj, note = extract_json_object(text)
     if obj is None:
+        return None, note
+    value = obj.get(key)
+    if not isinstance(value, list):
+        return None, f'"{key}" is {type(value).__name__}, not a list'
+    return value, note
+
+
+def parse_facts(text) -> Parsed:
+    """{"facts": [str, ...]} -> Parsed(list of non-empty fact strings)."""
+    facts, note = extract_list(text, "facts")
+    if facts is None:
         return Parsed([], False, note)
-    facts = obj.get("facts")
-    if not isinstance(facts, list):
-        return Parsed([], False, f'"facts" is {type(facts).__name__}, not a list')
     good = [f.strip() for f in facts if isinstance(f, str) and f.strip()]
     if len(good) != len(facts):
         return Parsed(good, False, f"{len(facts) - len(good)} fact(s) were not non-empty strings")
     return Parsed(good, not note, note)
 
 
-EVENTS = ("ADD", "UPDATE", "DELETE", "NONE")
+EVENTS = ("ADD", "UPDATE", "DELETE", "NONE", "NOOP")  # NOOP: the paper's name for NONE
 
 
 def parse_manager(text) -> Parsed:
@@ -188,14 +196,11 @@ def parse_manager(text) -> Parsed:
     Events keep whatever fields they had; MemoryBank.apply skips (and counts) the invalid ones. `ok` is
     False when the JSON is broken or some event has a wrong shape.
     """
-    obj, note = extract_json_object(text)
-    if obj is None:
+    events, note = extract_list(text, "memory")
+    if events is None:
         return Parsed([], False, note)
-    events = obj.get("memory")
-    if not isinstance(events, list):
-        return Parsed([], False, f'"memory" is {type(events).__name__}, not a list')
     dicts = [e for e in events if isinstance(e, dict)]
-    bad = sum(1 for e in dicts if str(e.get("event", "")).upper() not in EVENTS) + len(events) - len(dicts)
+    bad = sum(1 for e in dicts if str(e.get("event", "")).strip().upper() not in EVENTS) + len(events) - len(dicts)
     if bad:
         return Parsed(dicts, False, f"{bad} event(s) without a known event type")
     return Parsed(dicts, not note, note)

@@ -251,34 +251,38 @@ def test_cli_chats_once(smollm2_path):
 
 # ------------------------------------------------------------------ bad input: one clear error each
 
+def copy_checkpoint(tiny_checkpoints, variant, tmp_path, **config_changes):
+    """A private copy of a tiny checkpoint, with config.json keys overridden."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints[variant][0], folder)
+    if config_changes:
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, **config_changes}))
+    return folder
+
+
 def test_missing_config(tiny_checkpoints, tmp_path):
-    bad = tmp_path / "ckpt"
-    shutil.copytree(tiny_checkpoints["qwen2"][0], bad)
+    bad = copy_checkpoint(tiny_checkpoints, "qwen2", tmp_path)
     (bad / "config.json").unlink()
     with pytest.raises(M.ModelLoadError, match=r"config\.json.*not found"):
         M.load_model(bad)
 
 
 def test_corrupt_config(tiny_checkpoints, tmp_path):
-    bad = tmp_path / "ckpt"
-    shutil.copytree(tiny_checkpoints["qwen2"][0], bad)
+    bad = copy_checkpoint(tiny_checkpoints, "qwen2", tmp_path)
     (bad / "config.json").write_text('{"model_type": "qwen2", ')
     with pytest.raises(M.ModelLoadError, match=r"config\.json.*not valid JSON"):
         M.load_model(bad)
 
 
 def test_unknown_model_type(tiny_checkpoints, tmp_path):
-    bad = tmp_path / "ckpt"
-    shutil.copytree(tiny_checkpoints["qwen2"][0], bad)
-    cfg = json.loads((bad / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
+    bad = copy_checkpoint(tiny_checkpoints, "qwen2", tmp_path, model_type="mamba")
     with pytest.raises(M.ModelLoadError, match=r"config\.json.*'mamba' is not supported"):
         M.load_model(bad)
 
 
 def test_missing_and_corrupt_weights(tiny_checkpoints, tmp_path):
-    bad = tmp_path / "ckpt"
-    shutil.copytree(tiny_checkpoints["qwen2"][0], bad)
+    bad = copy_checkpoint(tiny_checkpoints, "qwen2", tmp_path)
     (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(M.ModelLoadError, match=r"model\.safetensors: cannot read safetensors"):
         M.load_model(bad)
@@ -294,10 +298,7 @@ def test_missing_and_corrupt_weights(tiny_checkpoints, tmp_path):
 
 
 def test_weight_shape_disagrees_with_config(tiny_checkpoints, tmp_path):
-    bad = tmp_path / "ckpt"
-    shutil.copytree(tiny_checkpoints["qwen3"][0], bad)
-    cfg = json.loads((bad / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
+    bad = copy_checkpoint(tiny_checkpoints, "qwen3", tmp_path, intermediate_size=128)
     with pytest.raises(M.ModelLoadError, match=r"weight layers\.0\.w_gate\.weight has shape \(96, 64\), "
                                                r"the config implies \(128, 64\)"):
         M.load_model(bad)
@@ -305,8 +306,7 @@ def test_weight_shape_disagrees_with_config(tiny_checkpoints, tmp_path):
 
 def test_missing_weight(tiny_checkpoints, tmp_path):
     from safetensors.torch import load_file, save_file
-    bad = tmp_path / "ckpt"
-    shutil.copytree(tiny_checkpoints["qwen3"][0], bad)
+    bad = copy_checkpoint(tiny_checkpoints, "qwen3", tmp_path)
     state = load_file(bad / "model.safetensors")
     del state["model.layers.1.self_attn.k_norm.weight"]
     save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
