@@ -252,7 +252,7 @@ class Block(nn.Module):
             k_cache[:, :, start:start + T] = k
             v_cache[:, :, start:start + T] = v
             k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # [B, Hkv, S, D]
-        causal = mask is None and T > 1 and (kv is None or kv[2] == 0)
+        causal = mask is None and T > 1  # otherwise the mask says it (or one new token sees every slot)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.cfg.n_kv_heads != self.cfg.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # [B, T, H*D] -> [B, T, dim]
@@ -302,8 +302,10 @@ class Transformer(nn.Module):
             valid = cache.valid[:, :start + T]  # [B, S]
         else:
             valid = real
-        mask = None  # None lets SDPA use its causal (or unmasked, for one new token) fast path
-        if not bool(valid.all()):
+        # No mask lets SDPA take its fast path: causal for a fresh prompt, unmasked for one new token. A chunk
+        # appended after cached tokens, or any padding, needs the explicit mask.
+        mask = None
+        if not bool(valid.all()) or (T > 1 and start > 0):
             q_slot = torch.arange(start, start + T, device=dev)[:, None]  # [T, 1]
             k_slot = torch.arange(start + T, device=dev)[None, :]  # [1, S]
             mask = (k_slot <= q_slot) & valid[:, None, :]  # [B, T, S]: causal, and never a padding key
