@@ -16,7 +16,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +62,8 @@ class Config:
         """Build from a Hugging Face config.json dict; `source` names the file in error messages."""
         mt = d.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
-            raise ModelLoadError(f"{source}: model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+            raise ModelLoadError(f"{source}: model_type {mt!r} is not supported "
+                                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         if d.get("use_sliding_window"):
             raise ModelLoadError(f"{source}: use_sliding_window=true is not supported")
         try:

@@ -134,7 +134,7 @@ def main():
                 row["bound_tok_s"] = round(bw * 1e9 / n_bytes, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n| device | dtype | batch | ours tok/s | transformers tok/s | speed-up |")
+    print("\n| device | dtype | batch | ours tok/s | transformers tok/s | speed-up |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['device']} | {r['dtype']} | {r['batch']} | {r['ours_tok_s']} | {r.get('hf_tok_s', '-')} | "

@@ -174,8 +174,9 @@ def test_identical_prompts_are_prefilled_once(tiny_checkpoints):
 
 def test_chat_formats():
     from tokenizers import Tokenizer as HFTok
-    tok = M.Tokenizer.build(HFTok.from_str(json.dumps({"version": "1.0", "model": {"type": "WordLevel", "vocab": {
-        "<|start_header_id|>": 0, "<|end_header_id|>": 1, "<|eot_id|>": 2, "<|begin_of_text|>": 3}, "unk_token": "<|eot_id|>"}})))
+    vocab = {"<|start_header_id|>": 0, "<|end_header_id|>": 1, "<|eot_id|>": 2, "<|begin_of_text|>": 3}
+    spec = {"version": "1.0", "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<|eot_id|>"}}
+    tok = M.Tokenizer.build(HFTok.from_str(json.dumps(spec)))
     assert tok.chat_format == "llama3" and tok.stop_ids == (2,)
     text = tok.chat_text([{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}])
     assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>"
