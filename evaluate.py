@@ -277,6 +277,29 @@ class LocalJudge:
         return Verdict(parse_verdict(text), text)
 
 
+def add_judge_flags(parser) -> None:
+    """The judge's command-line flags; each falls back to its environment variable (see HTTPJudge)."""
+    parser.add_argument("--judge", choices=["none", "http", "local"], default="none",
+                        help="LLM judge: an OpenAI-compatible endpoint, a local checkpoint, or none")
+    parser.add_argument("--judge-url", default=None, help="endpoint base URL (env JUDGE_URL or OPENAI_BASE_URL)")
+    parser.add_argument("--judge-model", default=None, help="judge model name (env JUDGE_MODEL; gpt-4o-mini)")
+    parser.add_argument("--judge-key", default=None, help="API key (env OPENAI_API_KEY)")
+    parser.add_argument("--judge-checkpoint", default=None, help="model.py checkpoint for --judge local")
+    parser.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
+
+
+def make_judge(args):
+    """HTTPJudge, LocalJudge or None from the flags of add_judge_flags."""
+    if args.judge == "http":
+        return HTTPJudge(args.judge_url, args.judge_model, args.judge_key, args.judge_timeout)
+    if args.judge == "local":
+        if not args.judge_checkpoint:
+            raise JudgeError("--judge local needs --judge-checkpoint")
+        from model import load_model
+        return LocalJudge(*load_model(args.judge_checkpoint))
+    return None
+
+
 # --------------------------------------------------------------------------------------------------
 # Diagnostics
 # --------------------------------------------------------------------------------------------------

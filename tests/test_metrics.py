@@ -203,3 +203,19 @@ def test_local_judge_runs_a_real_checkpoint(smollm2_path):
     verdict = LocalJudge(net, tok, max_new_tokens=40)("What is the capital of France?", "Paris", "Paris")
     assert isinstance(verdict.raw, str) and verdict.raw.strip()  # the real model wrote a reply
     assert verdict.correct == parse_verdict(verdict.raw)
+
+
+def test_judge_flags(endpoint, monkeypatch):
+    import argparse
+    from evaluate import add_judge_flags, make_judge
+    ap = argparse.ArgumentParser()
+    add_judge_flags(ap)
+    assert make_judge(ap.parse_args([])) is None
+    judge = make_judge(ap.parse_args(["--judge", "http", "--judge-url", endpoint, "--judge-model", "good",
+                                      "--judge-timeout", "5"]))
+    assert judge("q", "Paris", "Paris").correct is True and judge.timeout == 5
+    monkeypatch.setenv("JUDGE_URL", endpoint)
+    monkeypatch.setenv("JUDGE_MODEL", "wrong")
+    assert make_judge(ap.parse_args(["--judge", "http"]))("q", "g", "a").correct is False
+    with pytest.raises(JudgeError, match="needs --judge-checkpoint"):
+        make_judge(ap.parse_args(["--judge", "local"]))
