@@ -335,3 +335,13 @@ def test_hub_id_while_offline(tmp_path, env):
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ERROR: nobody-here/no-such-model-xyz: not a local path, and downloading it")
+
+
+def test_rmsnorm_in_bf16_equals_the_float_round_trip():
+    norm = M.RMSNorm(576, 1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(576))
+    x = (3 * torch.randn(4, 7, 576, generator=torch.Generator().manual_seed(0))).bfloat16()
+    xf = x.float()
+    want = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    assert torch.equal(norm(x), want)
