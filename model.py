@@ -182,19 +182,21 @@ class KVCache:
 
     Rows of a left-padded batch share slot indices but not positions: `valid[b, s]` says whether slot s of
     row b holds a real token, and `next_pos[b]` is the RoPE position row b's next token gets.
+    Each layer has its own tensors, so the cache also works under autograd (the shared-prompt loss pass):
+    writing layer j never touches a tensor that layer i saved for its backward.
     """
 
     def __init__(self, cfg: Config, batch: int, max_len: int, dtype: torch.dtype, device):
-        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.len = 0
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep (and repeat) the given batch rows: one prefilled prompt becomes G identical rows."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.k, self.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
         self.valid, self.next_pos = self.valid[rows], self.next_pos[rows]
 
 
@@ -631,6 +633,33 @@ def generate(model: Transformer, prompt_ids: list[list[int]], max_new_tokens: in
     if return_logprobs:
         return tokens, [out_logp[b, :lengths[b]].tolist() for b in range(B)]
     return tokens
+
+
+def completion_logprobs(model: Transformer, prompt_ids: list[int], completions: list[list[int]],
+                        temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of G completions of one prompt, with gradients: the loss pass of GRPO/PPO.
+
+    The prompt runs through the model once and the G completions attend to its keys and values (the
+    KV cache, repeated G times), instead of G copies of the prompt going through forward and backward: for
+    Memory-R1's long prompts and short answers that is several times fewer tokens. Logits are divided by
+    the sampling temperature (SPEC section 5). Returns (logp [G, T], mask [G, T]) with T the longest
+    completion, right-padded; mask comes from the lengths, never from pad ids.
+    """
+    G, T = len(completions), max(len(c) for c in completions)
+    dev = model.lm_head.weight.device
+    tokens = torch.zeros(G, T, dtype=torch.long, device=dev)
+    mask = torch.zeros(G, T, dtype=torch.bool, device=dev)
+    for i, c in enumerate(completions):
+        tokens[i, :len(c)] = torch.tensor(c, device=dev)
+        mask[i, :len(c)] = True
+    cache = model.new_cache(1, len(prompt_ids) + T)
+    h_prompt = model.hidden_states(torch.tensor([prompt_ids], device=dev), cache=cache)[:, -1:]  # [1, 1, dim]
+    cache.select_rows(torch.zeros(G, dtype=torch.long, device=dev))
+    h = model.hidden_states(tokens, attention_mask=mask, cache=cache)  # [G, T, dim]
+    # position t is predicted from the hidden state before it: the prompt's last, then the completion's
+    h = torch.cat([h_prompt.expand(G, 1, -1), h[:, :-1]], dim=1)  # [G, T, dim]
+    logp = torch.log_softmax(model.lm_head(h).float() / temperature, dim=-1)  # [G, T, V]
+    return logp.gather(-1, tokens[..., None])[..., 0] * mask, mask
 
 
 # --------------------------------------------------------------------------------------------------

@@ -345,3 +345,26 @@ def test_rmsnorm_in_bf16_equals_the_float_round_trip():
     xf = x.float()
     want = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
     assert torch.equal(norm(x), want)
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen3"])
+def test_shared_prompt_logprobs_and_gradients_equal_the_plain_pass(tiny_checkpoints, variant):
+    ours, _ = M.load_model(tiny_checkpoints[variant][0])
+    prompt = list(range(40, 75))
+    completions = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15, 16, 17, 18, 19], [20]]
+    weights = torch.randn(4, 7, generator=torch.Generator().manual_seed(0))  # stand-in advantages
+
+    logp, mask = M.completion_logprobs(ours, prompt, completions, temperature=0.7)
+    assert mask.sum(1).tolist() == [5, 2, 7, 1]
+    (logp * weights).sum().backward()
+    shared = {n: p.grad.clone() for n, p in ours.named_parameters()}
+    ours.zero_grad()
+
+    plain = torch.zeros(4, 7)
+    for i, c in enumerate(completions):  # one full sequence at a time, the prompt recomputed each time
+        logits = ours(torch.tensor([prompt + c]))[0, len(prompt) - 1:-1] / 0.7
+        plain[i, :len(c)] = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None])[:, 0]
+    (plain * weights).sum().backward()
+    assert torch.allclose(logp, plain, atol=1e-5)
+    for n, p in ours.named_parameters():
+        assert torch.allclose(shared[n], p.grad, atol=1e-5, rtol=1e-4), n
