@@ -552,6 +552,43 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device="cp
     return model, tok
 
 
+def save_checkpoint(model: Transformer, tokenizer: Tokenizer, folder, dtype: torch.dtype | None = None) -> Path:
+    """Write a Hugging Face checkpoint folder (config.json, model.safetensors, tokenizer files) atomically.
+
+    Loadable by transformers' AutoModelForCausalLM and by load_model. Everything is written into a
+    temporary sibling folder that then replaces `folder`, so a crash never leaves a half-written checkpoint.
+    """
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    names = weight_names(model.cfg, "hf")
+    state = {names[k]: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()
+             if k in names and not (k == "lm_head.weight" and model.cfg.tie_embeddings)}
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = {**model.cfg.to_hf(), "torch_dtype": str(dtype or model.lm_head.weight.dtype).split(".")[-1]}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        eos = list(tokenizer.stop_ids)
+        (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}, indent=2))
+        tokenizer.tk.save(str(tmp / "tokenizer.json"))
+        special = {"eos_token": tokenizer.tk.id_to_token(eos[0]) if eos else None, "bos_token": tokenizer.bos_token,
+                   "tokenizer_class": "PreTrainedTokenizerFast"}
+        (tmp / "tokenizer_config.json").write_text(json.dumps(special, indent=2))
+        old = folder.with_name(folder.name + ".old")
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 # --------------------------------------------------------------------------------------------------
 # 6. Sampling
 # --------------------------------------------------------------------------------------------------

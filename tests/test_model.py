@@ -368,3 +368,33 @@ def test_shared_prompt_logprobs_and_gradients_equal_the_plain_pass(tiny_checkpoi
     assert torch.allclose(logp, plain, atol=1e-5)
     for n, p in ours.named_parameters():
         assert torch.allclose(shared[n], p.grad, atol=1e-5, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3"])
+def test_saved_checkpoint_loads_in_transformers_and_back(tiny_checkpoints, variant, tmp_path):
+    from transformers import AutoModelForCausalLM
+    ours, tok = M.load_model(tiny_checkpoints[variant][0])
+    out = M.save_checkpoint(ours, tok, tmp_path / "ckpt")
+    assert not list(tmp_path.glob("ckpt.tmp-*")) and not (tmp_path / "ckpt.old").exists()
+    ids = torch.randint(0, 300, (1, 30), generator=torch.Generator().manual_seed(5))
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    back, tok2 = M.load_model(out)
+    with torch.no_grad():
+        want = ours(ids)
+        assert (hf(input_ids=ids).logits - want).abs().max().item() <= 1e-5
+        assert torch.equal(back(ids), want)
+    assert tok2.stop_ids == tok.stop_ids and tok2.encode("hello there") == tok.encode("hello there")
+    M.save_checkpoint(back, tok2, out)  # overwriting an existing checkpoint swaps it whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_smollm2_gguf_exports_to_a_transformers_checkpoint(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    _, ours, tok = smollm2
+    out = M.save_checkpoint(ours, tok, tmp_path / "smollm2-hf")
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    ids = tok.chat([{"role": "user", "content": "Where did Caroline go?"}])
+    assert hf_tok.encode("Where did Caroline go?", add_special_tokens=False) == tok.encode("Where did Caroline go?")
+    with torch.no_grad():
+        assert (hf(input_ids=torch.tensor([ids])).logits - ours(torch.tensor([ids]))).abs().max().item() <= 1e-4
