@@ -682,6 +682,8 @@ def completion_logprobs(model: Transformer, prompt_ids: list[int], completions: 
     the sampling temperature (SPEC section 5). Returns (logp [G, T], mask [G, T]) with T the longest
     completion, right-padded; mask comes from the lengths, never from pad ids.
     """
+    if not prompt_ids or not completions or any(len(c) == 0 for c in completions):
+        raise ValueError("completion_logprobs needs a non-empty prompt and non-empty completions")
     G, T = len(completions), max(len(c) for c in completions)
     dev = model.lm_head.weight.device
     tokens = torch.zeros(G, T, dtype=torch.long, device=dev)
