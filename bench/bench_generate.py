@@ -9,6 +9,7 @@ plus the memory-bandwidth bound of batch-1 decoding: every new token reads every
 """
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -105,8 +106,13 @@ def main():
             hf = to_hf(ours)
             x = torch.tensor(prompts[:1], device=args.device)
             with torch.no_grad():
-                diff = (hf(input_ids=x).logits.float() - ours(x).float()).abs().max().item()
-            print(f"{dtype_name}: max |logit difference| ours vs transformers = {diff:.2e}", flush=True)
+                got, want = ours(x).float(), hf(input_ids=x).logits.float()
+                print(f"{dtype_name}: max |logit difference| ours vs transformers = "
+                      f"{(got - want).abs().max().item():.2e}", flush=True)
+                if dtype != torch.float32:  # who is closer to the float32 model?
+                    exact = copy.deepcopy(ours).float()(x)
+                    print(f"{dtype_name}: mean |logit - float32 logit|: ours {(got - exact).abs().mean():.3f}, "
+                          f"transformers {(want - exact).abs().mean():.3f}", flush=True)
         n_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied weights count once
         bw = bandwidth_gbs(args.device)
         for B in map(int, args.batches.split(",")):
