@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import Config, ModelLoadError, Tokenizer, Transformer, build_model, weight_names
+from model import Config, ModelLoadError, Transformer, build_model, weight_names
+from tokenizer import Tokenizer
 
 # llama.cpp's pre-tokenizer regexes by `tokenizer.ggml.pre` (llama-vocab.cpp), for byte-level BPE vocabularies.
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"

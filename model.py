@@ -4,10 +4,11 @@ Read top to bottom:
   1. Config          - read from a checkpoint's config.json (SPEC section 6; never hard-coded)
   2. RoPE, RMSNorm   - computed in float32, rotate-half layout as in Hugging Face checkpoints
   3. Transformer     - model(input_ids [B, T]) -> logits [B, T, V]; left padding; a preallocated KV cache
-  4. Tokenizer       - tokenizer.json wrapper with the Llama-3 and ChatML chat formats and stop ids
-  5. Loading         - local HF folder, hub id (huggingface_hub), or a llama.cpp .gguf file (SPEC section 7)
-  6. generate        - batched sampling with the KV cache; identical prompts are prefilled once
-  7. CLI             - python model.py --model M --prompt "..."
+  4. Loading, saving - local HF folder, hub id (huggingface_hub), or a .gguf file (gguf_loader.py, SPEC 7);
+                       atomic Hugging Face checkpoints
+  5. CLI             - python model.py --model M --prompt "..."
+Beside it: tokenizer.py (chat formats, stop ids) and sampling.py (generate, the shared-prompt log-prob
+pass), both re-exported here, so `import model as M` gives M.load_model, M.generate, M.Tokenizer, ...
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from sampling import completion_logprobs, generate, sample_next  # noqa: F401 - re-exported
+from tokenizer import Tokenizer
 
 # --------------------------------------------------------------------------------------------------
 # 1. Config
@@ -328,64 +332,7 @@ class Transformer(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. Tokenizer: tokenizer.json + chat formats + stop ids
-# --------------------------------------------------------------------------------------------------
-
-CHAT_END = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
-
-
-@dataclass
-class Tokenizer:
-    tk: "tokenizers.Tokenizer"  # noqa: F821 - the `tokenizers` library object
-    chat_format: str | None  # "llama3", "chatml", or None for a base model without a chat format
-    stop_ids: tuple = ()
-    bos_token: str | None = None  # Llama-3 prepends <|begin_of_text|>; ChatML models prepend nothing
-    default_system: str | None = None  # ChatML templates (Qwen, SmolLM2) insert one when none is given
-    pad_id: int = 0  # fills padded positions; masks never come from it (pad may equal a stop id)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tk.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids, skip_special: bool = True) -> str:
-        return self.tk.decode(list(ids), skip_special_tokens=skip_special)
-
-    def chat_text(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Messages [{"role", "content"}] formatted as the model was trained to read them."""
-        if self.chat_format is None:
-            raise ValueError("this tokenizer has no chat format (neither <|start_header_id|> nor <|im_start|>)")
-        if self.default_system and (not messages or messages[0]["role"] != "system"):
-            messages = [{"role": "system", "content": self.default_system}] + list(messages)
-        if self.chat_format == "llama3":
-            turn = "<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>"
-            text = (self.bos_token or "") + "".join(turn.format(m["role"], m["content"].strip()) for m in messages)
-            return text + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
-        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-
-    def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.chat_text(messages, add_generation_prompt))
-
-    @classmethod
-    def build(cls, tk, eos_ids=(), chat_template: str | None = None, bos_token: str | None = None):
-        """Wrap a `tokenizers.Tokenizer`: detect the chat format, collect stop ids, find the default system."""
-        vocab = tk.get_vocab()
-        fmt = "llama3" if "<|start_header_id|>" in vocab else "chatml" if "<|im_start|>" in vocab else None
-        stops = [i for i in eos_ids if i is not None]
-        if fmt is not None:
-            stops.append(vocab[CHAT_END[fmt]])
-        default_system = None
-        if fmt == "chatml" and chat_template:
-            # The ChatML templates of Qwen2.5 and SmolLM2 write a literal default system turn; reuse it.
-            m = re.search(r"<\|im_start\|>system(?:\\n|\n)(.+?)<\|im_end\|>", chat_template)
-            default_system = m.group(1) if m and "{{" not in m.group(1) else None
-        if fmt == "llama3" and bos_token is None:
-            bos_token = "<|begin_of_text|>"
-        pad = stops[0] if stops else 0
-        return cls(tk, fmt, tuple(dict.fromkeys(stops)), bos_token, default_system, pad)
-
-
-# --------------------------------------------------------------------------------------------------
-# 5. Loading: weight-name maps, safetensors (local or hub); GGUF files go through gguf_loader.py
+# 4. Loading: weight-name maps, safetensors (local or hub); GGUF files go through gguf_loader.py
 # --------------------------------------------------------------------------------------------------
 
 # (our module, Hugging Face module, GGUF module) in layer {i}, then outside the layers; each has a .weight
@@ -590,119 +537,7 @@ def save_checkpoint(model: Transformer, tokenizer: Tokenizer, folder, dtype: tor
 
 
 # --------------------------------------------------------------------------------------------------
-# 6. Sampling
-# --------------------------------------------------------------------------------------------------
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] -> (token [B], log-prob [B] of that token under the distribution it was drawn from).
-
-    Temperature 0 is greedy and reports the model's own log-prob. Sampling divides the logits by the
-    temperature first (SPEC section 5), then keeps the smallest top-p nucleus and renormalises.
-    """
-    logits = logits.float()
-    if temperature == 0:
-        token = logits.argmax(-1)
-        return token, torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
-    logp = torch.log_softmax(logits / temperature, -1)  # [B, V]
-    if top_p < 1.0:
-        sorted_logp, order = logp.sort(-1, descending=True)
-        mass_before = sorted_logp.exp().cumsum(-1) - sorted_logp.exp()  # mass of the tokens ranked above
-        sorted_logp = sorted_logp.masked_fill(mass_before >= top_p, float("-inf"))
-        logp = torch.full_like(logp, float("-inf")).scatter(-1, order, sorted_logp)
-        logp = torch.log_softmax(logp, -1)  # renormalise over the nucleus
-    # Inverse-CDF sampling: one uniform number per row (multinomial draws one per vocabulary entry); u > 0 so
-    # the first index with cdf >= u always has non-zero probability.
-    cdf = logp.exp().cumsum(-1)  # [B, V]
-    u = (1 - torch.rand(logp.shape[0], 1, generator=generator, device=logp.device)) * cdf[:, -1:]  # in (0, 1]
-    token = torch.searchsorted(cdf, u)[:, 0].clamp(max=logp.shape[-1] - 1)
-    return token, logp.gather(-1, token[:, None])[:, 0]
-
-
-@torch.no_grad()
-def generate(model: Transformer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, stop_ids=None, seed: int | None = None, return_logprobs: bool = False):
-    """Sample a continuation of each prompt; returns the new tokens only, cut after the first stop id.
-
-    stop_ids: None -> the model's (load_model sets the tokenizer's); () -> never stop early.
-    seed: seeds a private generator, so the same call gives the same tokens.
-    Identical prompts (G samples of one question) are prefilled once and their KV cache rows copied.
-    With return_logprobs, also returns each new token's log-prob under the sampling distribution.
-    """
-    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
-        raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
-    stops = torch.tensor(list(model.stop_ids if stop_ids is None else stop_ids), dtype=torch.long)
-    dev = model.lm_head.weight.device
-    generator = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-
-    # Prefill each distinct prompt once, left-padded to a common length.
-    unique = list(dict.fromkeys(tuple(p) for p in prompt_ids))
-    row_of = {p: i for i, p in enumerate(unique)}
-    T = max(len(p) for p in unique)
-    ids = torch.zeros(len(unique), T, dtype=torch.long)
-    real = torch.zeros(len(unique), T, dtype=torch.bool)
-    for i, p in enumerate(unique):
-        ids[i, T - len(p):] = torch.tensor(p)
-        real[i, T - len(p):] = True
-    cache = model.new_cache(len(unique), T + max_new_tokens)
-    logits = model(ids.to(dev), real.to(dev), cache=cache, last_only=True)[:, -1]  # [U, V]
-    rows = torch.tensor([row_of[tuple(p)] for p in prompt_ids], device=dev)
-    if len(unique) != len(prompt_ids):
-        cache.select_rows(rows)
-    logits = logits[rows]  # [B, V]
-
-    B = len(prompt_ids)
-    out = torch.zeros(B, max_new_tokens, dtype=torch.long)
-    out_logp = torch.zeros(B, max_new_tokens)
-    lengths = torch.full((B,), max_new_tokens)
-    done = torch.zeros(B, dtype=torch.bool)
-    stops = stops.to(dev)
-    for t in range(max_new_tokens):
-        token, logp = sample_next(logits, temperature, top_p, generator)
-        out[:, t], out_logp[:, t] = token.cpu(), logp.cpu()
-        hit = torch.isin(token, stops).cpu() & ~done
-        lengths[hit] = t + 1
-        done |= hit
-        if bool(done.all()) or t == max_new_tokens - 1:
-            break
-        logits = model(token[:, None], cache=cache)[:, -1]
-    tokens = [out[b, :lengths[b]].tolist() for b in range(B)]
-    if return_logprobs:
-        return tokens, [out_logp[b, :lengths[b]].tolist() for b in range(B)]
-    return tokens
-
-
-def completion_logprobs(model: Transformer, prompt_ids: list[int], completions: list[list[int]],
-                        temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of G completions of one prompt, with gradients: the loss pass of GRPO/PPO.
-
-    The prompt runs through the model once and the G completions attend to its keys and values (the
-    KV cache, repeated G times), instead of G copies of the prompt going through forward and backward: for
-    Memory-R1's long prompts and short answers that is several times fewer tokens. Logits are divided by
-    the sampling temperature (SPEC section 5). Returns (logp [G, T], mask [G, T]) with T the longest
-    completion, right-padded; mask comes from the lengths, never from pad ids.
-    """
-    if not prompt_ids or not completions or any(len(c) == 0 for c in completions):
-        raise ValueError("completion_logprobs needs a non-empty prompt and non-empty completions")
-    G, T = len(completions), max(len(c) for c in completions)
-    dev = model.lm_head.weight.device
-    tokens = torch.zeros(G, T, dtype=torch.long, device=dev)
-    mask = torch.zeros(G, T, dtype=torch.bool, device=dev)
-    for i, c in enumerate(completions):
-        tokens[i, :len(c)] = torch.tensor(c, device=dev)
-        mask[i, :len(c)] = True
-    cache = model.new_cache(1, len(prompt_ids) + T)
-    h_prompt = model.hidden_states(torch.tensor([prompt_ids], device=dev), cache=cache)[:, -1:]  # [1, 1, dim]
-    cache.select_rows(torch.zeros(G, dtype=torch.long, device=dev))
-    h = model.hidden_states(tokens, attention_mask=mask, cache=cache)  # [G, T, dim]
-    # position t is predicted from the hidden state before it: the prompt's last, then the completion's
-    h = torch.cat([h_prompt.expand(G, 1, -1), h[:, :-1]], dim=1)  # [G, T, dim]
-    logp = torch.log_softmax(model.lm_head(h).float() / temperature, dim=-1)  # [G, T, V]
-    return logp.gather(-1, tokens[..., None])[..., 0] * mask, mask
-
-
-# --------------------------------------------------------------------------------------------------
-# 7. Command line: chat once
+# 5. Command line: chat once
 # --------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
