@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import Config, ModelLoadError, Transformer, build_model, weight_names
+from model import SUPPORTED_MODEL_TYPES, Config, ModelLoadError, Transformer, build_model, weight_names
 from tokenizer import Tokenizer
 
 # llama.cpp's pre-tokenizer regexes by `tokenizer.ggml.pre` (llama-vocab.cpp), for byte-level BPE vocabularies.
@@ -25,7 +25,6 @@ GGUF_PRETOKENIZERS = {
     "qwen2": [r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+"],
 }
-GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
 def gguf_tokenizer(fields: dict, source: str) -> Tokenizer:
@@ -73,8 +72,9 @@ def load_gguf(path: Path, dtype, device) -> tuple[Transformer, Tokenizer]:
         raise ModelLoadError(f"{path}: cannot read GGUF file ({type(e).__name__}: {e})") from None
     fields = {k: f.contents() for k, f in reader.fields.items()}
     arch = fields.get("general.architecture")
-    if arch not in GGUF_ARCH:
-        raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported ({', '.join(GGUF_ARCH)})")
+    if arch not in SUPPORTED_MODEL_TYPES:  # GGUF's architecture names are HF's model types for these three
+        raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported "
+                             f"({', '.join(SUPPORTED_MODEL_TYPES)})")
     tensors = {t.name: t for t in reader.tensors}
 
     def meta(key, default=None):
@@ -84,7 +84,7 @@ def load_gguf(path: Path, dtype, device) -> tuple[Transformer, Tokenizer]:
         return value
 
     n_heads = int(meta("attention.head_count"))
-    d = {"model_type": GGUF_ARCH[arch], "hidden_size": meta("embedding_length"),
+    d = {"model_type": arch, "hidden_size": meta("embedding_length"),
          "num_hidden_layers": meta("block_count"), "num_attention_heads": n_heads,
          "num_key_value_heads": meta("attention.head_count_kv", n_heads),
          "head_dim": meta("attention.key_length", meta("embedding_length") // n_heads),

