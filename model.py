@@ -526,14 +526,26 @@ def save_checkpoint(model: Transformer, tokenizer: Tokenizer, folder, dtype: tor
         special = {"eos_token": tokenizer.tk.id_to_token(eos[0]) if eos else None, "bos_token": tokenizer.bos_token,
                    "tokenizer_class": "PreTrainedTokenizerFast"}
         (tmp / "tokenizer_config.json").write_text(json.dumps(special, indent=2))
-        old = folder.with_name(folder.name + ".old")
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def swap_folder(tmp, folder) -> None:
+    """Replace `folder` by the finished folder `tmp`: two renames, so a reader sees the old or the new one.
+
+    A crash between them leaves `folder.old` (whole) and no `folder`; load_training_state looks there too.
+    """
+    import shutil
+
+    tmp, folder = Path(tmp), Path(folder)
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------

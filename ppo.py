@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from sampling import completion_hidden
+
 
 class Critic(nn.Module):
     """The value model: a model.py Transformer backbone and a scalar head on its final hidden states.
@@ -34,6 +36,15 @@ class Critic(nn.Module):
         """input_ids [B, L] -> values [B, L] (float32): V at each position, predicting the return after it."""
         h = self.backbone.hidden_states(input_ids, attention_mask)  # [B, L, dim]
         return self.value_head(h).squeeze(-1).float()
+
+    def completion_values(self, prompt_ids: list[int], completions: list[list[int]]) -> torch.Tensor:
+        """Values of G completions of one prompt, [G, T], the prompt run once (sampling.completion_hidden).
+
+        V[:, t] is read from the state before response token t was generated (as verl does), so GAE's
+        delta_t = r_t + gamma V_{t+1} - V_t compares the states around token t. 0 on padding.
+        """
+        h, _, mask = completion_hidden(self.backbone, prompt_ids, completions)  # [G, T, dim]
+        return self.value_head(h).squeeze(-1).float() * mask
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:

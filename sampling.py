@@ -4,6 +4,8 @@
         batched sampling with the KV cache; identical prompts (a GRPO group) are prefilled once
     completion_logprobs(model, prompt_ids, completions, temperature)
         log-probs of G completions of one prompt, with gradients, the prompt run once
+    completion_hidden(model, prompt_ids, completions)
+        the hidden states behind those log-probs (the PPO critic's value head reads them too)
 """
 
 from __future__ import annotations
@@ -88,18 +90,17 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
     return tokens
 
 
-def completion_logprobs(model, prompt_ids: list[int], completions: list[list[int]],
-                        temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of G completions of one prompt, with gradients: the loss pass of GRPO/PPO.
+def completion_hidden(model, prompt_ids: list[int], completions: list[list[int]]):
+    """Final hidden states that predict each completion token, with gradients; the prompt runs once.
 
-    The prompt runs through the model once and the G completions attend to its keys and values (the
-    KV cache, repeated G times), instead of G copies of the prompt going through forward and backward: for
-    Memory-R1's long prompts and short answers that is several times fewer tokens. Logits are divided by
-    the sampling temperature (SPEC section 5). Returns (logp [G, T], mask [G, T]) with T the longest
-    completion, right-padded; mask comes from the lengths, never from pad ids.
+    The prompt goes through the model once and the G completions attend to its keys and values (the KV
+    cache, repeated G times), instead of G copies of the prompt going through forward and backward: for
+    Memory-R1's long prompts and short answers that is several times fewer tokens.
+    Returns (h [G, T, dim], tokens [G, T], mask [G, T]) with T the longest completion, right-padded; h[:, t]
+    is the state before token t; mask comes from the lengths, never from pad ids.
     """
     if not prompt_ids or not completions or any(len(c) == 0 for c in completions):
-        raise ValueError("completion_logprobs needs a non-empty prompt and non-empty completions")
+        raise ValueError("the loss pass needs a non-empty prompt and non-empty completions")
     G, T = len(completions), max(len(c) for c in completions)
     dev = model.lm_head.weight.device
     tokens = torch.zeros(G, T, dtype=torch.long, device=dev)
@@ -112,6 +113,16 @@ def completion_logprobs(model, prompt_ids: list[int], completions: list[list[int
     cache.select_rows(torch.zeros(G, dtype=torch.long, device=dev))
     h = model.hidden_states(tokens, attention_mask=mask, cache=cache)  # [G, T, dim]
     # position t is predicted from the hidden state before it: the prompt's last, then the completion's
-    h = torch.cat([h_prompt.expand(G, 1, -1), h[:, :-1]], dim=1)  # [G, T, dim]
+    return torch.cat([h_prompt.expand(G, 1, -1), h[:, :-1]], dim=1), tokens, mask  # [G, T, dim]
+
+
+def completion_logprobs(model, prompt_ids: list[int], completions: list[list[int]],
+                        temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of G completions of one prompt, with gradients: the loss pass of GRPO/PPO.
+
+    Runs the prompt once (completion_hidden). Logits are divided by the sampling temperature (SPEC
+    section 5). Returns (logp [G, T], mask [G, T]), right-padded, logp 0 on padding.
+    """
+    h, tokens, mask = completion_hidden(model, prompt_ids, completions)
     logp = torch.log_softmax(model.lm_head(h).float() / temperature, dim=-1)  # [G, T, V]
     return logp.gather(-1, tokens[..., None])[..., 0] * mask, mask
