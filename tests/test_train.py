@@ -1,0 +1,175 @@
+"""train.py: reward, question order, optimizer state, learning, metrics, checkpoints and exact resume."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import model as M
+import train
+
+WORDS = ["cab", "bead", "dice", "face", "aced", "deaf", "bad", "cafe"]
+
+
+def repeat_task(tok) -> train.Task:
+    """A task with a computable reward: the share of output characters that belong to the prompt's word."""
+    def example(word):
+        return train.Example(tok.chat([{"role": "user", "content": f"Repeat: {word}"}]), word)
+
+    def score(ex, texts):
+        return [{"reward": sum(ch in ex.gold for ch in t) / max(len(t), 1)} for t in texts]
+
+    return train.Task([example(w) for w in WORDS], [example(w) for w in WORDS[:4]], score)
+
+
+def flags(ckpt, out, *extra):
+    return train.parse_args(["--model", str(ckpt), "--out", str(out), "--preset", "cpu", *map(str, extra)])
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_score_answer_is_exact_match_after_the_marker():
+    text = "**Memories selected as relevant:**\n- 7 May 2023: Caroline went to a support group\n**Answer:** The beach."
+    # EM drops "the" and the full stop (SQuAD); Mem0's F1 keeps "the": tokens {the, beach} vs {beach}
+    assert train.score_answer(text, "beach") == {"reward": 1.0, "em": 1.0, "f1": 2 / 3, "parse_fail": 0.0}
+    s = train.score_answer("**Answer:** sunny beach", "the beach", reward="f1")
+    assert s["em"] == 0.0 and s["reward"] == pytest.approx(0.5)  # {sunny, beach} vs {the, beach}
+    # no marker: the paper scores 0; the lenient mode scores the first line and still counts the failure
+    assert train.score_answer("beach\nmore", "beach")["reward"] == 0.0
+    assert train.score_answer("beach\nmore", "beach", require_marker=False) == {
+        "reward": 1.0, "em": 1.0, "f1": 1.0, "parse_fail": 1.0}
+
+
+def test_step_examples_take_each_question_once_per_epoch(tiny_checkpoints):
+    task = train.Task(list(range(10)), [], None)
+    args = flags(tiny_checkpoints["llama"][0], "unused", "--questions-per-step", 3)
+    seen = [x for step in range(10) for x in train.step_examples(task, step, args)]  # 30 = three epochs
+    assert [sorted(seen[i:i + 10]) for i in (0, 10, 20)] == [list(range(10))] * 3
+    assert seen[:10] != seen[10:20]  # reshuffled each epoch
+    assert train.step_examples(task, 4, args) == seen[12:15]  # a function of the step alone (resume)
+
+
+def test_aggregation_denominators_cover_the_whole_minibatch():
+    masks = [torch.tensor([[1, 1, 0], [1, 0, 0]]), torch.tensor([[1, 1, 1]])]
+    assert train.agg_denominator("token-mean", masks, 8) == 6
+    assert train.agg_denominator("seq-mean-token-mean", masks, 8) == 3
+    assert train.agg_denominator("seq-mean-token-sum", masks, 8) == 3
+    assert train.agg_denominator("seq-mean-token-sum-norm", masks, 8) == 24
+
+
+def test_optimizer_state_round_trips_through_safetensors(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        net(torch.randn(5, 4)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    train.save_optimizer(opt, tmp_path / "opt.safetensors")
+    twin = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    twin.load_state_dict(net.state_dict())
+    opt2 = torch.optim.AdamW(twin.parameters(), lr=1.0)
+    train.load_optimizer(opt2, tmp_path / "opt.safetensors")
+    assert opt2.param_groups[0]["lr"] == 1e-2 and opt2.param_groups[0]["weight_decay"] == 0.1
+    x = torch.randn(5, 4)
+    for n, o in ((net, opt), (twin, opt2)):
+        n(x).square().sum().backward()
+        o.step()
+    for p, q in zip(net.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_grpo_raises_the_reward_of_a_computable_task(tiny_checkpoints, tmp_path):
+    ckpt = tiny_checkpoints["qwen2"][0]
+    _, tok = M.load_model(ckpt)
+    args = flags(ckpt, tmp_path, "--steps", 30, "--lr", 2e-3, "--max-new-tokens", 6, "--group-size", 8,
+                 "--questions-per-step", 4, "--beta", 0, "--val-every", 30, "--save-every", 30)
+    train.run(args, repeat_task(tok))
+    rewards = [r["reward"] for r in read_metrics(tmp_path) if "reward" in r]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert len(rewards) == 30
+    assert last > 3 * first and last > first + 0.2, rewards
+
+
+def test_grpo_resume_continues_exactly_where_the_run_stopped(tiny_checkpoints, tmp_path):
+    ckpt = tiny_checkpoints["llama"][0]
+    _, tok = M.load_model(ckpt)
+    common = ("--lr", 2e-3, "--max-new-tokens", 5, "--group-size", 4, "--questions-per-step", 2,
+              "--beta", 0.05, "--val-every", 2, "--save-every", 2, "--minibatches", 2)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train.run(flags(ckpt, straight, "--steps", 4, *common), repeat_task(tok))
+    train.run(flags(ckpt, killed, "--steps", 2, *common), repeat_task(tok))
+    with (killed / "metrics.jsonl").open("a") as f:  # a line the killed run wrote after its last checkpoint
+        f.write(json.dumps({"step": 3, "reward": -1.0}) + "\n")
+    with pytest.raises(SystemExit, match="already holds a checkpoint"):
+        train.run(flags(ckpt, killed, "--steps", 4, *common), repeat_task(tok))
+    train.run(flags(ckpt, killed, "--steps", 4, "--resume", *common), repeat_task(tok))
+
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a, b = load_file(straight / "checkpoint" / name), load_file(killed / "checkpoint" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert not torch.equal(load_file(straight / "checkpoint" / "model.safetensors")["lm_head.weight"],
+                           load_file(ckpt / "model.safetensors")["lm_head.weight"])  # it did train
+    drop = {"seconds", "rollout_s", "update_s"}
+    a, b = read_metrics(straight), read_metrics(killed)
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in b]
+    for key in ("reward", "reward_std", "zero_std_groups", "kl", "clip_frac", "response_len", "truncated",
+                "grad_norm", "val_reward"):
+        assert key in a[2], key
+    assert json.loads((killed / "checkpoint" / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_ppo_trains_the_answer_agent_on_locomo_and_resumes(tiny_checkpoints, tmp_path):
+    """The real Answer Agent data (LoCoMo banks, the distillation prompt) and PPO with a critic, two epochs
+    of two minibatches; a tiny random model writes no **Answer:**, so every output is a counted parse failure."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = tiny_checkpoints["qwen3"][0]
+    common = ("--algo", "ppo", "--memories-per-speaker", 1, "--max-new-tokens", 4, "--group-size", 2,
+              "--questions-per-step", 2, "--ppo-epochs", 2, "--minibatches", 2, "--val-limit", 2,
+              "--val-every", 1, "--save-every", 1, "--lr", 1e-3, "--critic-lr", 1e-3)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train.run(flags(ckpt, straight, "--steps", 2, *common))
+    train.run(flags(ckpt, killed, "--steps", 1, *common))
+    train.run(flags(ckpt, killed, "--steps", 2, "--resume", *common))
+    for name in ("model.safetensors", "optimizer.safetensors", "critic.safetensors", "critic_optimizer.safetensors"):
+        a, b = load_file(straight / "checkpoint" / name), load_file(killed / "checkpoint" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    rows = read_metrics(killed)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[1]["parse_fail"] == 1.0 and rows[1]["reward"] == 0.0 and rows[2]["val_parse_fail"] == 1.0
+    for key in ("kl", "value_loss", "value_clip_frac", "clip_frac", "grad_norm", "value_grad_norm"):
+        assert key in rows[1], key
+    assert rows[2]["grad_norm"] > 0  # the KL penalty alone gives PPO a signal once the policy moved
+
+    hf = AutoModelForCausalLM.from_pretrained(killed / "checkpoint", dtype=torch.float32).eval()
+    ours, _ = M.load_model(killed / "checkpoint")
+    ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(input_ids=ids).logits - ours(ids)).abs().max().item() <= 1e-4
+
+
+def test_a_crash_between_the_renames_leaves_the_old_checkpoint_found(tmp_path):
+    (tmp_path / "checkpoint.old").mkdir()
+    (tmp_path / "checkpoint.old" / "trainer_state.json").write_text('{"step": 3}')
+    assert train.find_checkpoint(tmp_path) == tmp_path / "checkpoint.old"
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "trainer_state.json").write_text('{"step": 4}')
+    assert train.find_checkpoint(tmp_path) == tmp_path / "checkpoint"
+
+
+def test_bad_flags_are_refused_with_the_reason(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--algo", "grpo", "--group-size", "1"])
+    assert "--group-size must be at least 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--steps", "0"])
+    assert "--steps must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--algo", "dpo"])
+    assert "invalid choice: 'dpo'" in capsys.readouterr().err
