@@ -336,7 +336,8 @@ BASELINES = {
     "no-distill": dict(distill=False),  # the trained manager, without memory distillation
 }
 # Settings a resumed run must share with the run that wrote the folder (--limit and the judge may change).
-RUN_KEYS = ("model", "manager", "facts", "split", "k", "distill", "max_new_tokens", "embedder", "manager_k", "dtype")
+RUN_KEYS = ("model", "manager", "facts", "split", "k", "distill", "max_new_tokens", "embedder", "manager_k", "dtype",
+            "manager_max_new_tokens")
 SCORES = ("f1", "bleu1", "locomo_f1", "em", "judge", "recall")
 
 
@@ -353,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--limit", type=int, default=0, help="answer at most N questions, in file order (0: all)")
     a("--k", type=int, default=30, help="memories retrieved from each speaker's bank (paper: 30)")
     a("--manager-k", type=int, default=5, help="related memories the manager sees per fact (Mem0: 5)")
+    a("--manager-max-new-tokens", type=int, default=256, help="the manager's response limit")
     a("--embedder", choices=("hash", "model"), default="hash", help="retrieval embeddings")
     a("--max-new-tokens", type=int, default=128, help="answer length limit (distillation lists memories first)")
     a("--batch", type=int, default=8, help="questions per generate call")
@@ -453,7 +455,7 @@ def conversation_banks(conv, args, folder: Path, answerer, tok, manager, embedde
     if manager is None:
         banks = add_all_banks(conv, facts, embedder)
     else:
-        banks = run_manager(conv, facts, manager, tok, embedder, args.manager_k, stats=stats)
+        banks = run_manager(conv, facts, manager, tok, embedder, args.manager_k, args.manager_max_new_tokens, stats)
     where.mkdir(parents=True, exist_ok=True)
     for s, f in files.items():
         banks[s].save(f)
