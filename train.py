@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     g("--manager-k", type=int, default=5, help="related memories shown to the manager per fact (Mem0: 5)")
     g("--answerer", default=None, help="the frozen Answer Agent giving the reward (default: --model)")
     g("--answer-max-new-tokens", type=int, help="the answerer's response limit")
+    g("--manager-max-new-tokens", type=int, default=256, help="response limit of the --manager that builds banks")
     a("--val-every", type=int, help="greedy validation every K steps (and before the first, and at the end)")
     a("--val-limit", type=int, help="validation questions, in file order (0: all 81)")
     a("--val-batch", type=int, default=8, help="validation prompts per generate call")
@@ -192,7 +193,8 @@ def answer_task(args, tok, base_model) -> Task:
             if conv.sample_id not in banks:
                 facts = conversation_facts(conv, args.facts, base_model, tok)
                 banks[conv.sample_id] = (add_all_banks(conv, facts, embedder) if manager is None else
-                                         run_manager(conv, facts, manager, tok, embedder, args.manager_k))
+                                         run_manager(conv, facts, manager, tok, embedder, args.manager_k,
+                                                     args.manager_max_new_tokens))
             bank = banks[conv.sample_id]
             k = args.memories_per_speaker
             mems_a = bank[conv.speaker_a].search(q.question, k)

@@ -16,7 +16,8 @@ TURNS = [("D1:1", "Melanie", "I adopted a dog named Buddy!", "Melanie adopted a 
          ("D1:2", "Caroline", "Aww, I love dogs.", "Caroline loves dogs"),
          ("D1:3", "Melanie", "We adopted a second dog today, Scout.", "Melanie adopted another dog named Scout"),
          ("D1:4", "Melanie", "We moved to Boston last month.", "Melanie lives in Boston"),
-         ("D1:5", "Melanie", "Correction: we never moved, we still live in Denver.", "Melanie lives in Denver, not Boston")]
+         ("D1:5", "Melanie", "Correction: we never moved, we still live in Denver.",
+          "Melanie lives in Denver, not Boston")]
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +89,8 @@ def test_add_update_and_delete_edit_a_copy_of_the_bank(conversation, tiny_checkp
     for junk in ("I think we should add it", "", None):
         same, counts = manager.apply_output(bank5, junk, map5, ex5.meta["facts"][0])
         assert counts["parse_fail"] == 1 and not counts["recovered"] and len(same) == len(bank5)
-    cut, counts = manager.apply_output(bank5, '{"memory": [{"id": "5", "text": "x", "event": "UPDATE"}, {"id": "0", "te',
-                                       map5, ex5.meta["facts"][0])
+    cut_off = '{"memory": [{"id": "5", "text": "x", "event": "UPDATE"}, {"id": "0", "te'
+    cut, counts = manager.apply_output(bank5, cut_off, map5, ex5.meta["facts"][0])
     # both events are invalid (an unknown id; an event cut off before its type) and nothing changes
     assert counts["invalid"] == 2 and counts["parse_fail"] == 1 and counts["recovered"] and len(cut) == len(bank5)
 

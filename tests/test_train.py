@@ -173,3 +173,28 @@ def test_bad_flags_are_refused_with_the_reason(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--algo", "dpo"])
     assert "invalid choice: 'dpo'" in capsys.readouterr().err
+
+
+def test_answer_agent_banks_built_by_a_manager_checkpoint(tiny_checkpoints, tmp_path, monkeypatch):
+    """Phase two of the recipe: --manager CKPT runs that manager over the conversations' facts (cut to
+    their first session here to keep the test short) and the Answer Agent trains on its banks."""
+    import data.locomo as L
+    import manager
+    full = L.load_conversations
+
+    def first_session_only(path=None):
+        convs = full(path)
+        for c in convs:
+            c.sessions, c.observations = c.sessions[:1], [f for f in c.observations if f.session == 1]
+        return convs
+    monkeypatch.setattr(L, "load_conversations", first_session_only)
+    built = []
+    real_run_manager = manager.run_manager
+    monkeypatch.setattr(manager, "run_manager",
+                        lambda *a, **k: built.append(a[0].sample_id) or real_run_manager(*a, **k))
+    ckpt = tiny_checkpoints["qwen2"][0]
+    args = flags(ckpt, tmp_path, "--manager", ckpt, "--manager-max-new-tokens", 6, "--memories-per-speaker", 1,
+                 "--max-new-tokens", 4, "--group-size", 2, "--questions-per-step", 1, "--steps", 1, "--val-limit", 1)
+    train.run(args)
+    assert built == ["conv-26", "conv-30"]  # the train and val conversations, once each
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1]
