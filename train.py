@@ -1,16 +1,19 @@
-"""Train Memory-R1's Answer Agent with outcome reward, GRPO or PPO, in a plain torch loop.
+"""Train Memory-R1's Answer Agent or Memory Manager with outcome reward, GRPO or PPO, in a plain torch loop.
 
     python train.py --algo grpo                        # offline SmolLM2; preset "cpu" without a GPU
     python train.py --algo ppo --model Qwen/Qwen2.5-7B-Instruct --preset paper --out runs/ppo
+    python train.py --algo grpo --agent manager --out runs/manager     # the Memory Manager (manager.py)
     python train.py --algo grpo --out runs/grpo --resume   # continue a killed run from its checkpoint
 
-One training step (paper Alg. 2 for the Answer Agent; SPEC sections 1 and 5):
-    1. rollout   take `questions_per_step` questions; sample `group_size` answers to each (temperature 1,
-                 log-probs of the sampled tokens under the sampling distribution = the "old" policy);
-                 reward = exact match of the text after **Answer:** with the gold answer (flag: F1)
+One training step (paper Alg. 2 for the Answer Agent, Alg. 1 for the manager; SPEC sections 1 and 5):
+    1. rollout   take `questions_per_step` prompts (questions; for the manager, evidence turns); sample
+                 `group_size` completions of each (temperature 1, log-probs of the sampled tokens under the
+                 sampling distribution = the "old" policy); reward = exact match of the text after
+                 **Answer:** with the gold answer (flag: F1); the manager's: that of a frozen answerer
+                 answering the turn's questions from the bank its events edited
     2. signal    GRPO: group-normalised advantages, a frozen reference for the beta * k3 KL term;
                  PPO: per-token KL penalty in the reward, a critic's values, GAE advantages and returns
-    3. update    epochs x minibatches over the rollout; each question's group is one micro-batch whose
+    3. update    epochs x minibatches over the rollout; each prompt's group is one micro-batch whose
                  loss pass runs the prompt once (sampling.completion_logprobs); gradients accumulate
                  over a minibatch, then clip and AdamW
     4. log       one JSON line per step in OUT/metrics.jsonl; greedy validation every `val_every` steps
