@@ -73,7 +73,10 @@ def run_manager(conv, facts: list[FactRecord], model, tok, embedder=None, k: int
 
     stats = stats if stats is not None else {}
     banks = empty_banks(conv, embedder or HashEmbedder())
-    by_turn = [(t, fs) for t in conv.turns() if (fs := facts_by_turn(facts).get(t.dia_id))]
+    grouped = facts_by_turn(facts)
+    by_turn = [(t, grouped[t.dia_id]) for t in conv.turns() if t.dia_id in grouped]
+    # facts without an evidence id naming a turn of the conversation (one in LoCoMo) have no place in the order
+    stats["orphan_facts"] = stats.get("orphan_facts", 0) + len(facts) - sum(len(fs) for _, fs in by_turn)
     for turn, turn_facts in tqdm(by_turn, desc=f"manager {conv.sample_id}", disable=not progress, leave=False):
         for speaker in dict.fromkeys(f.speaker for f in turn_facts if f.speaker in banks):
             mine = [f for f in turn_facts if f.speaker == speaker]
