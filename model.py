@@ -244,7 +244,8 @@ class Block(nn.Module):
         self.w_up = Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
         self.w_down = Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
 
-    def attention(self, x, cos, sin, mask, kv):
+    def qkv(self, x, cos, sin):
+        """x [B, T, dim] -> q [B, H, T, D], k and v [B, Hkv, T, D], q and k rotated."""
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = self.wq(x).view(B, T, -1, hd)  # [B, T, H, D]
@@ -252,22 +253,29 @@ class Block(nn.Module):
         v = self.wv(x).view(B, T, -1, hd).transpose(1, 2)  # [B, Hkv, T, D]
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
-        k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
-        if kv is not None:  # write this chunk at its slots, then attend over every filled slot
-            k_cache, v_cache, start = kv
-            k_cache[:, :, start:start + T] = k
-            v_cache[:, :, start:start + T] = v
-            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # [B, Hkv, S, D]
-        causal = mask is None and T > 1  # otherwise the mask says it (or one new token sees every slot)
+        return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v
+
+    def attend(self, q, k, v, mask, causal: bool):
+        """Attention of q [B, H, T, D] over k, v [B, Hkv, S, D], through wo -> [B, T, dim]."""
+        B, _, T, _ = q.shape
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.cfg.n_kv_heads != self.cfg.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # [B, T, H*D] -> [B, T, dim]
 
-    def forward(self, x, cos, sin, mask, kv=None):
-        x = x + self.attention(self.attn_norm(x), cos, sin, mask, kv)
+    def mlp(self, x):
         h = self.mlp_norm(x)
         return x + self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))
+
+    def forward(self, x, cos, sin, mask, kv=None):
+        q, k, v = self.qkv(self.attn_norm(x), cos, sin)
+        if kv is not None:  # write this chunk at its slots, then attend over every filled slot
+            k_cache, v_cache, start = kv
+            T = x.shape[1]
+            k_cache[:, :, start:start + T] = k
+            v_cache[:, :, start:start + T] = v
+            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # [B, Hkv, S, D]
+        causal = mask is None and x.shape[1] > 1  # otherwise the mask says it (or one new token sees every slot)
+        return self.mlp(x + self.attend(q, k, v, mask, causal))
 
 
 class Transformer(nn.Module):

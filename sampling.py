@@ -2,8 +2,9 @@
 
     generate(model, prompt_ids, max_new_tokens, temperature, top_p, stop_ids, seed, return_logprobs)
         batched sampling with the KV cache; identical prompts (a GRPO group) are prefilled once
-    completion_logprobs(model, prompt_ids, completions, temperature)
-        log-probs of G completions of one prompt, with gradients, the prompt run once
+    completion_logprobs(model, prompt_ids, completions, temperature, checkpoint=True)
+        log-probs of G completions of one prompt, with gradients, the prompt run once, activation
+        checkpointing per block
     completion_hidden(model, prompt_ids, completions)
         the hidden states behind those log-probs (the PPO critic's value head reads them too)
 """
@@ -11,6 +12,8 @@
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
+
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] -> (token [B], log-prob [B] of that token under the distribution it was drawn from).
@@ -90,39 +93,80 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
     return tokens
 
 
-def completion_hidden(model, prompt_ids: list[int], completions: list[list[int]]):
+def shared_block(layer, xp, xc, rope_p, rope_c, mask_c):
+    """One decoder block over a prompt xp [1, P, dim] and G completions of it xc [G, T, dim].
+
+    The prompt attends causally to itself; each completion attends to the prompt's keys and values (shared,
+    expanded without a copy) and causally to its own real tokens (mask_c [G, 1, T, P + T]).
+    """
+    qp, kp, vp = layer.qkv(layer.attn_norm(xp), *rope_p)  # [1, H or Hkv, P, D]
+    qc, kc, vc = layer.qkv(layer.attn_norm(xc), *rope_c)  # [G, H or Hkv, T, D]
+    G = xc.shape[0]
+    k = torch.cat([kp.expand(G, -1, -1, -1), kc], dim=2)  # [G, Hkv, P + T, D]
+    v = torch.cat([vp.expand(G, -1, -1, -1), vc], dim=2)
+    xp = layer.mlp(xp + layer.attend(qp, kp, vp, None, causal=True))
+    xc = layer.mlp(xc + layer.attend(qc, k, v, mask_c, causal=False))
+    return xp, xc
+
+
+def completion_hidden(model, prompt_ids: list[int], completions: list[list[int]], checkpoint: bool = True):
     """Final hidden states that predict each completion token, with gradients; the prompt runs once.
 
-    The prompt goes through the model once and the G completions attend to its keys and values (the KV
-    cache, repeated G times), instead of G copies of the prompt going through forward and backward: for
-    Memory-R1's long prompts and short answers that is several times fewer tokens.
+    The prompt goes through the model once and the G completions attend to its keys and values, instead of
+    G copies of the prompt going through forward and backward: for Memory-R1's long prompts and short
+    answers that is several times fewer tokens. With `checkpoint` (activation checkpointing), each block
+    keeps only its inputs for the backward pass and recomputes the rest there: about one more forward,
+    for a fraction of the memory.
     Returns (h [G, T, dim], tokens [G, T], mask [G, T]) with T the longest completion, right-padded; h[:, t]
     is the state before token t; mask comes from the lengths, never from pad ids.
     """
     if not prompt_ids or not completions or any(len(c) == 0 for c in completions):
         raise ValueError("the loss pass needs a non-empty prompt and non-empty completions")
-    G, T = len(completions), max(len(c) for c in completions)
+    from model import rope_cos_sin
+
+    G, T, P = len(completions), max(len(c) for c in completions), len(prompt_ids)
     dev = model.lm_head.weight.device
     tokens = torch.zeros(G, T, dtype=torch.long, device=dev)
     mask = torch.zeros(G, T, dtype=torch.bool, device=dev)
     for i, c in enumerate(completions):
         tokens[i, :len(c)] = torch.tensor(c, device=dev)
         mask[i, :len(c)] = True
-    cache = model.new_cache(1, len(prompt_ids) + T)
-    h_prompt = model.hidden_states(torch.tensor([prompt_ids], device=dev), cache=cache)[:, -1:]  # [1, 1, dim]
-    cache.select_rows(torch.zeros(G, dtype=torch.long, device=dev))
-    h = model.hidden_states(tokens, attention_mask=mask, cache=cache)  # [G, T, dim]
+    rope_p = rope_cos_sin(model.inv_freq, torch.arange(P, device=dev)[None])  # [1, 1, P, D] each
+    rope_c = rope_cos_sin(model.inv_freq, P + torch.arange(T, device=dev).expand(G, T))  # [G, 1, T, D]
+    causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril() & mask[:, None, :]  # [G, T, T]
+    causal |= torch.eye(T, dtype=torch.bool, device=dev)  # a padding query sees itself: no empty rows
+    mask_c = torch.cat([torch.ones(G, T, P, dtype=torch.bool, device=dev), causal], dim=2)[:, None]
+
+    xp = model.tok_emb(torch.tensor([prompt_ids], device=dev))  # [1, P, dim]
+    xc = model.tok_emb(tokens)  # [G, T, dim]
+    for layer in model.layers:
+        if checkpoint and torch.is_grad_enabled():
+            xp, xc = torch.utils.checkpoint.checkpoint(shared_block, layer, xp, xc, rope_p, rope_c, mask_c,
+                                                       use_reentrant=False)
+        else:
+            xp, xc = shared_block(layer, xp, xc, rope_p, rope_c, mask_c)
     # position t is predicted from the hidden state before it: the prompt's last, then the completion's
-    return torch.cat([h_prompt.expand(G, 1, -1), h[:, :-1]], dim=1), tokens, mask  # [G, T, dim]
+    h = torch.cat([xp[:, -1:].expand(G, 1, -1), xc[:, :-1]], dim=1)  # [G, T, dim]
+    return model.norm(h), tokens, mask
+
+
+def token_logprobs(model, h: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(lm_head(h) / temperature) at `tokens`: [G, T, dim] -> [G, T]."""
+    logp = torch.log_softmax(model.lm_head(h).float() / temperature, dim=-1)  # [G, T, V]
+    return logp.gather(-1, tokens[..., None])[..., 0]
 
 
 def completion_logprobs(model, prompt_ids: list[int], completions: list[list[int]],
-                        temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                        temperature: float = 1.0, checkpoint: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of G completions of one prompt, with gradients: the loss pass of GRPO/PPO.
 
     Runs the prompt once (completion_hidden). Logits are divided by the sampling temperature (SPEC
-    section 5). Returns (logp [G, T], mask [G, T]), right-padded, logp 0 on padding.
+    section 5). With `checkpoint`, the [G, T, vocab] logits are recomputed in the backward pass instead of
+    kept. Returns (logp [G, T], mask [G, T]), right-padded, logp 0 on padding.
     """
-    h, tokens, mask = completion_hidden(model, prompt_ids, completions)
-    logp = torch.log_softmax(model.lm_head(h).float() / temperature, dim=-1)  # [G, T, V]
-    return logp.gather(-1, tokens[..., None])[..., 0] * mask, mask
+    h, tokens, mask = completion_hidden(model, prompt_ids, completions, checkpoint)
+    if checkpoint and torch.is_grad_enabled():
+        logp = torch.utils.checkpoint.checkpoint(token_logprobs, model, h, tokens, temperature, use_reentrant=False)
+    else:
+        logp = token_logprobs(model, h, tokens, temperature)
+    return logp * mask, mask

@@ -347,14 +347,15 @@ def test_rmsnorm_in_bf16_equals_the_float_round_trip():
     assert torch.equal(norm(x), want)
 
 
+@pytest.mark.parametrize("checkpoint", [True, False])
 @pytest.mark.parametrize("variant", ["llama", "qwen3"])
-def test_shared_prompt_logprobs_and_gradients_equal_the_plain_pass(tiny_checkpoints, variant):
+def test_shared_prompt_logprobs_and_gradients_equal_the_plain_pass(tiny_checkpoints, variant, checkpoint):
     ours, _ = M.load_model(tiny_checkpoints[variant][0])
     prompt = list(range(40, 75))
     completions = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15, 16, 17, 18, 19], [20]]
     weights = torch.randn(4, 7, generator=torch.Generator().manual_seed(0))  # stand-in advantages
 
-    logp, mask = M.completion_logprobs(ours, prompt, completions, temperature=0.7)
+    logp, mask = M.completion_logprobs(ours, prompt, completions, temperature=0.7, checkpoint=checkpoint)
     assert mask.sum(1).tolist() == [5, 2, 7, 1]
     (logp * weights).sum().backward()
     shared = {n: p.grad.clone() for n, p in ours.named_parameters()}
