@@ -468,7 +468,7 @@ def run(args) -> dict:
 
     import model as M
     from data.locomo import load_conversations, load_split
-    from memory import HashEmbedder, ModelEmbedder
+    from memory import make_embedder, speaker_memories
     from prompts import answer_messages
 
     out = Path(args.out)
@@ -488,7 +488,7 @@ def run(args) -> dict:
         manager = answerer
     elif args.manager != "add-all":
         manager = M.load_model(args.manager, getattr(torch, args.dtype), device)[0]
-    embedder = HashEmbedder() if args.embedder == "hash" else ModelEmbedder(answerer, tok, pooling="mean")
+    embedder = make_embedder(args.embedder, answerer, tok)
     judge = make_judge(args)
     questions = load_split(args.split)
     questions = questions[:args.limit] if args.limit else questions
@@ -504,9 +504,7 @@ def run(args) -> dict:
         banks = conversation_banks(conv, args, out, answerer, tok, manager, embedder, stats)
         for i in tqdm(range(0, len(todo), args.batch), desc=f"questions {conv_id}", leave=False):
             chunk = todo[i:i + args.batch]
-            retrieved = [(banks[conv.speaker_a].search(q.question, args.k), banks[conv.speaker_b].search(q.question,
-                                                                                                         args.k))
-                         for q in chunk]
+            retrieved = [speaker_memories(conv, banks, q.question, args.k) for q in chunk]
             prompts = [tok.chat(answer_messages(q.question, conv.speaker_a, ra, conv.speaker_b, rb, args.distill))
                        for q, (ra, rb) in zip(chunk, retrieved)]
             outs = M.generate(answerer, prompts, args.max_new_tokens, temperature=0)

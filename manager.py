@@ -23,7 +23,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 import model as M
-from memory import FactRecord, HashEmbedder, MemoryBank, ModelEmbedder, conversation_facts
+from memory import (FactRecord, HashEmbedder, MemoryBank, add_all_banks, conversation_facts, make_embedder,
+                    speaker_memories)
 from prompts import answer_messages, manager_messages, parse_manager
 
 OPS = ("ADD", "UPDATE", "DELETE", "NONE")
@@ -59,10 +60,6 @@ def facts_by_turn(facts: list[FactRecord]) -> dict[str, list[FactRecord]]:
     return out
 
 
-def empty_banks(conv, embedder) -> dict[str, MemoryBank]:
-    return {conv.speaker_a: MemoryBank(embedder), conv.speaker_b: MemoryBank(embedder)}
-
-
 def run_manager(conv, facts: list[FactRecord], model, tok, embedder=None, k: int = 5, max_new_tokens: int = 256,
                 stats: dict | None = None, progress: bool = True) -> dict[str, MemoryBank]:
     """Build one bank per speaker by running the manager greedily over the facts, turn by turn, in order.
@@ -72,7 +69,7 @@ def run_manager(conv, facts: list[FactRecord], model, tok, embedder=None, k: int
     from tqdm import tqdm
 
     stats = stats if stats is not None else {}
-    banks = empty_banks(conv, embedder or HashEmbedder())
+    banks = add_all_banks(conv, [], embedder or HashEmbedder())  # one empty bank per speaker
     grouped = facts_by_turn(facts)
     by_turn = [(t, grouped[t.dia_id]) for t in conv.turns() if t.dia_id in grouped]
     # facts without an evidence id naming a turn of the conversation (one in LoCoMo) have no place in the order
@@ -109,11 +106,8 @@ def manager_examples(conv, questions, facts: list[FactRecord], tok, embedder, wi
         mine = [f for f in by_turn.get(turn.dia_id, []) if f.speaker == turn.speaker]
         if not linked.get(turn.dia_id) or not mine:
             continue
-        banks = empty_banks(conv, embedder)
-        for earlier in turns[max(0, i - window) if window else 0:i]:
-            for f in by_turn.get(earlier.dia_id, []):
-                if f.speaker in banks:
-                    banks[f.speaker].add(f.text, speaker=f.speaker, timestamp=f.timestamp, dia_ids=f.dia_ids)
+        earlier = turns[max(0, i - window) if window else 0:i]
+        banks = add_all_banks(conv, [f for t in earlier for f in by_turn.get(t.dia_id, [])], embedder)
         shown, id_map = related_memories(banks[turn.speaker], [f.text for f in mine], k)
         prompt = tok.chat(manager_messages(shown, [f.text for f in mine]))
         meta = {"conv": conv, "banks": banks, "speaker": turn.speaker, "id_map": id_map, "facts": mine,
@@ -127,7 +121,7 @@ def manager_task(args, tok, base_model):
     from data.locomo import load_conversations, load_split
     from train import Task
 
-    embedder = HashEmbedder() if args.embedder == "hash" else ModelEmbedder(base_model, tok, pooling="mean")
+    embedder = make_embedder(args.embedder, base_model, tok)
     dtype, dev = base_model.lm_head.weight.dtype, base_model.lm_head.weight.device
     answerer = M.load_model(args.answerer or args.model, dtype, dev)[0]  # its own copy: the policy will change
     answerer.requires_grad_(False)
@@ -160,8 +154,8 @@ def manager_score(example, texts: list[str], answerer, tok, args) -> list[dict]:
         results.append((counts, len(edited)))
         if counts["recovered"]:
             for q in questions:
-                msgs = answer_messages(q.question, conv.speaker_a, banks[conv.speaker_a].search(q.question, k),
-                                       conv.speaker_b, banks[conv.speaker_b].search(q.question, k),
+                mems_a, mems_b = speaker_memories(conv, banks, q.question, k)
+                msgs = answer_messages(q.question, conv.speaker_a, mems_a, conv.speaker_b, mems_b,
                                        distill=not args.no_distill)
                 prompts.append(tok.chat(msgs))
     answers = []

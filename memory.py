@@ -324,6 +324,16 @@ def conversation_facts(conv, source: str, model=None, tokenizer=None, batch_size
     return out
 
 
+def make_embedder(kind: str, model=None, tokenizer=None):
+    """"hash": the hashed n-gram embedder (offline, no model); "model": mean-pooled states of `model`."""
+    return HashEmbedder() if kind == "hash" else ModelEmbedder(model, tokenizer, pooling="mean")
+
+
+def speaker_memories(conv, banks: dict[str, MemoryBank], question: str, k: int) -> tuple[list[dict], list[dict]]:
+    """The Answer Agent's retrieval (SPEC section 1): the top k memories of each speaker's bank, A then B."""
+    return banks[conv.speaker_a].search(question, k), banks[conv.speaker_b].search(question, k)
+
+
 def add_all_banks(conv, facts: list[FactRecord], embedder=None) -> dict[str, MemoryBank]:
     """One bank per speaker with every fact ADDed (the no-manager baseline of the paper's ablation)."""
     embedder = embedder if embedder is not None else HashEmbedder()

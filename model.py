@@ -186,7 +186,7 @@ class KVCache:
 
     Rows of a left-padded batch share slot indices but not positions: `valid[b, s]` says whether slot s of
     row b holds a real token, and `next_pos[b]` is the RoPE position row b's next token gets.
-    Each layer has its own tensors, so the cache also works under autograd (the shared-prompt loss pass):
+    Each layer has its own tensors, so the cache also works under autograd:
     writing layer j never touches a tensor that layer i saved for its backward.
     """
 

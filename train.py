@@ -180,11 +180,11 @@ def answer_task(args, tok, base_model) -> Task:
     """Answer Agent data (paper Alg. 2): per question, 30+30 memories from the banks of its conversation."""
     from data.locomo import load_conversations, load_split
     from manager import run_manager
-    from memory import HashEmbedder, ModelEmbedder, add_all_banks, conversation_facts
+    from memory import add_all_banks, conversation_facts, make_embedder, speaker_memories
     from prompts import answer_messages
 
     convs = {c.sample_id: c for c in load_conversations()}
-    embedder = HashEmbedder() if args.embedder == "hash" else ModelEmbedder(base_model, tok, pooling="mean")
+    embedder = make_embedder(args.embedder, base_model, tok)
     banks = {}
     manager = None if args.manager == "add-all" else M.load_model(args.manager, base_model.lm_head.weight.dtype,
                                                                   base_model.lm_head.weight.device)[0]
@@ -198,10 +198,7 @@ def answer_task(args, tok, base_model) -> Task:
                 banks[conv.sample_id] = (add_all_banks(conv, facts, embedder) if manager is None else
                                          run_manager(conv, facts, manager, tok, embedder, args.manager_k,
                                                      args.manager_max_new_tokens))
-            bank = banks[conv.sample_id]
-            k = args.memories_per_speaker
-            mems_a = bank[conv.speaker_a].search(q.question, k)
-            mems_b = bank[conv.speaker_b].search(q.question, k)
+            mems_a, mems_b = speaker_memories(conv, banks[conv.sample_id], q.question, args.memories_per_speaker)
             messages = answer_messages(q.question, conv.speaker_a, mems_a, conv.speaker_b, mems_b,
                                        distill=not args.no_distill)
             out.append(Example(tok.chat(messages), q.answer, {"question": q.question, "category": q.category}))
@@ -241,12 +238,13 @@ def pad(rows: list[list[float]], dtype=torch.float32) -> torch.Tensor:
 
 def step_examples(task: Task, step: int, args) -> list[Example]:
     """The questions of one step: a seeded shuffle per epoch over the training set, consumed in order."""
-    n, out = len(task.train), []
+    n, orders, out = len(task.train), {}, []
     for i in range(step * args.questions_per_step, (step + 1) * args.questions_per_step):
         epoch, pos = divmod(i, n)
-        order = list(range(n))
-        random.Random(f"{args.seed}-{epoch}").shuffle(order)
-        out.append(task.train[order[pos]])
+        if epoch not in orders:
+            orders[epoch] = list(range(n))
+            random.Random(f"{args.seed}-{epoch}").shuffle(orders[epoch])
+        out.append(task.train[orders[epoch][pos]])
     return out
 
 
@@ -333,7 +331,9 @@ def update(policy, opt, groups: list[Group], step: int, args, critic=None, criti
                 continue
             denom = agg_denominator(args.loss_agg, [g.mask for g in mb], args.max_new_tokens)
             n_tokens = sum(g.mask.sum().item() for g in mb)
-            stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "value_loss": 0.0, "value_clip_frac": 0.0}
+            stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0}
+            if critic is not None:
+                stats.update(value_loss=0.0, value_clip_frac=0.0)
             for g in mb:
                 w = g.mask.sum().item() / n_tokens  # this group's share of the minibatch's tokens
                 logp, mask = M.completion_logprobs(policy, g.prompt, g.completions, args.temperature)
@@ -361,8 +361,6 @@ def update(policy, opt, groups: list[Group], step: int, args, critic=None, criti
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
     out = {k: v / max(count, 1) for k, v in sums.items()}
-    if critic is None:
-        out.pop("value_loss", None), out.pop("value_clip_frac", None)
     if args.algo == "ppo":
         out.pop("kl", None)  # PPO reports the rollout's KL instead (see rollout)
     return out

@@ -31,14 +31,13 @@ def answer_example(tok):
     import train
     args = train.parse_args(["--preset", "cpu"])
     from data.locomo import load_conversations, load_split
-    from memory import add_all_banks, conversation_facts
+    from memory import add_all_banks, conversation_facts, speaker_memories
     from prompts import answer_messages
     q = load_split("train")[0]
     conv = next(c for c in load_conversations() if c.sample_id == q.conv_id)
     banks = add_all_banks(conv, conversation_facts(conv, "observation"))
-    k = args.memories_per_speaker
-    messages = answer_messages(q.question, conv.speaker_a, banks[conv.speaker_a].search(q.question, k),
-                               conv.speaker_b, banks[conv.speaker_b].search(q.question, k))
+    mems_a, mems_b = speaker_memories(conv, banks, q.question, args.memories_per_speaker)
+    messages = answer_messages(q.question, conv.speaker_a, mems_a, conv.speaker_b, mems_b)
     return messages, q.answer
 
 

