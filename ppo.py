@@ -31,19 +31,22 @@ class Critic(nn.Module):
         self.value_head = nn.Linear(backbone.cfg.dim, 1, device=p.device, dtype=p.dtype)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
+        if not backbone.cfg.tie_embeddings:  # values never read the LM head: no gradient, nothing to train
+            backbone.lm_head.requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, L] -> values [B, L] (float32): V at each position, predicting the return after it."""
         h = self.backbone.hidden_states(input_ids, attention_mask)  # [B, L, dim]
         return self.value_head(h).squeeze(-1).float()
 
-    def completion_values(self, prompt_ids: list[int], completions: list[list[int]]) -> torch.Tensor:
+    def completion_values(self, prompt_ids: list[int], completions: list[list[int]],
+                          checkpoint: bool = True) -> torch.Tensor:
         """Values of G completions of one prompt, [G, T], the prompt run once (sampling.completion_hidden).
 
         V[:, t] is read from the state before response token t was generated (as verl does), so GAE's
         delta_t = r_t + gamma V_{t+1} - V_t compares the states around token t. 0 on padding.
         """
-        h, _, mask = completion_hidden(self.backbone, prompt_ids, completions)  # [G, T, dim]
+        h, _, mask = completion_hidden(self.backbone, prompt_ids, completions, checkpoint)  # [G, T, dim]
         return self.value_head(h).squeeze(-1).float() * mask
 
 

@@ -4,6 +4,9 @@
     python train.py --algo ppo --model Qwen/Qwen2.5-7B-Instruct --preset paper --out runs/ppo
     python train.py --algo grpo --agent manager --out runs/manager     # the Memory Manager (manager.py)
     python train.py --algo grpo --out runs/grpo --resume   # continue a killed run from its checkpoint
+    python train.py --algo grpo --lora-rank 16 --out runs/lora           # train LoRA adapters only
+    python train.py --out runs/lora --export-merged runs/lora-merged     # adapters folded into a HF folder
+    torchrun --nproc_per_node 4 train.py --algo grpo --preset paper ...  # rollouts and loss pass over 4 ranks
 
 One training step (paper Alg. 2 for the Answer Agent, Alg. 1 for the manager; SPEC sections 1 and 5):
     1. rollout   take `questions_per_step` prompts (questions; for the manager, evidence turns); sample
@@ -22,13 +25,20 @@ One training step (paper Alg. 2 for the Answer Agent, Alg. 1 for the manager; SP
 
 All randomness derives from (seed, step): sampling seeds and the question order are recomputed on resume,
 so a resumed run takes the very steps the killed one would have.
+
+Under torchrun each rank takes a contiguous share of the step's prompts; DDP averages the gradients (the
+loss is normalised by the whole step's token count, so the sum over ranks is the one-process loss);
+rewards and metrics are gathered; rank 0 logs and saves. A checkpoint holds full weights (or adapters),
+so --resume works with any number of ranks.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
+import os
 import random
 import shutil
 import sys
@@ -120,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=0, help="seeds the question order and the sampling")
     a("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights' dtype (AdamW acts on it)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    s = ap.add_argument_group("scale: LoRA, memory and speed switches").add_argument
+    s("--lora-rank", type=int, default=0, help="train rank-R LoRA adapters on a frozen base (0: full fine-tuning)")
+    s("--lora-alpha", type=float, default=32.0, help="LoRA scale alpha (the update is alpha / R * B A)")
+    s("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input during the update")
+    s("--lora-targets", default=",".join(M.LORA_TARGETS), help="comma-separated projections that get adapters")
+    s("--export-merged", metavar="DEST", help="fold OUT's LoRA checkpoint into a Hugging Face folder DEST, exit")
+    s("--amp", action="store_true", help="bf16 autocast around sampling and the loss pass (float32 weights)")
+    s("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
+      help="activation checkpointing per block in the loss pass (recompute in backward, far less memory)")
+    s("--micro-batch", type=int, default=0, help="completions per loss-pass chunk (0: a whole group at once)")
+    s("--compile", action="store_true", help="torch.compile each block of the policy (and critic)")
     return ap
 
 
@@ -141,7 +162,92 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "answer_max_new_tokens"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    args.lora_targets = [t for t in args.lora_targets.split(",") if t]
+    if args.lora_rank < 0 or args.micro_batch < 0 or set(args.lora_targets) - set(M.LORA_TARGETS):
+        ap.error(f"--lora-rank and --micro-batch must be >= 0; --lora-targets among {','.join(M.LORA_TARGETS)}")
     return args
+
+
+# --------------------------------------------------------------------------------------------------
+# 1b. Ranks. One process unless torchrun sets WORLD_SIZE; then torch.distributed (gloo on CPU, NCCL on GPU).
+# --------------------------------------------------------------------------------------------------
+
+
+def init_distributed(args) -> tuple[int, int]:
+    """(rank, world size); under torchrun, joins the process group and picks this rank's GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(args.device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def this_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def gather(obj) -> list:
+    """Every rank's `obj`, in rank order ([obj] in one process). For small things: scores, lengths."""
+    if world_size() == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over ranks."""
+    if world_size() == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def my_share(items: list, rank: int, world: int) -> tuple[list, int]:
+    """This rank's contiguous share of `items` and the index of its first item (len(items) % world == 0)."""
+    n = len(items) // world
+    return items[rank * n:(rank + 1) * n], rank * n
+
+
+class Call(torch.nn.Module):
+    """module(*args) runs fn(inner, *args). DDP syncs the gradients of what runs inside a forward call,
+    and the loss pass is a function (sampling.completion_logprobs), not the model's forward."""
+
+    def __init__(self, inner: torch.nn.Module, fn: Callable):
+        super().__init__()
+        self.inner, self.fn = inner, fn
+
+    def forward(self, *args):
+        return self.fn(self.inner, *args)
+
+
+def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DDP over the trainable parameters when there are several ranks; the module itself otherwise."""
+    if world_size() == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,22 +355,28 @@ def step_examples(task: Task, step: int, args) -> list[Example]:
 
 
 @torch.no_grad()
-def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, ref=None, critic=None):
-    """Sample, score, and attach advantages (GRPO) or values, returns and advantages (PPO) to each group."""
+def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, ref=None, critic=None, offset=0):
+    """Sample, score, and attach advantages (GRPO) or values, returns and advantages (PPO) to each group.
+
+    `examples` are this rank's share of the step's prompts, the first being prompt number `offset` of the
+    step: sampling seeds follow the global index, so the samples do not depend on the number of ranks.
+    `ref` may be the policy itself (LoRA): its log-probs are then taken with the adapters disabled.
+    """
     G, dev = args.group_size, policy.lm_head.weight.device
     groups = []
     for i in range(0, len(examples), args.rollout_batch):
         chunk = examples[i:i + args.rollout_batch]
         prompts = [ex.prompt for ex in chunk for _ in range(G)]  # each prompt G times: prefilled once
         tokens, logps = M.generate(policy, prompts, args.max_new_tokens, args.temperature, args.top_p,
-                                   seed=args.seed * 1_000_003 + step * 1_009 + i, return_logprobs=True)
+                                   seed=args.seed * 1_000_003 + step * 1_009 + offset + i, return_logprobs=True)
         for j, ex in enumerate(chunk):
             comps, lps = tokens[j * G:(j + 1) * G], logps[j * G:(j + 1) * G]
             mask = pad([[1] * len(c) for c in comps], torch.bool).to(dev)
             scores = task.score(ex, [tok.decode(c) for c in comps])
             g = Group(ex.prompt, comps, pad(lps).to(dev), mask, scores)
             if ref is not None:
-                g.ref_logp, _ = M.completion_logprobs(ref, ex.prompt, comps, args.temperature)
+                with M.adapters_disabled(ref):
+                    g.ref_logp, _ = M.completion_logprobs(ref, ex.prompt, comps, args.temperature)
             if critic is not None:
                 g.old_values = critic.completion_values(ex.prompt, comps)
             groups.append(g)
@@ -281,25 +393,34 @@ def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, r
                                                   g.mask, beta)
             g.advantages, g.returns = compute_gae_advantage_return(token_rewards, g.old_values, g.mask,
                                                                    args.gamma, args.lam, whiten=False)
-        # whiten the advantages over the whole rollout batch, as verl does, not per question
-        flat = torch.cat([g.advantages[g.mask] for g in groups])  # every response token of the batch
-        flat = masked_whiten(flat, torch.ones_like(flat))
-        start = 0
+        # whiten the advantages over the whole rollout batch (every rank's), as verl does, not per question
+        mine = torch.cat([g.advantages[g.mask] for g in groups]).cpu()  # every response token of this rank
+        every = gather(mine)
+        flat = masked_whiten(torch.cat(every), torch.ones(sum(map(len, every))))
+        start = sum(map(len, every[:this_rank()]))  # where this rank's tokens begin
         for g in groups:
             n = int(g.mask.sum())
-            g.advantages = torch.zeros_like(g.advantages).masked_scatter(g.mask, flat[start:start + n])
+            g.advantages = torch.zeros_like(g.advantages).masked_scatter(g.mask, flat[start:start + n].to(dev))
             start += n
 
-    lengths = torch.tensor([len(c) for g in groups for c in g.completions], dtype=torch.float)
+    # statistics over the whole step: every rank's groups
     stops = set(policy.stop_ids)
-    truncated = [len(c) == args.max_new_tokens and c[-1] not in stops for g in groups for c in g.completions]
-    stats = mean_scores([s for g in groups for s in g.scores])  # reward first, then em, f1, parse_fail, ...
-    stats.update({"reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
-                  "zero_std_groups": zero_std_group_fraction(rewards, G) if G > 1 else 1.0,
-                  "response_len": lengths.mean().item(), "truncated": sum(truncated) / len(truncated)})
+    mine = {"scores": [s for g in groups for s in g.scores], "rewards": rewards.tolist(),
+            "lengths": [len(c) for g in groups for c in g.completions],
+            "truncated": [len(c) == args.max_new_tokens and c[-1] not in stops for g in groups for c in g.completions]}
     if args.algo == "ppo" and ref is not None:  # k1 at rollout time: the KL the reward is penalised by
-        m = torch.cat([g.mask[g.mask] for g in groups]).float()
-        stats["kl"] = (torch.cat([(g.old_logp - g.ref_logp)[g.mask] for g in groups]).sum() / m.sum()).item()
+        mine["kl"] = [torch.cat([(g.old_logp - g.ref_logp)[g.mask] for g in groups]).sum().item(),
+                      sum(g.mask.sum().item() for g in groups)]
+    every = gather(mine)
+    both = {k: [x for e in every for x in e[k]] for k in ("scores", "rewards", "lengths", "truncated")}
+    all_rewards = torch.tensor(both["rewards"])
+    stats = mean_scores(both["scores"])  # reward first, then em, f1, parse_fail, ...
+    stats.update({"reward_std": all_rewards.std().item() if len(all_rewards) > 1 else 0.0,
+                  "zero_std_groups": zero_std_group_fraction(all_rewards, G) if G > 1 else 1.0,
+                  "response_len": sum(both["lengths"]) / len(both["lengths"]),
+                  "truncated": sum(both["truncated"]) / len(both["truncated"])})
+    if "kl" in mine:
+        stats["kl"] = sum(e["kl"][0] for e in every) / sum(e["kl"][1] for e in every)
     return groups, stats
 
 
@@ -320,8 +441,37 @@ def agg_denominator(mode: str, masks: list[torch.Tensor], max_new_tokens: int) -
     return float(n_seqs * max_new_tokens) if mode == "seq-mean-token-sum-norm" else float(n_seqs)
 
 
+def micro_batches(g: Group, size: int) -> list[Group]:
+    """A group as chunks of `size` completions (0: whole), each cut to its longest completion: each chunk's
+    loss pass runs the prompt again, trading time for memory when prompts are long and G is large."""
+    if size == 0 or size >= len(g.completions):
+        return [g]
+    out = []
+    for s in range(0, len(g.completions), size):
+        comps = g.completions[s:s + size]
+        rows, T = slice(s, s + size), max(map(len, comps))
+
+        def cut(t):
+            return None if t is None else t[rows, :T]
+
+        out.append(Group(g.prompt, comps, cut(g.old_logp), cut(g.mask), g.scores[rows], cut(g.ref_logp),
+                         cut(g.advantages), cut(g.old_values), cut(g.returns)))
+    return out
+
+
+def no_sync(module, last: bool):
+    """DDP all-reduces the gradients at the minibatch's last backward only; earlier ones accumulate locally."""
+    return module.no_sync() if hasattr(module, "no_sync") and not last else contextlib.nullcontext()
+
+
 def update(policy, opt, groups: list[Group], step: int, args, critic=None, critic_opt=None) -> dict:
-    sums, count = {}, 0
+    """policy(prompt, completions, temperature, checkpoint) -> (logp, mask) and critic(...) -> values are the
+    loss-pass modules (train.Call, DDP-wrapped under torchrun); the optimizers hold the trainable parameters.
+    Each rank's loss is its tokens' share of the whole minibatch's loss; DDP averages gradients over ranks,
+    so it is multiplied by the world size for backward."""
+    world, sums, count = world_size(), {}, 0
+    params = [p for grp in opt.param_groups for p in grp["params"]]
+    policy.train()  # LoRA dropout, if any, acts here only (sampling and the reference run in eval mode)
     for epoch in range(args.ppo_epochs):
         order = list(range(len(groups)))
         random.Random(f"{args.seed}-update-{step}-{epoch}").shuffle(order)
@@ -329,37 +479,43 @@ def update(policy, opt, groups: list[Group], step: int, args, critic=None, criti
             mb = [groups[i] for i in order[mb_idx::args.minibatches]]
             if not mb:
                 continue
-            denom = agg_denominator(args.loss_agg, [g.mask for g in mb], args.max_new_tokens)
-            n_tokens = sum(g.mask.sum().item() for g in mb)
+            denom, n_tokens = all_sum([agg_denominator(args.loss_agg, [g.mask for g in mb], args.max_new_tokens),
+                                       sum(g.mask.sum().item() for g in mb)])
             stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0}
             if critic is not None:
                 stats.update(value_loss=0.0, value_clip_frac=0.0)
-            for g in mb:
-                w = g.mask.sum().item() / n_tokens  # this group's share of the minibatch's tokens
-                logp, mask = M.completion_logprobs(policy, g.prompt, g.completions, args.temperature)
-                beta = args.beta if args.algo == "grpo" else 0.0  # PPO's KL sits in the reward instead
-                loss, st = grpo_loss(logp, g.old_logp, g.ref_logp, g.advantages, mask, beta, args.clip_low,
-                                     args.clip_high, args.loss_agg, denom)
-                loss.backward()
+            work = [c for g in mb for c in micro_batches(g, args.micro_batch)]
+            for i, c in enumerate(work):
+                w = c.mask.sum().item() / n_tokens  # this chunk's share of the minibatch's tokens
+                with no_sync(policy, last=i == len(work) - 1):
+                    logp, mask = policy(c.prompt, c.completions, args.temperature, args.checkpointing)
+                    beta = args.beta if args.algo == "grpo" else 0.0  # PPO's KL sits in the reward instead
+                    loss, st = grpo_loss(logp, c.old_logp, c.ref_logp, c.advantages, mask, beta, args.clip_low,
+                                         args.clip_high, args.loss_agg, denom)
+                    (loss * world).backward()
                 stats["loss"] += loss.item()
                 stats["clip_frac"] += w * st["clip_frac"]
                 stats["kl"] += w * st["kl"]
                 if critic is not None:
-                    values = critic.completion_values(g.prompt, g.completions)
-                    vloss, vclip = compute_value_loss(values, g.old_values, g.returns, mask, args.value_clip)
-                    (w * vloss).backward()  # token-mean over the minibatch
+                    with no_sync(critic, last=i == len(work) - 1):
+                        values = critic(c.prompt, c.completions, args.checkpointing)
+                        vloss, vclip = compute_value_loss(values, c.old_values, c.returns, mask, args.value_clip)
+                        (w * vloss * world).backward()  # token-mean over the minibatch
                     stats["value_loss"] += w * vloss.item()
                     stats["value_clip_frac"] += w * vclip.item()
-            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip).item()
+            stats = dict(zip(stats, all_sum(list(stats.values()))))  # every rank's share
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if critic is not None:
-                stats["value_grad_norm"] = torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip).item()
+                critic_params = [p for grp in critic_opt.param_groups for p in grp["params"]]
+                stats["value_grad_norm"] = torch.nn.utils.clip_grad_norm_(critic_params, args.grad_clip).item()
                 critic_opt.step()
                 critic_opt.zero_grad(set_to_none=True)
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
+    policy.eval()
     out = {k: v / max(count, 1) for k, v in sums.items()}
     if args.algo == "ppo":
         out.pop("kl", None)  # PPO reports the rollout's KL instead (see rollout)
@@ -370,13 +526,16 @@ def update(policy, opt, groups: list[Group], step: int, args, critic=None, criti
 def validate(policy, tok, task: Task, args) -> dict:
     """Greedy answers to the validation questions; the means of their scores, keys prefixed with val_."""
     examples = task.val[:args.val_limit] if args.val_limit else task.val
+    world, rank = world_size(), this_rank()
+    per_rank = -(-len(examples) // world)  # ceil: the last rank may get fewer
+    examples = examples[rank * per_rank:(rank + 1) * per_rank]
     scores = []
-    for i in tqdm(range(0, len(examples), args.val_batch), desc="validate", leave=False):
+    for i in tqdm(range(0, len(examples), args.val_batch), desc="validate", leave=False, disable=rank > 0):
         chunk = examples[i:i + args.val_batch]
         outs = M.generate(policy, [ex.prompt for ex in chunk], args.max_new_tokens, temperature=0)
         for ex, out in zip(chunk, outs):
             scores += task.score(ex, [tok.decode(out)])
-    return mean_scores(scores, "val_")
+    return mean_scores([s for part in gather(scores) for s in part], "val_")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -406,20 +565,58 @@ def load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
+def base_model_id(name: str) -> str:
+    """The --model as an adapter's base_model_name_or_path: an absolute path for local files."""
+    return str(Path(name).resolve()) if Path(name).exists() else name
+
+
 def save_training_state(out: Path, step: int, policy, tok, opt, args, critic=None, critic_opt=None) -> None:
-    from safetensors.torch import save_model
+    """OUT/checkpoint: the policy (a HF folder, or with LoRA its adapters in PEFT's layout), the optimizer,
+    the critic's trainable weights, the step and the args; built aside and swapped in."""
+    from safetensors.torch import save_file
 
     tmp = out / "checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    M.save_checkpoint(policy, tok, tmp)  # config.json, model.safetensors, tokenizer.json, ...
+    if args.lora_rank:
+        tmp.mkdir(parents=True)
+        M.save_adapter(policy, tmp, base_model_id(args.model))  # load_model(tmp) = base + these adapters
+    else:
+        M.save_checkpoint(policy, tok, tmp)  # config.json, model.safetensors, tokenizer.json, ...
     save_optimizer(opt, tmp / "optimizer.safetensors")
     if critic is not None:
-        save_model(critic, str(tmp / "critic.safetensors"))  # handles tied embeddings
+        save_file(trainable_state(critic), str(tmp / "critic.safetensors"))
         save_optimizer(critic_opt, tmp / "critic_optimizer.safetensors")
     state = {"step": step, "args": vars(args),
              "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     M.swap_folder(tmp, out / "checkpoint")
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters an optimizer updates (named_parameters lists a tied weight once)."""
+    return {n: p.detach().contiguous().cpu() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(module: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    missing = set(trainable_state(module)) - set(state)
+    if missing:
+        raise SystemExit(f"{path}: missing {sorted(missing)[:3]} - saved with other --lora flags?")
+    module.load_state_dict(state, strict=False)
+
+
+def export_merged(run_dir: Path, dest: Path) -> None:
+    """python train.py --out RUN --export-merged DEST: RUN's adapters folded into a plain HF checkpoint."""
+    ckpt = find_checkpoint(run_dir)
+    if ckpt is None or not (ckpt / "adapter_config.json").is_file():
+        raise SystemExit(f"{run_dir}: no LoRA checkpoint to export (a full fine-tuning checkpoint is already "
+                         "a Hugging Face folder)")
+    dtype = getattr(torch, json.loads((ckpt / "trainer_state.json").read_text())["args"]["dtype"])
+    model, tok = M.load_model(str(ckpt), dtype)  # base model + adapters
+    M.save_checkpoint(M.merge_lora(model), tok, dest)
+    print(f"merged {ckpt} into {dest}", file=sys.stderr)
 
 
 def find_checkpoint(out: Path) -> Path | None:
@@ -445,70 +642,105 @@ def trim_metrics(path: Path, step: int) -> None:
 
 def run(args, task: Task | None = None) -> dict:
     """Train; returns the last validation metrics. `task` replaces the Answer Agent's (tests pass their own)."""
-    from safetensors.torch import load_model as load_weights
-
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.export_merged:
+        return export_merged(out, Path(args.export_merged))
+    rank, world = init_distributed(args)
+    if args.questions_per_step % world:
+        raise SystemExit(f"--questions-per-step {args.questions_per_step} must be a multiple of the {world} ranks")
     dtype, dev = getattr(torch, args.dtype), torch.device(args.device)
     ckpt = find_checkpoint(out) if args.resume else None
     if args.resume and ckpt is None:
         print(f"--resume: no checkpoint in {out}; starting from {args.model}", file=sys.stderr)
     elif not args.resume and find_checkpoint(out):
         raise SystemExit(f"{out} already holds a checkpoint: pass --resume to continue it, or another --out")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
 
     base, tok = M.load_model(args.model, dtype, dev)
     if task is None:
         from manager import manager_task
         task = (answer_task if args.agent == "answer" else manager_task)(args, tok, base)
-    policy = M.load_model(str(ckpt), dtype, dev)[0] if ckpt else base
     ref = None
-    if args.beta > 0:  # the frozen reference is always the starting model, also on resume
-        ref = base if ckpt else M.load_model(args.model, dtype, dev)[0]
-        ref.requires_grad_(False)
-    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if args.lora_rank:  # adapters on the base; the base itself (adapters disabled) is the reference
+        policy = M.load_adapter(base, ckpt) if ckpt else M.add_lora(base, args.lora_rank, args.lora_alpha,
+                                                                   args.lora_dropout, args.lora_targets)
+        ref = policy if args.beta > 0 else None
+    else:
+        policy = M.load_model(str(ckpt), dtype, dev)[0] if ckpt else base
+        if args.beta > 0:  # the frozen reference is always the starting model, also on resume
+            ref = base if ckpt else M.load_model(args.model, dtype, dev)[0]
+            ref.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr,
+                            weight_decay=args.weight_decay)
     critic = critic_opt = None
     if args.algo == "ppo":
-        critic = Critic(M.load_model(args.model, dtype, dev)[0])
-        critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
+        backbone = M.load_model(args.model, dtype, dev)[0]
+        if args.lora_rank:
+            M.add_lora(backbone, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets, seed=1)
+        critic = Critic(backbone)
+        critic_opt = torch.optim.AdamW([p for p in critic.parameters() if p.requires_grad], lr=args.critic_lr,
+                                       weight_decay=args.weight_decay)
     start = 0
     if ckpt:
         state = json.loads((ckpt / "trainer_state.json").read_text())
         start = state["step"]
         load_optimizer(opt, ckpt / "optimizer.safetensors")
         if critic is not None:
-            load_weights(critic, str(ckpt / "critic.safetensors"))
+            load_trainable_state(critic, ckpt / "critic.safetensors")
             load_optimizer(critic_opt, ckpt / "critic_optimizer.safetensors")
         torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8))
         print(f"resuming from {ckpt} at step {start}", file=sys.stderr)
+    if args.compile:
+        for m in (policy, critic.backbone if critic is not None else None):
+            if m is not None:
+                M.compile_blocks(m, dynamic=True)
+    # The loss pass as module calls, so that DDP (several ranks) sees it; in one process these are plain calls.
+    policy_pass = data_parallel(Call(policy, M.completion_logprobs), dev)
+    critic_pass = None if critic is None else data_parallel(Call(critic, Critic.completion_values), dev)
+    amp = torch.autocast(dev.type, torch.bfloat16, enabled=args.amp)
     metrics_path = out / "metrics.jsonl"
-    trim_metrics(metrics_path, start) if ckpt else metrics_path.unlink(missing_ok=True)
+    if rank == 0:
+        trim_metrics(metrics_path, start) if ckpt else metrics_path.unlink(missing_ok=True)
 
     def log(record: dict) -> None:
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if rank == 0:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
-    print(f"{args.algo} on the {args.agent} agent, preset {args.preset}: {len(task.train)} training and "
-          f"{len(task.val)} validation prompts; {args.steps - start} steps to go -> {out}", file=sys.stderr)
+    if rank == 0:
+        print(f"{args.algo} on the {args.agent} agent, preset {args.preset}, {world} rank(s), "
+              f"{'LoRA rank ' + str(args.lora_rank) if args.lora_rank else 'full fine-tuning'}: {len(task.train)} "
+              f"training and {len(task.val)} validation prompts; {args.steps - start} steps to go -> {out}",
+              file=sys.stderr)
     val = {}
     if start == 0 and args.steps > 0:
-        val = validate(policy, tok, task, args)
+        with amp:
+            val = validate(policy, tok, task, args)
         log({"step": 0, **val})
-    bar = tqdm(range(start, args.steps), desc=f"{args.algo} steps", initial=start, total=args.steps)
+    bar = tqdm(range(start, args.steps), desc=f"{args.algo} steps", initial=start, total=args.steps,
+               disable=rank > 0)
     for step in bar:
         t0 = time.perf_counter()
-        examples = step_examples(task, step, args)
-        groups, roll = rollout(policy, tok, task, examples, step, args, ref, critic)
+        examples, offset = my_share(step_examples(task, step, args), rank, world)
+        with amp:
+            groups, roll = rollout(policy, tok, task, examples, step, args, ref, critic, offset)
         t1 = time.perf_counter()
-        upd = update(policy, opt, groups, step, args, critic, critic_opt)
+        with amp:
+            upd = update(policy_pass, opt, groups, step, args, critic_pass, critic_opt)
         t2 = time.perf_counter()
         record = {"step": step + 1, **roll, **upd, "lr": args.lr, "rollout_s": t1 - t0, "update_s": t2 - t1}
         if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
-            val = validate(policy, tok, task, args)
+            with amp:
+                val = validate(policy, tok, task, args)
             record.update(val)
         record["seconds"] = time.perf_counter() - t0
         log(record)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            save_training_state(out, step + 1, policy, tok, opt, args, critic, critic_opt)
+            if rank == 0:
+                save_training_state(out, step + 1, policy, tok, opt, args, critic, critic_opt)
+            if world > 1:
+                torch.distributed.barrier()  # nobody runs ahead of a checkpoint being written
         bar.set_postfix(reward=f"{roll['reward']:.3f}", **{k: f"{v:.3f}" for k, v in val.items() if k == "val_f1"})
     return val
 
