@@ -668,7 +668,10 @@ def load_adapter(model: Transformer, folder) -> Transformer:
     path = folder / "adapter_model.safetensors"
     if not path.is_file():
         raise ModelLoadError(f"{path}: adapter weights not found")
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors' own error type for a truncated or corrupt header
+        raise ModelLoadError(f"{path}: cannot read safetensors file ({e})") from None
     params = dict(model.named_parameters())
     for name, theirs in adapter_names(model).items():
         if theirs not in state or state[theirs].shape != params[name].shape:
