@@ -278,6 +278,19 @@ class Block(nn.Module):
         h = self.mlp_norm(x)
         return x + self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))
 
+    def shared(self, xp, xc, rope_p, rope_c, mask_c):
+        """The loss pass's block (sampling.completion_hidden): a prompt xp [1, P, dim] and G completions of it
+        xc [G, T, dim]. The prompt attends causally to itself; each completion attends to the prompt's keys
+        and values (expanded without a copy) and causally to its own real tokens (mask_c [G, 1, T, P + T])."""
+        qp, kp, vp = self.qkv(self.attn_norm(xp), *rope_p)  # [1, H or Hkv, P, D]
+        qc, kc, vc = self.qkv(self.attn_norm(xc), *rope_c)  # [G, H or Hkv, T, D]
+        G = xc.shape[0]
+        k = torch.cat([kp.expand(G, -1, -1, -1), kc], dim=2)  # [G, Hkv, P + T, D]
+        v = torch.cat([vp.expand(G, -1, -1, -1), vc], dim=2)
+        xp = self.mlp(xp + self.attend(qp, kp, vp, None, causal=True))
+        xc = self.mlp(xc + self.attend(qc, k, v, mask_c, causal=False))
+        return xp, xc
+
     def forward(self, x, cos, sin, mask, kv=None):
         q, k, v = self.qkv(self.attn_norm(x), cos, sin)
         if kv is not None:  # write this chunk at its slots, then attend over every filled slot
@@ -345,6 +358,11 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.len = start + T
         return self.norm(x)
+
+    def logprobs(self, prompt_ids: list[int], completions: list[list[int]], temperature: float = 1.0,
+                 checkpoint: bool = True):
+        """sampling.completion_logprobs as a method: the loss pass, hookable by FSDP2 like forward."""
+        return completion_logprobs(self, prompt_ids, completions, temperature, checkpoint)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.lm_head.weight
@@ -591,11 +609,13 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device="cp
     return model, tok
 
 
-def save_checkpoint(model: Transformer, tokenizer: Tokenizer, folder, dtype: torch.dtype | None = None) -> Path:
+def save_checkpoint(model: Transformer, tokenizer: Tokenizer, folder, dtype: torch.dtype | None = None,
+                    state: dict | None = None) -> Path:
     """Write a Hugging Face checkpoint folder (config.json, model.safetensors, tokenizer files) atomically.
 
     Loadable by transformers' AutoModelForCausalLM and by load_model. Everything is written into a
     temporary sibling folder that then replaces `folder`, so a crash never leaves a half-written checkpoint.
+    `state` replaces model.state_dict() (a sharded model's gathered weights).
     """
     import shutil
     import tempfile
@@ -605,7 +625,8 @@ def save_checkpoint(model: Transformer, tokenizer: Tokenizer, folder, dtype: tor
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     names = weight_names(model.cfg, "hf")
-    state = {names[k]: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()
+    state = {names[k]: v.detach().to(dtype or v.dtype).contiguous().cpu()
+             for k, v in (model.state_dict() if state is None else state).items()
              if k in names and not (k == "lm_head.weight" and model.cfg.tie_embeddings)}
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
@@ -639,11 +660,12 @@ def adapter_names(model: Transformer) -> dict[str, str]:
 HF_PROJ = {m[0]: m[1].rsplit(".", 1)[-1] for m in LAYER_MODULES}  # wq -> q_proj, w_gate -> gate_proj, ...
 
 
-def save_adapter(model: Transformer, folder, base_model: str) -> None:
-    """adapter_model.safetensors and adapter_config.json (PEFT's layout) into an existing folder."""
+def save_adapter(model: Transformer, folder, base_model: str, state: dict | None = None) -> None:
+    """adapter_model.safetensors and adapter_config.json (PEFT's layout) into an existing folder.
+    `state` replaces the model's parameters (a sharded model's gathered weights)."""
     from safetensors.torch import save_file
 
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters()) if state is None else state
     state = {theirs: params[ours].detach().contiguous().cpu() for ours, theirs in adapter_names(model).items()}
     save_file(state, str(Path(folder) / "adapter_model.safetensors"), metadata={"format": "pt"})
     lora = model.lora

@@ -42,13 +42,16 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 
 @torch.no_grad()
 def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, stop_ids=None, seed: int | None = None, return_logprobs: bool = False):
+             top_p: float = 1.0, stop_ids=None, seed: int | None = None, return_logprobs: bool = False,
+             sync_steps: bool = False):
     """Sample a continuation of each prompt; returns the new tokens only, cut after the first stop id.
 
     stop_ids: None -> the model's (load_model sets the tokenizer's); () -> never stop early.
     seed: seeds a private generator, so the same call gives the same tokens.
     Identical prompts (G samples of one question) are prefilled once and their KV cache rows copied.
     With return_logprobs, also returns each new token's log-prob under the sampling distribution.
+    sync_steps: take all max_new_tokens steps even after every row stopped (outputs are cut the same): a
+    model sharded with FSDP gathers weights collectively at each step, so every rank must take as many.
     """
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
@@ -84,29 +87,13 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
         hit = torch.isin(token, stops).cpu() & ~done
         lengths[hit] = t + 1
         done |= hit
-        if bool(done.all()) or t == max_new_tokens - 1:
+        if (bool(done.all()) and not sync_steps) or t == max_new_tokens - 1:
             break
         logits = model(token[:, None], cache=cache)[:, -1]
     tokens = [out[b, :lengths[b]].tolist() for b in range(B)]
     if return_logprobs:
         return tokens, [out_logp[b, :lengths[b]].tolist() for b in range(B)]
     return tokens
-
-
-def shared_block(layer, xp, xc, rope_p, rope_c, mask_c):
-    """One decoder block over a prompt xp [1, P, dim] and G completions of it xc [G, T, dim].
-
-    The prompt attends causally to itself; each completion attends to the prompt's keys and values (shared,
-    expanded without a copy) and causally to its own real tokens (mask_c [G, 1, T, P + T]).
-    """
-    qp, kp, vp = layer.qkv(layer.attn_norm(xp), *rope_p)  # [1, H or Hkv, P, D]
-    qc, kc, vc = layer.qkv(layer.attn_norm(xc), *rope_c)  # [G, H or Hkv, T, D]
-    G = xc.shape[0]
-    k = torch.cat([kp.expand(G, -1, -1, -1), kc], dim=2)  # [G, Hkv, P + T, D]
-    v = torch.cat([vp.expand(G, -1, -1, -1), vc], dim=2)
-    xp = layer.mlp(xp + layer.attend(qp, kp, vp, None, causal=True))
-    xc = layer.mlp(xc + layer.attend(qc, k, v, mask_c, causal=False))
-    return xp, xc
 
 
 def completion_hidden(model, prompt_ids: list[int], completions: list[list[int]], checkpoint: bool = True):
@@ -141,10 +128,10 @@ def completion_hidden(model, prompt_ids: list[int], completions: list[list[int]]
     xc = model.tok_emb(tokens)  # [G, T, dim]
     for layer in model.layers:
         if checkpoint and torch.is_grad_enabled():
-            xp, xc = torch.utils.checkpoint.checkpoint(shared_block, layer, xp, xc, rope_p, rope_c, mask_c,
+            xp, xc = torch.utils.checkpoint.checkpoint(layer.shared, xp, xc, rope_p, rope_c, mask_c,
                                                        use_reentrant=False)
         else:
-            xp, xc = shared_block(layer, xp, xc, rope_p, rope_c, mask_c)
+            xp, xc = layer.shared(xp, xc, rope_p, rope_c, mask_c)  # model.Block.shared
     # position t is predicted from the hidden state before it: the prompt's last, then the completion's
     h = torch.cat([xp[:, -1:].expand(G, 1, -1), xc[:, :-1]], dim=1)  # [G, T, dim]
     return model.norm(h), tokens, mask

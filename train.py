@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="activation checkpointing per block in the loss pass (recompute in backward, far less memory)")
     s("--micro-batch", type=int, default=0, help="completions per loss-pass chunk (0: a whole group at once)")
     s("--compile", action="store_true", help="torch.compile each block of the policy (and critic)")
+    s("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer state over the "
+      "ranks (FSDP2) instead of a full replica per rank (DDP)")
     return ap
 
 
@@ -229,25 +231,54 @@ def my_share(items: list, rank: int, world: int) -> tuple[list, int]:
 
 
 class Call(torch.nn.Module):
-    """module(*args) runs fn(inner, *args). DDP syncs the gradients of what runs inside a forward call,
-    and the loss pass is a function (sampling.completion_logprobs), not the model's forward."""
+    """module(*args) runs inner.<method>(*args). DDP syncs the gradients of what runs inside a forward call,
+    and the loss pass is a method (Transformer.logprobs, Critic.completion_values), not the forward."""
 
-    def __init__(self, inner: torch.nn.Module, fn: Callable):
+    def __init__(self, inner: torch.nn.Module, method: str):
         super().__init__()
-        self.inner, self.fn = inner, fn
+        self.inner, self.method = inner, method
 
     def forward(self, *args):
-        return self.fn(self.inner, *args)
+        return getattr(self.inner, self.method)(*args)  # the instance's: FSDP2 wraps it there
 
 
 def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DDP over the trainable parameters when there are several ranks; the module itself otherwise."""
-    if world_size() == 1:
+    """DDP over the trainable parameters when there are several unsharded ranks; the module otherwise."""
+    if world_size() == 1 or is_sharded(module):
         return module
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
                                    broadcast_buffers=False)
+
+
+def fsdp_shard(module: torch.nn.Module, blocks, methods: tuple[str, ...]) -> None:
+    """FSDP2: each block's parameters, then the rest's (the root: embeddings, norm, heads), sharded over the
+    ranks and all-gathered just in time around each block's forward and backward. Entry points other than
+    forward are registered so they gather too: a block's shared-prompt step (Block.shared) and the root's
+    `methods` (the loss pass, the critic's values)."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    for layer in blocks:
+        fully_shard(layer)
+        register_fsdp_forward_method(layer, "shared")
+    fully_shard(module)
+    for name in methods:
+        register_fsdp_forward_method(module, name)
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    inner = getattr(module, "inner", module)
+    return hasattr(inner, "set_requires_gradient_sync")  # what fully_shard gives a module
+
+
+def full_state(module: torch.nn.Module) -> dict | None:
+    """The module's state dict with whole tensors: gathered (a collective, every rank calls it) when sharded."""
+    if not is_sharded(module):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,7 +399,8 @@ def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, r
         chunk = examples[i:i + args.rollout_batch]
         prompts = [ex.prompt for ex in chunk for _ in range(G)]  # each prompt G times: prefilled once
         tokens, logps = M.generate(policy, prompts, args.max_new_tokens, args.temperature, args.top_p,
-                                   seed=args.seed * 1_000_003 + step * 1_009 + offset + i, return_logprobs=True)
+                                   seed=args.seed * 1_000_003 + step * 1_009 + offset + i, return_logprobs=True,
+                                   sync_steps=args.fsdp)
         for j, ex in enumerate(chunk):
             comps, lps = tokens[j * G:(j + 1) * G], logps[j * G:(j + 1) * G]
             mask = pad([[1] * len(c) for c in comps], torch.bool).to(dev)
@@ -376,7 +408,7 @@ def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, r
             g = Group(ex.prompt, comps, pad(lps).to(dev), mask, scores)
             if ref is not None:
                 with M.adapters_disabled(ref):
-                    g.ref_logp, _ = M.completion_logprobs(ref, ex.prompt, comps, args.temperature)
+                    g.ref_logp, _ = ref.logprobs(ex.prompt, comps, args.temperature)
             if critic is not None:
                 g.old_values = critic.completion_values(ex.prompt, comps)
             groups.append(g)
@@ -459,9 +491,27 @@ def micro_batches(g: Group, size: int) -> list[Group]:
     return out
 
 
+@contextlib.contextmanager
 def no_sync(module, last: bool):
-    """DDP all-reduces the gradients at the minibatch's last backward only; earlier ones accumulate locally."""
-    return module.no_sync() if hasattr(module, "no_sync") and not last else contextlib.nullcontext()
+    """Gradients are reduced over ranks at the minibatch's last backward only; earlier ones accumulate
+    locally (DDP: no_sync; FSDP2: set_requires_gradient_sync)."""
+    if last or world_size() == 1:
+        yield
+    elif hasattr(module, "no_sync"):
+        with module.no_sync():
+            yield
+    else:
+        module.inner.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.inner.set_requires_gradient_sync(True)
+
+
+def clip_gradients(opt: torch.optim.Optimizer, max_norm: float) -> float:
+    """Clip the global gradient norm of the optimizer's parameters; returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], max_norm)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # a DTensor when sharded
 
 
 def update(policy, opt, groups: list[Group], step: int, args, critic=None, critic_opt=None) -> dict:
@@ -470,7 +520,6 @@ def update(policy, opt, groups: list[Group], step: int, args, critic=None, criti
     Each rank's loss is its tokens' share of the whole minibatch's loss; DDP averages gradients over ranks,
     so it is multiplied by the world size for backward."""
     world, sums, count = world_size(), {}, 0
-    params = [p for grp in opt.param_groups for p in grp["params"]]
     policy.train()  # LoRA dropout, if any, acts here only (sampling and the reference run in eval mode)
     for epoch in range(args.ppo_epochs):
         order = list(range(len(groups)))
@@ -504,12 +553,11 @@ def update(policy, opt, groups: list[Group], step: int, args, critic=None, criti
                     stats["value_loss"] += w * vloss.item()
                     stats["value_clip_frac"] += w * vclip.item()
             stats = dict(zip(stats, all_sum(list(stats.values()))))  # every rank's share
-            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
+            stats["grad_norm"] = clip_gradients(opt, args.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if critic is not None:
-                critic_params = [p for grp in critic_opt.param_groups for p in grp["params"]]
-                stats["value_grad_norm"] = torch.nn.utils.clip_grad_norm_(critic_params, args.grad_clip).item()
+                stats["value_grad_norm"] = clip_gradients(critic_opt, args.grad_clip)
                 critic_opt.step()
                 critic_opt.zero_grad(set_to_none=True)
             for k, v in stats.items():
@@ -528,14 +576,18 @@ def validate(policy, tok, task: Task, args) -> dict:
     examples = task.val[:args.val_limit] if args.val_limit else task.val
     world, rank = world_size(), this_rank()
     per_rank = -(-len(examples) // world)  # ceil: the last rank may get fewer
-    examples = examples[rank * per_rank:(rank + 1) * per_rank]
+    mine = examples[rank * per_rank:(rank + 1) * per_rank]
+    n_mine = len(mine)
+    if args.fsdp:  # sharded weights are gathered collectively: every rank makes the same model calls
+        mine += [examples[-1]] * (per_rank - n_mine)
     scores = []
-    for i in tqdm(range(0, len(examples), args.val_batch), desc="validate", leave=False, disable=rank > 0):
-        chunk = examples[i:i + args.val_batch]
-        outs = M.generate(policy, [ex.prompt for ex in chunk], args.max_new_tokens, temperature=0)
+    for i in tqdm(range(0, len(mine), args.val_batch), desc="validate", leave=False, disable=rank > 0):
+        chunk = mine[i:i + args.val_batch]
+        outs = M.generate(policy, [ex.prompt for ex in chunk], args.max_new_tokens, temperature=0,
+                          sync_steps=args.fsdp)
         for ex, out in zip(chunk, outs):
             scores += task.score(ex, [tok.decode(out)])
-    return mean_scores([s for part in gather(scores) for s in part], "val_")
+    return mean_scores([s for part in gather(scores[:n_mine]) for s in part], "val_")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -543,17 +595,37 @@ def validate(policy, tok, task: Task, args) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
-    """AdamW's moments as safetensors (never pickle); its hyperparameters as JSON metadata."""
+def param_names(module: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """The names of the optimizer's parameters, in its order (its state dict's indices)."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def optimizer_state(opt: torch.optim.Optimizer, module: torch.nn.Module) -> dict:
+    """opt.state_dict(); for a sharded module the whole state, gathered (a collective: every rank calls it)."""
+    if not is_sharded(module):
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    sd = get_optimizer_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not sd:  # with cpu_offload only rank 0 receives the gathered state
+        return {}
+    index = {n: i for i, n in enumerate(param_names(module, opt))}  # FSDP names the state by parameter
+    return {"state": {index[n]: st for n, st in sd["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]]}
+
+
+def save_optimizer(sd: dict, path: Path) -> None:
+    """An optimizer state dict's tensors (AdamW's moments) as safetensors (never pickle); the rest as JSON."""
     from safetensors.torch import save_file
 
-    sd = opt.state_dict()
     tensors = {f"{i}.{k}": v.contiguous() for i, st in sd["state"].items() for k, v in st.items()
                if torch.is_tensor(v)}
     save_file(tensors, str(path), metadata={"param_groups": json.dumps(sd["param_groups"])})
 
 
-def load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+def load_optimizer(opt: torch.optim.Optimizer, path: Path, module: torch.nn.Module | None = None) -> None:
+    """Load what save_optimizer wrote; into a sharded module's optimizer, each rank keeps its shard."""
     from safetensors import safe_open
 
     state = {}
@@ -562,7 +634,14 @@ def load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
         for key in f.keys():
             i, name = key.split(".", 1)
             state.setdefault(int(i), {})[name] = f.get_tensor(key)
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    if module is None or not is_sharded(module):
+        return opt.load_state_dict({"state": state, "param_groups": groups})
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = param_names(module, opt)
+    sd = {"state": {names[i]: st for i, st in state.items()},
+          "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]}
+    set_optimizer_state_dict(module, opt, sd, options=StateDictOptions(full_state_dict=True))
 
 
 def base_model_id(name: str) -> str:
@@ -572,29 +651,37 @@ def base_model_id(name: str) -> str:
 
 def save_training_state(out: Path, step: int, policy, tok, opt, args, critic=None, critic_opt=None) -> None:
     """OUT/checkpoint: the policy (a HF folder, or with LoRA its adapters in PEFT's layout), the optimizer,
-    the critic's trainable weights, the step and the args; built aside and swapped in."""
+    the critic's trainable weights, the step and the args; built aside and swapped in. Every rank calls it
+    (sharded weights are gathered first); rank 0 writes."""
     from safetensors.torch import save_file
 
+    weights, opt_state = full_state(policy), optimizer_state(opt, policy)
+    if critic is not None:
+        critic_weights, critic_opt_state = full_state(critic), optimizer_state(critic_opt, critic)
+    if this_rank() != 0:
+        return
     tmp = out / "checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if args.lora_rank:
         tmp.mkdir(parents=True)
-        M.save_adapter(policy, tmp, base_model_id(args.model))  # load_model(tmp) = base + these adapters
+        M.save_adapter(policy, tmp, base_model_id(args.model), weights)  # load_model(tmp) = base + adapters
     else:
-        M.save_checkpoint(policy, tok, tmp)  # config.json, model.safetensors, tokenizer.json, ...
-    save_optimizer(opt, tmp / "optimizer.safetensors")
+        M.save_checkpoint(policy, tok, tmp, state=weights)  # config.json, model.safetensors, tokenizer.json, ...
+    save_optimizer(opt_state, tmp / "optimizer.safetensors")
     if critic is not None:
-        save_file(trainable_state(critic), str(tmp / "critic.safetensors"))
-        save_optimizer(critic_opt, tmp / "critic_optimizer.safetensors")
+        save_file(trainable_state(critic, critic_weights), str(tmp / "critic.safetensors"))
+        save_optimizer(critic_opt_state, tmp / "critic_optimizer.safetensors")
     state = {"step": step, "args": vars(args),
              "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     M.swap_folder(tmp, out / "checkpoint")
 
 
-def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters an optimizer updates (named_parameters lists a tied weight once)."""
-    return {n: p.detach().contiguous().cpu() for n, p in module.named_parameters() if p.requires_grad}
+def trainable_state(module: torch.nn.Module, weights: dict | None = None) -> dict[str, torch.Tensor]:
+    """The parameters an optimizer updates (named_parameters lists a tied weight once), from `weights`
+    (gathered ones) when given."""
+    return {n: (p if weights is None else weights[n]).detach().contiguous().cpu()
+            for n, p in module.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(module: torch.nn.Module, path: Path) -> None:
@@ -671,33 +758,43 @@ def run(args, task: Task | None = None) -> dict:
         if args.beta > 0:  # the frozen reference is always the starting model, also on resume
             ref = base if ckpt else M.load_model(args.model, dtype, dev)[0]
             ref.requires_grad_(False)
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr,
-                            weight_decay=args.weight_decay)
     critic = critic_opt = None
     if args.algo == "ppo":
         backbone = M.load_model(args.model, dtype, dev)[0]
         if args.lora_rank:
             M.add_lora(backbone, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets, seed=1)
         critic = Critic(backbone)
+        if ckpt:
+            load_trainable_state(critic, ckpt / "critic.safetensors")
+    if args.compile:
+        for m in (policy, critic.backbone if critic is not None else None):
+            if m is not None:
+                M.compile_blocks(m, dynamic=True)
+    if args.fsdp:  # shard after loading whole weights; optimizers are then built on the shards
+        if world == 1:
+            raise SystemExit("--fsdp shards over several processes: start train.py with torchrun")
+        fsdp_shard(policy, policy.layers, ("logprobs",))
+        if ref is not None and ref is not policy:
+            fsdp_shard(ref, ref.layers, ("logprobs",))
+        if critic is not None:
+            fsdp_shard(critic, critic.backbone.layers, ("completion_values",))
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr,
+                            weight_decay=args.weight_decay)
+    if critic is not None:
         critic_opt = torch.optim.AdamW([p for p in critic.parameters() if p.requires_grad], lr=args.critic_lr,
                                        weight_decay=args.weight_decay)
     start = 0
     if ckpt:
         state = json.loads((ckpt / "trainer_state.json").read_text())
         start = state["step"]
-        load_optimizer(opt, ckpt / "optimizer.safetensors")
+        load_optimizer(opt, ckpt / "optimizer.safetensors", policy)
         if critic is not None:
-            load_trainable_state(critic, ckpt / "critic.safetensors")
-            load_optimizer(critic_opt, ckpt / "critic_optimizer.safetensors")
+            load_optimizer(critic_opt, ckpt / "critic_optimizer.safetensors", critic)
         torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8))
         print(f"resuming from {ckpt} at step {start}", file=sys.stderr)
-    if args.compile:
-        for m in (policy, critic.backbone if critic is not None else None):
-            if m is not None:
-                M.compile_blocks(m, dynamic=True)
     # The loss pass as module calls, so that DDP (several ranks) sees it; in one process these are plain calls.
-    policy_pass = data_parallel(Call(policy, M.completion_logprobs), dev)
-    critic_pass = None if critic is None else data_parallel(Call(critic, Critic.completion_values), dev)
+    policy_pass = data_parallel(Call(policy, "logprobs"), dev)
+    critic_pass = None if critic is None else data_parallel(Call(critic, "completion_values"), dev)
     amp = torch.autocast(dev.type, torch.bfloat16, enabled=args.amp)
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
@@ -737,8 +834,7 @@ def run(args, task: Task | None = None) -> dict:
         record["seconds"] = time.perf_counter() - t0
         log(record)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            if rank == 0:
-                save_training_state(out, step + 1, policy, tok, opt, args, critic, critic_opt)
+            save_training_state(out, step + 1, policy, tok, opt, args, critic, critic_opt)
             if world > 1:
                 torch.distributed.barrier()  # nobody runs ahead of a checkpoint being written
         bar.set_postfix(reward=f"{roll['reward']:.3f}", **{k: f"{v:.3f}" for k, v in val.items() if k == "val_f1"})

@@ -134,20 +134,22 @@ def assert_same_step(a: dict, b: dict, tol: float = 1e-6, lr: float = 1e-2) -> N
     assert (diffs > tol).float().mean() < 1e-3 and diffs.max() < 0.1 * lr, (diffs > tol).sum()
 
 
-@pytest.mark.parametrize("lora", [0, 4])
-def test_two_ranks_take_the_step_one_process_takes(tiny_checkpoints, tmp_path, lora):
-    """Same global batch (4 questions x G=8): 2 gloo ranks with DDP vs one process; then the 2-rank
-    checkpoint resumed by one process equals a one-process run of the same length."""
+@pytest.mark.parametrize("mode", ["ddp", "ddp-lora", "fsdp", "fsdp-lora-ppo"])
+def test_two_ranks_take_the_step_one_process_takes(tiny_checkpoints, tmp_path, mode):
+    """Same global batch (4 questions x G=8): 2 gloo ranks (DDP replicas or FSDP2 shards) vs one process;
+    then the 2-rank checkpoint resumed by one process equals a one-process run of the same length."""
     ckpt = tiny_checkpoints["llama"][0]
     _, tok = M.load_model(ckpt)
+    lora, ppo = 4 if "lora" in mode else 0, "ppo" in mode
     common = [str(x) for x in ("--model", ckpt, "--preset", "cpu", "--lr", 1e-2, "--max-new-tokens", 6,
                                "--group-size", 8, "--questions-per-step", 4, "--rollout-batch", 2, "--beta", 0.05,
-                               "--val-limit", 3, "--lora-rank", lora, "--lora-alpha", 8)]
+                               "--val-limit", 3, "--lora-rank", lora, "--lora-alpha", 8, "--algo",
+                               "ppo" if ppo else "grpo", "--critic-lr", 1e-2)]
 
     def one_process(out, steps, *extra):
         train.run(train.parse_args(["--out", str(out), "--steps", str(steps), *extra, *common]), repeat_task(tok))
 
-    torchrun(2, tmp_path / "two", "--steps", 1, *common)
+    torchrun(2, tmp_path / "two", "--steps", 1, *common, *(["--fsdp"] if "fsdp" in mode else []))
     one_process(tmp_path / "one", 1)
     name = "adapter_model.safetensors" if lora else "model.safetensors"
     a = load_file(tmp_path / "one" / "checkpoint" / name)
@@ -158,6 +160,10 @@ def test_two_ranks_take_the_step_one_process_takes(tiny_checkpoints, tmp_path, l
         start = load_file(ckpt / "model.safetensors")
         assert max((a[k] - start[k]).abs().max() for k in a) > 1e-3  # the step moved the weights
     assert_same_step(a, b)
+    if ppo:  # the critic's step too (its value head starts at zero)
+        a, b = (load_file(tmp_path / run / "checkpoint" / "critic.safetensors") for run in ("one", "two"))
+        assert a["value_head.weight"].abs().max() > 1e-3
+        assert_same_step(a, b)
     m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     for key in ("reward", "response_len", "kl", "loss", "grad_norm", "val_reward"):
         assert m1[1][key] == pytest.approx(m2[1][key], rel=1e-4, abs=1e-6), key

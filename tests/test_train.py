@@ -68,7 +68,7 @@ def test_optimizer_state_round_trips_through_safetensors(tmp_path):
         net(torch.randn(5, 4)).square().sum().backward()
         opt.step()
         opt.zero_grad()
-    train.save_optimizer(opt, tmp_path / "opt.safetensors")
+    train.save_optimizer(opt.state_dict(), tmp_path / "opt.safetensors")
     twin = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     twin.load_state_dict(net.state_dict())
     opt2 = torch.optim.AdamW(twin.parameters(), lr=1.0)
