@@ -26,19 +26,18 @@ One training step (paper Alg. 2 for the Answer Agent, Alg. 1 for the manager; SP
 All randomness derives from (seed, step): sampling seeds and the question order are recomputed on resume,
 so a resumed run takes the very steps the killed one would have.
 
-Under torchrun each rank takes a contiguous share of the step's prompts; DDP averages the gradients (the
-loss is normalised by the whole step's token count, so the sum over ranks is the one-process loss);
-rewards and metrics are gathered; rank 0 logs and saves. A checkpoint holds full weights (or adapters),
-so --resume works with any number of ranks.
+Under torchrun (parallel.py) each rank takes a contiguous share of the step's prompts; DDP averages the
+gradients, or FSDP2 shards weights, gradients and optimizer state (--fsdp); the loss is normalised by the
+whole step's token count, so the sum over ranks is the one-process loss; rewards and metrics are
+gathered; rank 0 logs and saves. A checkpoint holds whole weights (or adapters), so --resume works with
+any number of ranks.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import json
-import os
 import random
 import shutil
 import sys
@@ -52,6 +51,8 @@ from tqdm import tqdm
 
 import model as M
 from grpo import compute_grpo_outcome_advantage, grpo_loss, zero_std_group_fraction
+from parallel import (Call, all_sum, clip_gradients, data_parallel, fsdp_shard, full_state, gather, init_distributed,
+                      is_sharded, my_share, no_sync, optimizer_state, param_names, this_rank, world_size)
 from ppo import Critic, compute_gae_advantage_return, compute_token_rewards, compute_value_loss, masked_whiten
 
 # --------------------------------------------------------------------------------------------------
@@ -168,117 +169,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.lora_rank < 0 or args.micro_batch < 0 or set(args.lora_targets) - set(M.LORA_TARGETS):
         ap.error(f"--lora-rank and --micro-batch must be >= 0; --lora-targets among {','.join(M.LORA_TARGETS)}")
     return args
-
-
-# --------------------------------------------------------------------------------------------------
-# 1b. Ranks. One process unless torchrun sets WORLD_SIZE; then torch.distributed (gloo on CPU, NCCL on GPU).
-# --------------------------------------------------------------------------------------------------
-
-
-def init_distributed(args) -> tuple[int, int]:
-    """(rank, world size); under torchrun, joins the process group and picks this rank's GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if args.device.startswith("cuda"):
-        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(args.device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def this_rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if world_size() > 1 else 0
-
-
-def gather(obj) -> list:
-    """Every rank's `obj`, in rank order ([obj] in one process). For small things: scores, lengths."""
-    if world_size() == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def all_sum(values: list[float]) -> list[float]:
-    """Element-wise sum over ranks."""
-    if world_size() == 1:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def my_share(items: list, rank: int, world: int) -> tuple[list, int]:
-    """This rank's contiguous share of `items` and the index of its first item (len(items) % world == 0)."""
-    n = len(items) // world
-    return items[rank * n:(rank + 1) * n], rank * n
-
-
-class Call(torch.nn.Module):
-    """module(*args) runs inner.<method>(*args). DDP syncs the gradients of what runs inside a forward call,
-    and the loss pass is a method (Transformer.logprobs, Critic.completion_values), not the forward."""
-
-    def __init__(self, inner: torch.nn.Module, method: str):
-        super().__init__()
-        self.inner, self.method = inner, method
-
-    def forward(self, *args):
-        return getattr(self.inner, self.method)(*args)  # the instance's: FSDP2 wraps it there
-
-
-def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DDP over the trainable parameters when there are several unsharded ranks; the module otherwise."""
-    if world_size() == 1 or is_sharded(module):
-        return module
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
-
-
-def fsdp_shard(module: torch.nn.Module, blocks, methods: tuple[str, ...]) -> None:
-    """FSDP2: each block's parameters, then the rest's (the root: embeddings, norm, heads), sharded over the
-    ranks and all-gathered just in time around each block's forward and backward. Entry points other than
-    forward are registered so they gather too: a block's shared-prompt step (Block.shared) and the root's
-    `methods` (the loss pass, the critic's values)."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-    for layer in blocks:
-        fully_shard(layer)
-        register_fsdp_forward_method(layer, "shared")
-    fully_shard(module)
-    for name in methods:
-        register_fsdp_forward_method(module, name)
-
-
-def is_sharded(module: torch.nn.Module) -> bool:
-    inner = getattr(module, "inner", module)
-    return hasattr(inner, "set_requires_gradient_sync")  # what fully_shard gives a module
-
-
-def full_state(module: torch.nn.Module) -> dict | None:
-    """The module's state dict with whole tensors: gathered (a collective, every rank calls it) when sharded."""
-    if not is_sharded(module):
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -491,29 +381,6 @@ def micro_batches(g: Group, size: int) -> list[Group]:
     return out
 
 
-@contextlib.contextmanager
-def no_sync(module, last: bool):
-    """Gradients are reduced over ranks at the minibatch's last backward only; earlier ones accumulate
-    locally (DDP: no_sync; FSDP2: set_requires_gradient_sync)."""
-    if last or world_size() == 1:
-        yield
-    elif hasattr(module, "no_sync"):
-        with module.no_sync():
-            yield
-    else:
-        module.inner.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            module.inner.set_requires_gradient_sync(True)
-
-
-def clip_gradients(opt: torch.optim.Optimizer, max_norm: float) -> float:
-    """Clip the global gradient norm of the optimizer's parameters; returns the norm before clipping."""
-    norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], max_norm)
-    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # a DTensor when sharded
-
-
 def update(policy, opt, groups: list[Group], step: int, args, critic=None, critic_opt=None) -> dict:
     """policy(prompt, completions, temperature, checkpoint) -> (logp, mask) and critic(...) -> values are the
     loss-pass modules (train.Call, DDP-wrapped under torchrun); the optimizers hold the trainable parameters.
@@ -593,26 +460,6 @@ def validate(policy, tok, task: Task, args) -> dict:
 # --------------------------------------------------------------------------------------------------
 # 5. Checkpoints: a Hugging Face folder + optimizer state + step, swapped in atomically
 # --------------------------------------------------------------------------------------------------
-
-
-def param_names(module: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
-    """The names of the optimizer's parameters, in its order (its state dict's indices)."""
-    names = {id(p): n for n, p in module.named_parameters()}
-    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
-
-
-def optimizer_state(opt: torch.optim.Optimizer, module: torch.nn.Module) -> dict:
-    """opt.state_dict(); for a sharded module the whole state, gathered (a collective: every rank calls it)."""
-    if not is_sharded(module):
-        return opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    sd = get_optimizer_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not sd:  # with cpu_offload only rank 0 receives the gathered state
-        return {}
-    index = {n: i for i, n in enumerate(param_names(module, opt))}  # FSDP names the state by parameter
-    return {"state": {index[n]: st for n, st in sd["state"].items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]]}
 
 
 def save_optimizer(sd: dict, path: Path) -> None:
