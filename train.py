@@ -316,8 +316,8 @@ def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, r
             g.advantages, g.returns = compute_gae_advantage_return(token_rewards, g.old_values, g.mask,
                                                                    args.gamma, args.lam, whiten=False)
         # whiten the advantages over the whole rollout batch (every rank's), as verl does, not per question
-        mine = torch.cat([g.advantages[g.mask] for g in groups]).cpu()  # every response token of this rank
-        every = gather(mine)
+        own = torch.cat([g.advantages[g.mask] for g in groups]).cpu()  # every response token of this rank
+        every = gather(own)
         flat = masked_whiten(torch.cat(every), torch.ones(sum(map(len, every))))
         start = sum(map(len, every[:this_rank()]))  # where this rank's tokens begin
         for g in groups:

@@ -49,11 +49,13 @@ def measure(nproc: int, lora: int, fsdp: bool, steps: int, model: str) -> dict:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     peaks = [json.loads(line[5:]) for line in done.stdout.splitlines() if line.startswith("PEAK ")]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
-    per_step = [r["rollout_s"] + r["update_s"] for r in records]
-    return {"processes": nproc, "lora_rank": lora, "fsdp": fsdp,
-            "s_per_step": statistics.median(per_step[1:] or per_step),
-            "rollout_s": statistics.median([r["rollout_s"] for r in records][1:] or [records[0]["rollout_s"]]),
-            "update_s": statistics.median([r["update_s"] for r in records][1:] or [records[0]["update_s"]]),
+
+    def after_first(key) -> float:  # median over the steps after the first (warm-up), or the only step
+        values = [r["rollout_s"] + r["update_s"] if key == "step" else r[key] for r in records]
+        return statistics.median(values[1:] or values)
+
+    return {"processes": nproc, "lora_rank": lora, "fsdp": fsdp, "s_per_step": after_first("step"),
+            "rollout_s": after_first("rollout_s"), "update_s": after_first("update_s"),
             "peak_gib_per_process": max(p["peak_gib"] for p in peaks),
             "peak_gib_total": sum(p["peak_gib"] for p in peaks)}
 
