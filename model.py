@@ -205,17 +205,34 @@ class KVCache:
         self.valid, self.next_pos = self.valid[rows], self.next_pos[rows]
 
 
-# Without AVX512-BF16/AMX (e.g. an AVX2 CPU), torch multiplies 16-bit matrices about row by row: right for
-# decoding (memory-bound), ~6x slower than float32 for many rows (prefill, the loss pass). Measured here:
-# upcasting the weight wins from about 16 rows on (bench/bench_generate.py shows the effect on prefill).
+# Without AVX512-BF16/AMX (e.g. an AVX2 CPU), torch multiplies 16-bit matrices about row by row: right for one
+# row (memory-bound, half the bytes of float32), ~2x slower than upcasting the weight from 4 rows on and ~6x
+# from 16 (bench/bench_linear.py measures the crossover with weights streamed from memory, as in decoding).
 CPU_SLOW_16BIT_GEMM = not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-UPCAST_MIN_ROWS = 16
+UPCAST_MIN_ROWS = 4
+# A frozen weight is upcast this many elements at a time (4 MiB of float32: stays in cache): a whole
+# float32 copy of a 49k-token lm_head (113 MB) would be a fresh allocation and a trip to memory on every call.
+UPCAST_CHUNK = 2**20
+
+
+def upcast_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """F.linear in float32 from a 16-bit weight; exact upcast, float32 accumulation either way.
+
+    A weight that takes a gradient is upcast whole: autograd would give every slice a full-size gradient buffer.
+    """
+    xf, b = x.float(), None if b is None else b.float()
+    rows = w.shape[0] if w.requires_grad and torch.is_grad_enabled() else max(1, UPCAST_CHUNK // w.shape[1])
+    if rows >= w.shape[0]:
+        return F.linear(xf, w.float(), b).to(x.dtype)
+    y = torch.empty(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device)  # [..., out]
+    for i in range(0, w.shape[0], rows):
+        y[..., i:i + rows] = F.linear(xf, w[i:i + rows].float(), None if b is None else b[i:i + rows])
+    return y
 
 
 class Linear(nn.Linear):
     """nn.Linear, plus an optional LoRA adapter (section 3b); with 16-bit weights on such a CPU, an input of
-    many rows is multiplied in float32. Upcasting bf16 is exact and the product accumulates in float32
-    either way, so only the speed changes.
+    several rows is multiplied in float32 (upcast_linear). Only the speed changes.
     """
 
     def __init__(self, *args, **kwargs):
@@ -226,10 +243,9 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (CPU_SLOW_16BIT_GEMM and w.is_cpu and w.dtype in (torch.bfloat16, torch.float16)
-                and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]):
-            b = None if self.bias is None else self.bias.float()
-            y = F.linear(x.float(), w.float(), b).to(x.dtype)
+        if (x.numel() >= UPCAST_MIN_ROWS * x.shape[-1] and CPU_SLOW_16BIT_GEMM and w.is_cpu
+                and w.dtype in (torch.bfloat16, torch.float16)):
+            y = upcast_linear(x, w, self.bias)
         else:
             y = F.linear(x, w, self.bias)
         if self.lora_a is not None and self.lora_enabled:  # y + (alpha / r) * B A dropout(x)

@@ -1,0 +1,60 @@
+"""Where upcasting a bf16 weight to float32 beats torch's bf16 matrix product, on this CPU.
+
+    python bench/bench_linear.py            # SmolLM2-135M's MLP and lm_head shapes, 1 to 64 input rows
+
+Sets model.UPCAST_MIN_ROWS and model.UPCAST_CHUNK. The weights are streamed from memory as in decoding: each
+call multiplies a different copy (150 MLP-shaped weights, 130 MB; 8 lm_heads, 450 MB), so no timing reads a
+weight that the cache still holds. Prints microseconds per product, best of 4 passes, for
+  bf16     F.linear on the bf16 weight (what decoding does below UPCAST_MIN_ROWS)
+  whole    one float32 copy of the weight, then float32 F.linear
+  chunked  model.upcast_linear: UPCAST_CHUNK elements of the weight at a time (what Linear does from
+           UPCAST_MIN_ROWS rows on; the same as `whole` for a weight smaller than a chunk)
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import model as M  # noqa: E402
+
+
+def per_call_us(fn, weights, x, passes=4):
+    best = float("inf")
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        for w in weights:
+            fn(x, w)
+        best = min(best, time.perf_counter() - t0)
+    return best / len(weights) * 1e6
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="1536x576x150,49152x576x8", help="OUTxINxCOPIES, comma-separated")
+    ap.add_argument("--rows", default="1,2,3,4,8,16,64")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 matrix units: "
+          f"{not M.CPU_SLOW_16BIT_GEMM}; UPCAST_MIN_ROWS={M.UPCAST_MIN_ROWS}, UPCAST_CHUNK={M.UPCAST_CHUNK}")
+    print("| weight | rows | bf16 us | whole us | chunked us | best |")
+    print("|---|---|---|---|---|---|")
+    for shape in args.shapes.split(","):
+        n_out, n_in, copies = map(int, shape.split("x"))
+        weights = [torch.randn(n_out, n_in).bfloat16() for _ in range(copies)]
+        with torch.no_grad():
+            for rows in map(int, args.rows.split(",")):
+                x = torch.randn(rows, n_in).bfloat16()
+                t = {"bf16": per_call_us(lambda x, w: F.linear(x, w), weights, x),
+                     "whole": per_call_us(lambda x, w: F.linear(x.float(), w.float()).bfloat16(), weights, x),
+                     "chunked": per_call_us(lambda x, w: M.upcast_linear(x, w, None), weights, x)}
+                print(f"| {n_out}x{n_in} | {rows} | {t['bf16']:.0f} | {t['whole']:.0f} | {t['chunked']:.0f} | "
+                      f"{min(t, key=t.get)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
