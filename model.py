@@ -207,7 +207,7 @@ class KVCache:
 
 # Without AVX512-BF16/AMX (e.g. an AVX2 CPU), torch multiplies 16-bit matrices about row by row: right for one
 # row (memory-bound, half the bytes of float32), ~2x slower than upcasting the weight from 4 rows on and ~6x
-# from 16 (bench/bench_linear.py measures the crossover with weights streamed from memory, as in decoding).
+# from 16 (bench/bench_16bit.py measures the crossover with weights streamed from memory, as in decoding).
 CPU_SLOW_16BIT_GEMM = not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 UPCAST_MIN_ROWS = 4
 # A frozen weight is upcast this many elements at a time (4 MiB of float32: stays in cache): a whole
@@ -286,8 +286,11 @@ class Block(nn.Module):
     def attend(self, q, k, v, mask, causal: bool):
         """Attention of q [B, H, T, D] over k, v [B, Hkv, S, D], through wo -> [B, T, dim]."""
         B, _, T, _ = q.shape
+        dtype = q.dtype
+        if CPU_SLOW_16BIT_GEMM and q.is_cpu and dtype in (torch.bfloat16, torch.float16):
+            q, k, v = q.float(), k.float(), v.float()  # 16-bit attention is 3-5x slower there (bench/bench_16bit.py)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.cfg.n_kv_heads != self.cfg.n_heads)
+                                           enable_gqa=self.cfg.n_kv_heads != self.cfg.n_heads).to(dtype)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # [B, T, H*D] -> [B, T, dim]
 
     def mlp(self, x):

@@ -347,6 +347,30 @@ def test_rmsnorm_in_bf16_equals_the_float_round_trip():
     assert torch.equal(norm(x), want)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4, 37])
+def test_bf16_linear_equals_the_exact_product_rounded(monkeypatch, rows):
+    """Every path of model.Linear in bf16 (bf16 product, whole upcast, chunked upcast with a ragged last chunk,
+    bias sliced with it) gives the float64 product of the same bf16 numbers, rounded once to bf16."""
+    monkeypatch.setattr(M, "UPCAST_CHUNK", 7 * 48)  # 7 weight rows per chunk: 50 rows = 7 chunks + 1 row
+    gen = torch.Generator().manual_seed(rows)
+    lin = M.Linear(48, 50, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.bias.copy_(torch.randn(50, generator=gen))
+    x = torch.randn(2, rows, 48, generator=gen).bfloat16()
+    exact = (x.double() @ lin.weight.double().T + lin.bias.double()).bfloat16()
+    with torch.no_grad():
+        got = lin(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, rows, 50)
+    off = (got.double() - exact.double()).abs() > 2**-7 * exact.double().abs() + 1e-6  # one bf16 rounding step
+    assert not off.any(), f"{int(off.sum())} of {off.numel()} outputs differ by more than a bf16 rounding"
+    # With a gradient the weight is upcast whole; the gradient is the float product's.
+    w = lin.weight.detach().float().requires_grad_()
+    lin.weight.requires_grad_(True)
+    lin(x).float().sum().backward()
+    (x.float() @ w.T).sum().backward()
+    torch.testing.assert_close(lin.weight.grad.float(), w.grad, rtol=2**-7, atol=1e-5)
+
+
 @pytest.mark.parametrize("checkpoint", [True, False])
 @pytest.mark.parametrize("variant", ["llama", "qwen3"])
 def test_shared_prompt_logprobs_and_gradients_equal_the_plain_pass(tiny_checkpoints, variant, checkpoint):

@@ -1,14 +1,18 @@
-"""Where upcasting a bf16 weight to float32 beats torch's bf16 matrix product, on this CPU.
+"""Where float32 beats torch's bf16 products on this CPU (no bf16 matrix units): Linear and attention.
 
-    python bench/bench_linear.py            # SmolLM2-135M's MLP and lm_head shapes, 1 to 64 input rows
+    python bench/bench_16bit.py         # SmolLM2-135M's shapes: MLP and lm_head weights, 1 to 64 input rows;
+                                        # one query's attention over 80 and 300 cached keys, batch 1 and 8
 
-Sets model.UPCAST_MIN_ROWS and model.UPCAST_CHUNK. The weights are streamed from memory as in decoding: each
-call multiplies a different copy (150 MLP-shaped weights, 130 MB; 8 lm_heads, 450 MB), so no timing reads a
-weight that the cache still holds. Prints microseconds per product, best of 4 passes, for
+Sets model.UPCAST_MIN_ROWS and model.UPCAST_CHUNK, and why Block.attend runs 16-bit attention in float32.
+The weights are streamed from memory as in decoding: each call multiplies a different copy (150 MLP-shaped
+weights, 130 MB; 8 lm_heads, 450 MB), so no timing reads a weight that the cache still holds.
+Prints microseconds per product, best of 4 passes, for
   bf16     F.linear on the bf16 weight (what decoding does below UPCAST_MIN_ROWS)
   whole    one float32 copy of the weight, then float32 F.linear
   chunked  model.upcast_linear: UPCAST_CHUNK elements of the weight at a time (what Linear does from
            UPCAST_MIN_ROWS rows on; the same as `whole` for a weight smaller than a chunk)
+and for attention (decoding: 9 query heads, 3 key/value heads of 64, as SmolLM2), bf16 SDPA vs SDPA on
+float32 copies of q, k, v (what Block.attend does).
 """
 
 import argparse
@@ -33,6 +37,21 @@ def per_call_us(fn, weights, x, passes=4):
     return best / len(weights) * 1e6
 
 
+def attention_us(batch, keys, dtype, calls=2000):
+    q = torch.randn(batch, 9, 1, 64).bfloat16()
+    k, v = torch.randn(batch, 3, keys, 64).bfloat16(), torch.randn(batch, 3, keys, 64).bfloat16()
+    up = (lambda t: t.float()) if dtype == torch.float32 else (lambda t: t)
+
+    def attend():
+        return F.scaled_dot_product_attention(up(q), up(k), up(v), enable_gqa=True).to(torch.bfloat16)
+    for _ in range(50):
+        attend()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        attend()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="1536x576x150,49152x576x8", help="OUTxINxCOPIES, comma-separated")
@@ -54,6 +73,12 @@ def main():
                      "chunked": per_call_us(lambda x, w: M.upcast_linear(x, w, None), weights, x)}
                 print(f"| {n_out}x{n_in} | {rows} | {t['bf16']:.0f} | {t['whole']:.0f} | {t['chunked']:.0f} | "
                       f"{min(t, key=t.get)} |", flush=True)
+    print("\n| attention batch | cached keys | bf16 us | float32 us |")
+    print("|---|---|---|---|")
+    for batch in (1, 8):
+        for keys in (80, 300):
+            print(f"| {batch} | {keys} | {attention_us(batch, keys, torch.bfloat16):.0f} | "
+                  f"{attention_us(batch, keys, torch.float32):.0f} |", flush=True)
 
 
 if __name__ == "__main__":
