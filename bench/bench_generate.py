@@ -5,7 +5,8 @@
 
 Sampling (temperature 1.0), 64 new tokens forced (no early stop), batch 1 and batch 8 (eight different
 prompts, left-padded for transformers). Prints new tokens per second for each, best of --repeats runs,
-plus the memory-bandwidth bound of batch-1 decoding: every new token reads every weight once.
+plus the memory-bandwidth bound of batch-1 decoding (every new token reads every weight once) and the time
+of the weight products alone with torch's kernels (how fast decoding could be if nothing else took time).
 """
 
 import argparse
@@ -37,14 +38,22 @@ def sync(device):
 
 
 def timed(fn, device, repeats):
-    fn()  # warm-up
-    best = float("inf")
+    return timed_interleaved([fn], device, repeats)[0]
+
+
+def timed_interleaved(fns, device, repeats):
+    """Best time of each fn over `repeats` rounds that run them in turn: on a shared machine whose speed drifts
+    (this one drifts by +-30% over minutes), alternating keeps the comparison fair."""
+    for fn in fns:
+        fn()  # warm-up
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
+        for i, fn in enumerate(fns):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
 
@@ -56,6 +65,20 @@ def bandwidth_gbs(device):
     x = torch.ones(128 * 2**20, dtype=torch.float32, device=device)
     t = timed(lambda: x.sum(), device, 5)
     return x.numel() * x.element_size() / t / 1e9
+
+
+def products_only_s(model, device, repeats):
+    """Seconds per token of batch-1 decoding's weight products alone (every Linear once, in model order, one
+    row, through model.Linear as decoding calls it): the floor of our decode step with torch's kernels."""
+    layers = [m for m in model.modules() if isinstance(m, M.Linear)]
+    p = model.lm_head.weight
+    xs = [torch.randn(1, 1, m.in_features, dtype=p.dtype, device=device) for m in layers]
+
+    def step():
+        with torch.no_grad():
+            for m, x in zip(layers, xs):
+                m(x)
+    return timed(step, device, 5 * repeats)
 
 
 def to_hf(ours: M.Transformer):
@@ -117,11 +140,13 @@ def main():
         bw = bandwidth_gbs(args.device)
         for B in map(int, args.batches.split(",")):
             batch = prompts[:B]
-            t_ours = timed(lambda: M.generate(ours, batch, args.new_tokens, temperature=1.0, seed=0, stop_ids=()),
-                           args.device, args.repeats)
-            row = {"device": args.device, "dtype": dtype_name, "batch": B,
-                   "ours_tok_s": round(B * args.new_tokens / t_ours, 1)}
-            if hf is not None:
+
+            def run_ours():
+                M.generate(ours, batch, args.new_tokens, temperature=1.0, seed=0, stop_ids=())
+            row = {"device": args.device, "dtype": dtype_name, "batch": B}
+            if hf is None:
+                t_ours = timed(run_ours, args.device, args.repeats)
+            else:
                 T = max(map(len, batch))
                 ids = torch.tensor([[0] * (T - len(p)) + p for p in batch], device=args.device)
                 mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in batch], device=args.device)
@@ -131,13 +156,15 @@ def main():
                         hf.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                                     max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                     pad_token_id=0)
-                t_hf = timed(run_hf, args.device, args.repeats)
+                t_ours, t_hf = timed_interleaved([run_ours, run_hf], args.device, args.repeats)
                 row["hf_tok_s"] = round(B * args.new_tokens / t_hf, 1)
                 row["speedup"] = round(t_hf / t_ours, 2)
+            row["ours_tok_s"] = round(B * args.new_tokens / t_ours, 1)
             if B == 1:  # batch-1 decode reads all weights once per token: the bandwidth bound
                 row["bandwidth_GBs"] = round(bw, 1)
                 row["weights_MB"] = round(n_bytes / 1e6, 1)
                 row["bound_tok_s"] = round(bw * 1e9 / n_bytes, 1)
+                row["products_only_ms"] = round(1e3 * products_only_s(ours, args.device, args.repeats), 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print("\n| device | dtype | batch | ours tok/s | transformers tok/s | speed-up |")
@@ -150,6 +177,9 @@ def main():
             print(f"{r['dtype']}: weights {r['weights_MB']} MB, read bandwidth {r['bandwidth_GBs']} GB/s -> "
                   f"bound {r['bound_tok_s']} tok/s at batch 1; measured {r['ours_tok_s']} "
                   f"({100 * r['ours_tok_s'] / r['bound_tok_s']:.0f}% of the bound)")
+            print(f"{r['dtype']}: the weight products alone take {r['products_only_ms']} ms a token (torch's "
+                  f"kernels): at most {1e3 / r['products_only_ms']:.1f} tok/s if nothing else took time"
+                  + (f"; transformers' whole step takes {1e3 / r['hf_tok_s']:.1f} ms" if "hf_tok_s" in r else ""))
 
 
 if __name__ == "__main__":

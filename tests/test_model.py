@@ -363,11 +363,16 @@ def test_bf16_linear_equals_the_exact_product_rounded(monkeypatch, rows):
     assert got.dtype == torch.bfloat16 and got.shape == (2, rows, 50)
     off = (got.double() - exact.double()).abs() > 2**-7 * exact.double().abs() + 1e-6  # one bf16 rounding step
     assert not off.any(), f"{int(off.sum())} of {off.numel()} outputs differ by more than a bf16 rounding"
-    # With a gradient the weight is upcast whole; the gradient is the float product's.
+    # Under autograd: a frozen weight is upcast in fresh pieces, a trainable one whole; the gradients are
+    # the float product's.
     w = lin.weight.detach().float().requires_grad_()
+    xg, xf = x.clone().requires_grad_(), x.float().requires_grad_()
+    lin.weight.requires_grad_(False)
+    lin(xg).float().sum().backward()
     lin.weight.requires_grad_(True)
     lin(x).float().sum().backward()
-    (x.float() @ w.T).sum().backward()
+    (xf @ w.T).sum().backward()
+    torch.testing.assert_close(xg.grad.float(), xf.grad, rtol=2**-7, atol=1e-5)
     torch.testing.assert_close(lin.weight.grad.float(), w.grad, rtol=2**-7, atol=1e-5)
 
 
