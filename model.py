@@ -288,7 +288,7 @@ class Block(nn.Module):
         B, _, T, _ = q.shape
         dtype = q.dtype
         if CPU_SLOW_16BIT_GEMM and q.is_cpu and dtype in (torch.bfloat16, torch.float16):
-            q, k, v = q.float(), k.float(), v.float()  # 16-bit attention is 3-5x slower there (bench/bench_16bit.py)
+            q, k, v = q.float(), k.float(), v.float()  # 16-bit attention: 1.5-5x slower there (bench/bench_16bit.py)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.cfg.n_kv_heads != self.cfg.n_heads).to(dtype)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # [B, T, H*D] -> [B, T, dim]
