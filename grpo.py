@@ -6,6 +6,8 @@ sampled tokens under logits divided by the sampling temperature.
 
     advantages = compute_grpo_outcome_advantage(rewards, group_size)          # [B]
     loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages[:, None].expand_as(logp), mask, beta=0.01)
+
+Only torch. Read next: ppo.py.
 """
 
 from __future__ import annotations

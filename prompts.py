@@ -11,6 +11,7 @@ paper reuses them); the answer prompt adds Memory-R1's two rules: list the usefu
 (memory distillation), then the final answer after `**Answer:**`. Model output is often malformed
 (code fences, prose around the JSON, cut off at the token limit, wrong types): the parsers recover
 what they can and say so in `ok` / `error`, so callers count failures instead of crashing.
+No project imports. Read next: memory.py.
 """
 
 from __future__ import annotations

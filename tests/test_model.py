@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import cpu16
 import model as M
+from checkpoint import save_checkpoint
 from conftest import VARIANTS
+from sampling import generate, sample_next
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = list(VARIANTS) + ["llama_sharded"]
@@ -102,9 +105,9 @@ def test_left_padded_batch_generates_like_each_prompt_alone(tiny_checkpoints):
     folder, _ = tiny_checkpoints["qwen2"]
     ours, _ = M.load_model(folder)
     prompts = [[5, 9, 200, 31, 7, 8, 100, 101, 102], [42], [17, 18, 19, 20]]
-    batch = M.generate(ours, prompts, 12, temperature=0, stop_ids=())
+    batch = generate(ours, prompts, 12, temperature=0, stop_ids=())
     for p, got in zip(prompts, batch):
-        assert got == M.generate(ours, [p], 12, temperature=0, stop_ids=())[0]
+        assert got == generate(ours, [p], 12, temperature=0, stop_ids=())[0]
         assert len(got) == 12
 
 
@@ -113,7 +116,7 @@ def test_greedy_generate_equals_transformers(tiny_checkpoints, variant):
     folder, hf = tiny_checkpoints[variant]
     ours, _ = M.load_model(folder)
     prompt = [11, 250, 37, 99, 4, 180, 66]
-    got = M.generate(ours, [prompt], 30, temperature=0, stop_ids=())[0]
+    got = generate(ours, [prompt], 30, temperature=0, stop_ids=())[0]
     with torch.no_grad():
         x = torch.tensor([prompt])
         want = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=30, do_sample=False,
@@ -124,10 +127,10 @@ def test_greedy_generate_equals_transformers(tiny_checkpoints, variant):
 def test_generate_stops_and_cuts_after_stop_id(tiny_checkpoints):
     folder, _ = tiny_checkpoints["llama"]
     ours, _ = M.load_model(folder)
-    free = M.generate(ours, [[1, 2, 3]], 20, temperature=0, stop_ids=())[0]
+    free = generate(ours, [[1, 2, 3]], 20, temperature=0, stop_ids=())[0]
     stop = free[5]
     first = free.index(stop)
-    cut = M.generate(ours, [[1, 2, 3]], 20, temperature=0, stop_ids=(stop,))[0]
+    cut = generate(ours, [[1, 2, 3]], 20, temperature=0, stop_ids=(stop,))[0]
     assert cut == free[:first + 1]
 
 
@@ -135,9 +138,9 @@ def test_seeded_sampling_is_reproducible_and_logprobs_are_the_tempered_model(tin
     folder, _ = tiny_checkpoints["qwen3"]
     ours, _ = M.load_model(folder)
     prompts = [[5, 6, 7, 8], [9, 10]]
-    a, la = M.generate(ours, prompts, 15, temperature=0.7, seed=123, stop_ids=(), return_logprobs=True)
-    b, lb = M.generate(ours, prompts, 15, temperature=0.7, seed=123, stop_ids=(), return_logprobs=True)
-    c = M.generate(ours, prompts, 15, temperature=0.7, seed=124, stop_ids=())
+    a, la = generate(ours, prompts, 15, temperature=0.7, seed=123, stop_ids=(), return_logprobs=True)
+    b, lb = generate(ours, prompts, 15, temperature=0.7, seed=123, stop_ids=(), return_logprobs=True)
+    c = generate(ours, prompts, 15, temperature=0.7, seed=124, stop_ids=())
     assert a == b and la == lb and a != c
     for p, toks, lps in zip(prompts, a, la):  # recompute each token's log-prob with one full forward
         with torch.no_grad():
@@ -150,7 +153,7 @@ def test_top_p_keeps_the_nucleus_and_renormalises():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     seen = set()
     for s in range(50):
-        tok, logp = M.sample_next(probs.log(), 1.0, 0.7, torch.Generator().manual_seed(s))
+        tok, logp = sample_next(probs.log(), 1.0, 0.7, torch.Generator().manual_seed(s))
         seen.add(tok.item())
         want = {0: 0.5 / 0.8, 1: 0.3 / 0.8}[tok.item()]  # only 0.5 + 0.3 reach 0.7; renormalised by 0.8
         assert logp.exp().item() == pytest.approx(want, rel=1e-5)
@@ -163,12 +166,12 @@ def test_identical_prompts_are_prefilled_once(tiny_checkpoints):
     batches = []
     hook = ours.register_forward_pre_hook(lambda mod, args: batches.append(tuple(args[0].shape)))
     prompt = list(range(10, 60))
-    out = M.generate(ours, [prompt] * 4 + [[7, 8]], 6, temperature=1.0, seed=0, stop_ids=())
+    out = generate(ours, [prompt] * 4 + [[7, 8]], 6, temperature=1.0, seed=0, stop_ids=())
     hook.remove()
     assert batches[0] == (2, 50)  # two distinct prompts in the prefill
     assert all(shape == (5, 1) for shape in batches[1:])
-    greedy = M.generate(ours, [prompt] * 3, 6, temperature=0, stop_ids=())
-    assert greedy == [M.generate(ours, [prompt], 6, temperature=0, stop_ids=())[0]] * 3
+    greedy = generate(ours, [prompt] * 3, 6, temperature=0, stop_ids=())
+    assert greedy == [generate(ours, [prompt], 6, temperature=0, stop_ids=())[0]] * 3
     assert len(out) == 5 and all(len(o) == 6 for o in out)
 
 
@@ -225,7 +228,7 @@ def test_smollm2_gguf_tokenizer_matches_transformers(smollm2, smollm2_hf):
 def test_smollm2_greedy_chat_says_paris(smollm2):
     _, ours, tok = smollm2
     ids = tok.chat([{"role": "user", "content": "What is the capital of France? Answer briefly."}])
-    out = M.generate(ours, [ids], 32, temperature=0)[0]
+    out = generate(ours, [ids], 32, temperature=0)[0]
     assert out[-1] in tok.stop_ids
     assert "Paris" in tok.decode(out)
 
@@ -234,7 +237,7 @@ def test_smollm2_greedy_generate_equals_transformers(smollm2, smollm2_hf):
     _, ours, tok = smollm2
     hf, _ = smollm2_hf
     ids = tok.chat([{"role": "user", "content": "Name three colours."}])
-    got = M.generate(ours, [ids], 24, temperature=0, stop_ids=())[0]
+    got = generate(ours, [ids], 24, temperature=0, stop_ids=())[0]
     with torch.no_grad():
         x = torch.tensor([ids])  # an explicit mask: <|im_end|> (2) is both pad and part of the prompt
         want = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False,
@@ -243,7 +246,7 @@ def test_smollm2_greedy_generate_equals_transformers(smollm2, smollm2_hf):
 
 
 def test_cli_chats_once(smollm2_path):
-    r = subprocess.run([sys.executable, str(ROOT / "model.py"), "--model", str(smollm2_path), "--prompt",
+    r = subprocess.run([sys.executable, str(ROOT / "sampling.py"), "--model", str(smollm2_path), "--prompt",
                         "What is the capital of France? Answer briefly.", "--max-new-tokens", "20"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -351,7 +354,7 @@ def test_rmsnorm_in_bf16_equals_the_float_round_trip():
 def test_bf16_linear_equals_the_exact_product_rounded(monkeypatch, rows):
     """Every path of model.Linear in bf16 (bf16 product, whole upcast, chunked upcast with a ragged last chunk,
     bias sliced with it) gives the float64 product of the same bf16 numbers, rounded once to bf16."""
-    monkeypatch.setattr(M, "UPCAST_CHUNK", 7 * 48)  # 7 weight rows per chunk: 50 rows = 7 chunks + 1 row
+    monkeypatch.setattr(cpu16, "UPCAST_CHUNK", 7 * 48)  # 7 weight rows per chunk: 50 rows = 7 chunks + 1 row
     gen = torch.Generator().manual_seed(rows)
     lin = M.Linear(48, 50, bias=True).to(torch.bfloat16)
     with torch.no_grad():
@@ -404,7 +407,7 @@ def test_shared_prompt_logprobs_and_gradients_equal_the_plain_pass(tiny_checkpoi
 def test_saved_checkpoint_loads_in_transformers_and_back(tiny_checkpoints, variant, tmp_path):
     from transformers import AutoModelForCausalLM
     ours, tok = M.load_model(tiny_checkpoints[variant][0])
-    out = M.save_checkpoint(ours, tok, tmp_path / "ckpt")
+    out = save_checkpoint(ours, tok, tmp_path / "ckpt")
     assert not list(tmp_path.glob("ckpt.tmp-*")) and not (tmp_path / "ckpt.old").exists()
     ids = torch.randint(0, 300, (1, 30), generator=torch.Generator().manual_seed(5))
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -414,14 +417,14 @@ def test_saved_checkpoint_loads_in_transformers_and_back(tiny_checkpoints, varia
         assert (hf(input_ids=ids).logits - want).abs().max().item() <= 1e-5
         assert torch.equal(back(ids), want)
     assert tok2.stop_ids == tok.stop_ids and tok2.encode("hello there") == tok.encode("hello there")
-    M.save_checkpoint(back, tok2, out)  # overwriting an existing checkpoint swaps it whole
+    save_checkpoint(back, tok2, out)  # overwriting an existing checkpoint swaps it whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 def test_smollm2_gguf_exports_to_a_transformers_checkpoint(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     _, ours, tok = smollm2
-    out = M.save_checkpoint(ours, tok, tmp_path / "smollm2-hf")
+    out = save_checkpoint(ours, tok, tmp_path / "smollm2-hf")
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(out)
     ids = tok.chat([{"role": "user", "content": "Where did Caroline go?"}])

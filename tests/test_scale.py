@@ -11,8 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import lora
 import model as M
 import train
+from sampling import generate
 from test_train import flags, read_metrics, repeat_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,17 +24,17 @@ IDS = torch.tensor([[5, 17, 42, 99, 3, 64, 200, 7, 11, 250]])
 def test_an_untrained_adapter_changes_nothing_and_disabling_gives_the_base(tiny_checkpoints):
     base, _ = M.load_model(tiny_checkpoints["qwen2"][0])
     want = base(IDS)
-    model = M.add_lora(base, rank=4, alpha=8)
+    model = lora.add_lora(base, rank=4, alpha=8)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(("lora_a", "lora_b")) for n in trainable)
     assert len(trainable) == 2 * 7 * model.cfg.n_layers  # A and B on seven projections per block
     assert torch.equal(model(IDS), want)  # B = 0: exactly the base model
     with torch.no_grad():
-        for m in M.lora_layers(model):
+        for m in lora.lora_layers(model):
             m.lora_b.normal_(std=0.05)
     adapted = model(IDS)
     assert (adapted - want).abs().max() > 1e-3
-    with M.adapters_disabled(model):
+    with lora.adapters_disabled(model):
         assert torch.equal(model(IDS), want)  # the KL reference: no second copy needed
     assert torch.equal(model(IDS), adapted)
 
@@ -40,12 +42,12 @@ def test_an_untrained_adapter_changes_nothing_and_disabling_gives_the_base(tiny_
 def test_adapters_round_trip_in_peft_layout_and_merge(tiny_checkpoints, tmp_path):
     folder = tiny_checkpoints["llama"][0]
     model, _ = M.load_model(folder)
-    M.add_lora(model, rank=2, alpha=4, targets=("wq", "w_down"))
+    lora.add_lora(model, rank=2, alpha=4, targets=("wq", "w_down"))
     with torch.no_grad():
-        for m in M.lora_layers(model):
+        for m in lora.lora_layers(model):
             m.lora_b.normal_(std=0.05)
     adapted = model(IDS)
-    M.save_adapter(model, tmp_path, str(folder))
+    lora.save_adapter(model, tmp_path, str(folder))
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in saved
     assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in saved
@@ -53,8 +55,8 @@ def test_adapters_round_trip_in_peft_layout_and_merge(tiny_checkpoints, tmp_path
     assert config["target_modules"] == ["q_proj", "down_proj"] and config["r"] == 2
     reloaded, _ = M.load_model(tmp_path)  # an adapter folder: its base model, then the adapters
     assert torch.equal(reloaded(IDS), adapted)
-    merged = M.merge_lora(reloaded)
-    assert not M.lora_layers(merged)
+    merged = lora.merge_lora(reloaded)
+    assert not lora.lora_layers(merged)
     assert (merged(IDS) - adapted).abs().max() < 1e-5
     (tmp_path / "adapter_model.safetensors").write_bytes(b"junk")
     with pytest.raises(M.ModelLoadError, match="adapter_model.safetensors"):
@@ -81,7 +83,7 @@ def test_grpo_with_lora_trains_only_adapters_resumes_and_exports(tiny_checkpoint
     assert read_metrics(straight)[-1]["kl"] > 0  # the reference (adapters off) and the policy now differ
 
     adapted, _ = M.load_model(straight / "checkpoint")
-    assert any(m.lora_b.abs().max() > 0 for m in M.lora_layers(adapted))  # trained
+    assert any(m.lora_b.abs().max() > 0 for m in lora.lora_layers(adapted))  # trained
     base, _ = M.load_model(ckpt)
     assert all(torch.equal(p, dict(base.named_parameters())[n]) for n, p in adapted.named_parameters()
                if not n.endswith(("lora_a", "lora_b")))  # the base weights did not move
@@ -110,11 +112,11 @@ def test_compiled_blocks_compute_the_same_log_probs(tiny_checkpoints):
     model, _ = M.load_model(tiny_checkpoints["qwen3"][0])
     prompt, comps = [5, 6, 7, 8], [[9, 10, 11], [12, 13]]
     want, _ = M.completion_logprobs(model, prompt, comps)
-    want_tokens = M.generate(model, [prompt], 6, temperature=0, stop_ids=())
+    want_tokens = generate(model, [prompt], 6, temperature=0, stop_ids=())
     M.compile_blocks(model, backend="aot_eager", dynamic=True)  # inductor needs a C compiler; GPUs use it
     got, _ = M.completion_logprobs(model, prompt, comps)
     assert (got - want).abs().max() < 1e-5
-    assert M.generate(model, [prompt], 6, temperature=0, stop_ids=()) == want_tokens
+    assert generate(model, [prompt], 6, temperature=0, stop_ids=()) == want_tokens
 
 
 def torchrun(nproc: int, out: Path, *argv) -> None:

@@ -6,21 +6,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import agents
+import checkpoint
 import model as M
 import train
 
 WORDS = ["cab", "bead", "dice", "face", "aced", "deaf", "bad", "cafe"]
 
 
-def repeat_task(tok) -> train.Task:
+def repeat_task(tok) -> agents.Task:
     """A task with a computable reward: the share of output characters that belong to the prompt's word."""
     def example(word):
-        return train.Example(tok.chat([{"role": "user", "content": f"Repeat: {word}"}]), word)
+        return agents.Example(tok.chat([{"role": "user", "content": f"Repeat: {word}"}]), word)
 
     def score(ex, texts):
         return [{"reward": sum(ch in ex.gold for ch in t) / max(len(t), 1)} for t in texts]
 
-    return train.Task([example(w) for w in WORDS], [example(w) for w in WORDS[:4]], score)
+    return agents.Task([example(w) for w in WORDS], [example(w) for w in WORDS[:4]], score)
 
 
 def flags(ckpt, out, *extra):
@@ -34,17 +36,17 @@ def read_metrics(out):
 def test_score_answer_is_exact_match_after_the_marker():
     text = "**Memories selected as relevant:**\n- 7 May 2023: Caroline went to a support group\n**Answer:** The beach."
     # EM drops "the" and the full stop (SQuAD); Mem0's F1 keeps "the": tokens {the, beach} vs {beach}
-    assert train.score_answer(text, "beach") == {"reward": 1.0, "em": 1.0, "f1": 2 / 3, "parse_fail": 0.0}
-    s = train.score_answer("**Answer:** sunny beach", "the beach", reward="f1")
+    assert agents.score_answer(text, "beach") == {"reward": 1.0, "em": 1.0, "f1": 2 / 3, "parse_fail": 0.0}
+    s = agents.score_answer("**Answer:** sunny beach", "the beach", reward="f1")
     assert s["em"] == 0.0 and s["reward"] == pytest.approx(0.5)  # {sunny, beach} vs {the, beach}
     # no marker: the paper scores 0; the lenient mode scores the first line and still counts the failure
-    assert train.score_answer("beach\nmore", "beach")["reward"] == 0.0
-    assert train.score_answer("beach\nmore", "beach", require_marker=False) == {
+    assert agents.score_answer("beach\nmore", "beach")["reward"] == 0.0
+    assert agents.score_answer("beach\nmore", "beach", require_marker=False) == {
         "reward": 1.0, "em": 1.0, "f1": 1.0, "parse_fail": 1.0}
 
 
 def test_step_examples_take_each_question_once_per_epoch(tiny_checkpoints):
-    task = train.Task(list(range(10)), [], None)
+    task = agents.Task(list(range(10)), [], None)
     args = flags(tiny_checkpoints["llama"][0], "unused", "--questions-per-step", 3)
     seen = [x for step in range(10) for x in train.step_examples(task, step, args)]  # 30 = three epochs
     assert [sorted(seen[i:i + 10]) for i in (0, 10, 20)] == [list(range(10))] * 3
@@ -68,11 +70,11 @@ def test_optimizer_state_round_trips_through_safetensors(tmp_path):
         net(torch.randn(5, 4)).square().sum().backward()
         opt.step()
         opt.zero_grad()
-    train.save_optimizer(opt.state_dict(), tmp_path / "opt.safetensors")
+    checkpoint.save_optimizer(opt.state_dict(), tmp_path / "opt.safetensors")
     twin = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     twin.load_state_dict(net.state_dict())
     opt2 = torch.optim.AdamW(twin.parameters(), lr=1.0)
-    train.load_optimizer(opt2, tmp_path / "opt.safetensors")
+    checkpoint.load_optimizer(opt2, tmp_path / "opt.safetensors")
     assert opt2.param_groups[0]["lr"] == 1e-2 and opt2.param_groups[0]["weight_decay"] == 0.1
     x = torch.randn(5, 4)
     for n, o in ((net, opt), (twin, opt2)):
@@ -157,10 +159,10 @@ def test_ppo_trains_the_answer_agent_on_locomo_and_resumes(tiny_checkpoints, tmp
 def test_a_crash_between_the_renames_leaves_the_old_checkpoint_found(tmp_path):
     (tmp_path / "checkpoint.old").mkdir()
     (tmp_path / "checkpoint.old" / "trainer_state.json").write_text('{"step": 3}')
-    assert train.find_checkpoint(tmp_path) == tmp_path / "checkpoint.old"
+    assert checkpoint.find_checkpoint(tmp_path) == tmp_path / "checkpoint.old"
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "checkpoint" / "trainer_state.json").write_text('{"step": 4}')
-    assert train.find_checkpoint(tmp_path) == tmp_path / "checkpoint"
+    assert checkpoint.find_checkpoint(tmp_path) == tmp_path / "checkpoint"
 
 
 def test_bad_flags_are_refused_with_the_reason(capsys):
@@ -179,10 +181,9 @@ def test_answer_agent_banks_built_by_a_manager_checkpoint(tiny_checkpoints, tmp_
                                                          first_sessions_only):
     """Phase two of the recipe: --manager CKPT runs that manager over the conversations' facts (cut to
     their first session here to keep the test short) and the Answer Agent trains on its banks."""
-    import manager
     built = []
-    real_run_manager = manager.run_manager
-    monkeypatch.setattr(manager, "run_manager",
+    real_run_manager = agents.run_manager
+    monkeypatch.setattr(agents, "run_manager",
                         lambda *a, **k: built.append(a[0].sample_id) or real_run_manager(*a, **k))
     ckpt = tiny_checkpoints["qwen2"][0]
     args = flags(ckpt, tmp_path, "--manager", ckpt, "--manager-max-new-tokens", 6, "--memories-per-speaker", 1,

@@ -1,15 +1,16 @@
-"""manager.py: the Memory Manager's environment on a hand-written conversation, and training runs."""
+"""agents.py: the Memory Manager's environment on a hand-written conversation, and training runs."""
 
 import json
 
 import pytest
 
-import manager
+import agents
 import model as M
 import train
 from data.locomo import Conversation, Question, Session, Turn
 from memory import FactRecord, HashEmbedder, MemoryBank
 from prompts import answer_messages
+from sampling import generate
 
 DATE = "1:00 pm on 8 May, 2023"
 TURNS = [("D1:1", "Melanie", "I adopted a dog named Buddy!", "Melanie adopted a dog named Buddy"),
@@ -41,7 +42,7 @@ def reply(*events):
 def test_examples_are_evidence_turns_with_window_banks_and_renamed_ids(conversation, tiny_checkpoints):
     conv, facts, questions = conversation
     _, tok = M.load_model(tiny_checkpoints["llama"][0])
-    examples = manager.manager_examples(conv, questions, facts, tok, HashEmbedder(), window=24, k=5)
+    examples = agents.manager_examples(conv, questions, facts, tok, HashEmbedder(), window=24, k=5)
     # the evidence turns (D1:1 starts from empty banks); D1:2 and D1:4 are no question's evidence
     assert [ex.meta["dia_id"] for ex in examples] == ["D1:1", "D1:3", "D1:5"]
     ex = examples[2]
@@ -53,25 +54,25 @@ def test_examples_are_evidence_turns_with_window_banks_and_renamed_ids(conversat
     assert sorted(ex.meta["id_map"]) == ["0", "1", "2"] and sorted(ex.meta["id_map"].values()) == sorted(bank.memories)
     assert '"id": "0"' in tok.decode(ex.prompt) and "Melanie lives in Denver, not Boston" in tok.decode(ex.prompt)
     # a window of 1 turn keeps only D1:4's fact
-    small = manager.manager_examples(conv, questions, facts, tok, HashEmbedder(), window=1, k=5)[2]
+    small = agents.manager_examples(conv, questions, facts, tok, HashEmbedder(), window=1, k=5)[2]
     assert [m.text for m in small.meta["banks"]["Melanie"].memories.values()] == ["Melanie lives in Boston"]
 
 
 def test_add_update_and_delete_edit_a_copy_of_the_bank(conversation, tiny_checkpoints):
     conv, facts, questions = conversation
     _, tok = M.load_model(tiny_checkpoints["llama"][0])
-    ex1, ex3, ex5 = manager.manager_examples(conv, questions, facts, tok, HashEmbedder())
+    ex1, ex3, ex5 = agents.manager_examples(conv, questions, facts, tok, HashEmbedder())
     bank, id_map = ex3.meta["banks"]["Melanie"], ex3.meta["id_map"]
     assert id_map == {"0": "0"}  # one memory shown, Buddy
 
-    merged, counts = manager.apply_output(bank, reply(event("0", "Melanie adopted two dogs, Buddy and Scout",
+    merged, counts = agents.apply_output(bank, reply(event("0", "Melanie adopted two dogs, Buddy and Scout",
                                                              "UPDATE", "Melanie adopted a dog named Buddy")),
                                           id_map, ex3.meta["facts"][0])
     assert [m.text for m in merged.memories.values()] == ["Melanie adopted two dogs, Buddy and Scout"]
     assert counts["UPDATE"] == 1 and counts["parse_fail"] == 0
     assert [m.text for m in bank.memories.values()] == ["Melanie adopted a dog named Buddy"]  # untouched
 
-    added, counts = manager.apply_output(bank, reply(event("0", "Melanie adopted a dog named Buddy", "NONE"),
+    added, counts = agents.apply_output(bank, reply(event("0", "Melanie adopted a dog named Buddy", "NONE"),
                                                      event("1", "Melanie adopted a dog named Scout", "ADD")),
                                          id_map, ex3.meta["facts"][0])
     assert len(added) == 2 and counts["ADD"] == 1 and counts["NONE"] == 1
@@ -80,17 +81,17 @@ def test_add_update_and_delete_edit_a_copy_of_the_bank(conversation, tiny_checkp
 
     bank5, map5 = ex5.meta["banks"]["Melanie"], ex5.meta["id_map"]
     boston = next(shown for shown, real in map5.items() if bank5.memories[real].text == "Melanie lives in Boston")
-    fixed, counts = manager.apply_output(bank5, reply(event(boston, "Melanie lives in Boston", "DELETE"),
+    fixed, counts = agents.apply_output(bank5, reply(event(boston, "Melanie lives in Boston", "DELETE"),
                                                       event("9", "Melanie lives in Denver", "ADD")),
                                          map5, ex5.meta["facts"][0])
     assert "Melanie lives in Boston" not in [m.text for m in fixed.memories.values()]
     assert "Melanie lives in Denver" in [m.text for m in fixed.memories.values()] and len(fixed) == 3
 
     for junk in ("I think we should add it", "", None):
-        same, counts = manager.apply_output(bank5, junk, map5, ex5.meta["facts"][0])
+        same, counts = agents.apply_output(bank5, junk, map5, ex5.meta["facts"][0])
         assert counts["parse_fail"] == 1 and not counts["recovered"] and len(same) == len(bank5)
     cut_off = '{"memory": [{"id": "5", "text": "x", "event": "UPDATE"}, {"id": "0", "te'
-    cut, counts = manager.apply_output(bank5, cut_off, map5, ex5.meta["facts"][0])
+    cut, counts = agents.apply_output(bank5, cut_off, map5, ex5.meta["facts"][0])
     # both events are invalid (an unknown id; an event cut off before its type) and nothing changes
     assert counts["invalid"] == 2 and counts["parse_fail"] == 1 and counts["recovered"] and len(cut) == len(bank5)
 
@@ -101,9 +102,9 @@ def test_reward_is_the_frozen_answerers_score_on_the_edited_bank(conversation, s
     answerer, tok = M.load_model(smollm2_path)
     args = train.parse_args(["--agent", "manager", "--preset", "cpu", "--reward", "f1", "--answer-max-new-tokens",
                              "24", "--memories-per-speaker", "3"])
-    ex3 = manager.manager_examples(conv, questions, facts, tok, HashEmbedder())[1]
+    ex3 = agents.manager_examples(conv, questions, facts, tok, HashEmbedder())[1]
     merge = reply(event("0", "Melanie adopted two dogs, Buddy and Scout", "UPDATE"))
-    rows = manager.manager_score(ex3, [merge, "no json here"], answerer, tok, args)
+    rows = agents.manager_score(ex3, [merge, "no json here"], answerer, tok, args)
 
     by_hand = {"Melanie": MemoryBank(), "Caroline": MemoryBank()}
     by_hand["Melanie"].add("Melanie adopted two dogs, Buddy and Scout", timestamp=DATE)
@@ -112,8 +113,8 @@ def test_reward_is_the_frozen_answerers_score_on_the_edited_bank(conversation, s
     for q in questions[:1]:
         msgs = answer_messages(q.question, "Caroline", by_hand["Caroline"].search(q.question, 3),
                                "Melanie", by_hand["Melanie"].search(q.question, 3))
-        out = M.generate(answerer, [tok.chat(msgs)], 24, temperature=0)[0]
-        want.append(train.score_answer(tok.decode(out), q.answer, "f1", False))
+        out = generate(answerer, [tok.chat(msgs)], 24, temperature=0)[0]
+        want.append(agents.score_answer(tok.decode(out), q.answer, "f1", False))
     assert rows[0]["reward"] == pytest.approx(want[0]["reward"]) and rows[0]["f1"] == pytest.approx(want[0]["f1"])
     assert rows[0]["update"] == 1.0 and rows[0]["bank_size"] == 1.0 and rows[0]["parse_fail"] == 0.0
     assert rows[1] == {"reward": 0.0, "em": 0.0, "f1": 0.0, "parse_fail": 1.0, "add": 0.0, "update": 0.0,

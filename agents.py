@@ -1,0 +1,287 @@
+"""The two agents of Memory-R1 as environments: their prompts, their rewards, and running them (SPEC section 1).
+
+    facts = conversation_facts(conv, "observation")             # what the agents remember, turn by turn
+    banks = run_manager(conv, facts, model, tok, embedder)       # one bank per speaker, built by a manager
+    task = answer_task(args, tok, model)                         # train.py --agent answer (paper Alg. 2)
+    task = manager_task(args, tok, model)                        # train.py --agent manager (paper Alg. 1)
+
+A Task is what train.py's loop needs: training and validation prompts (Example) and a score for a list of
+completions (one dict per completion, "reward" first). evaluate.py runs the same pieces without training.
+
+1. Facts. From a data.locomo.Conversation: the dataset's observations, each turn's raw text, or the
+   fact-extraction prompt run by a model.
+2. The Answer Agent. Per question, the top k memories of each speaker's bank go into the answer prompt
+   (with memory distillation, SPEC section 1); reward = exact match (flag: F1) of the text after **Answer:**.
+3. The Memory Manager, run over a conversation. The facts of one turn, and for each fact its top-k related
+   memories of the speaker's bank (deduplicated, ids renamed "0", "1", ... as Mem0 does), go into the
+   update-memory prompt; the manager answers {"memory": [events]}; the events are applied to that bank.
+4. The Memory Manager as an RL environment (choices the paper leaves open, each a train.py flag):
+   - examples: every turn of the conversation that is evidence for at least one question, with those
+     questions; turns for which the fact source has no fact are skipped (nothing to manage);
+   - state: banks built from the facts of the preceding `window` turns (default 24; 0 = the whole history),
+     every fact ADDed (snapshot builder "add-all": offline, deterministic, no second model);
+   - the manager edits the bank of the turn's speaker; the other speaker's bank stays as it is;
+   - reward: a frozen Answer Agent answers each linked question greedily from the edited banks (k + k
+     retrieval), reward = mean EM (flag: F1). Output from which no event list can be recovered scores 0
+     and counts as a parse failure; recovered but malformed output is applied as far as it is valid.
+Read next: grpo.py and ppo.py (the losses), then train.py (the loop).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tqdm import tqdm
+
+import data.locomo as locomo  # module attribute access: tests cut the conversations by patching it
+from memory import FACT_SOURCES, FactRecord, HashEmbedder, MemoryBank, add_all_banks, make_embedder, speaker_memories
+from metrics import exact_match, f1
+from model import load_model
+from prompts import answer_messages, facts_messages, manager_messages, parse_answer, parse_facts, parse_manager
+from sampling import generate
+
+# --------------------------------------------------------------------------------------------------
+# 1. Facts
+# --------------------------------------------------------------------------------------------------
+
+
+def conversation_facts(conv, source: str, model=None, tokenizer=None, batch_size: int = 8,
+                       max_new_tokens: int = 128, stats: dict | None = None) -> list[FactRecord]:
+    """The facts of a data.locomo.Conversation, in conversation order, from one of FACT_SOURCES.
+
+    `llm` runs the fact-extraction prompt greedily over every turn (batched); a reply that does not parse
+    contributes whatever facts could be recovered and is counted in stats["parse_failures"].
+    """
+    if source not in FACT_SOURCES:
+        raise ValueError(f"unknown fact source {source!r} (choose from {', '.join(FACT_SOURCES)})")
+    dates = {s.index: s.date_text for s in conv.sessions}
+    if source == "observation":
+        return [FactRecord(f.speaker, f.text, f.dia_ids, dates.get(f.session, "")) for f in conv.observations]
+    turns = conv.turns()
+    if source == "turn":
+        return [FactRecord(t.speaker, t.text, [t.dia_id], dates.get(t.session, "")) for t in turns]
+    if model is None or tokenizer is None:
+        raise ValueError("the llm fact source needs a model and its tokenizer")
+    stats = stats if stats is not None else {}
+    stats.setdefault("parse_failures", 0)
+    out = []
+    for i in range(0, len(turns), batch_size):
+        chunk = turns[i:i + batch_size]
+        prompts = [tokenizer.chat(facts_messages(t.text, dates.get(t.session, ""), t.speaker)) for t in chunk]
+        replies = generate(model, prompts, max_new_tokens, temperature=0)
+        for turn, reply in zip(chunk, replies):
+            parsed = parse_facts(tokenizer.decode(reply))
+            stats["parse_failures"] += not parsed.ok
+            out += [FactRecord(turn.speaker, f, [turn.dia_id], dates.get(turn.session, "")) for f in parsed.value]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. The Answer Agent: a task is prompts plus a score
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    prompt: list[int]  # chat-formatted prompt token ids
+    gold: str
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Task:
+    train: list[Example]
+    val: list[Example]
+    # score(example, texts) -> one dict per text: "reward" plus any numbers worth averaging in the log
+    score: Callable[[Example, list[str]], list[dict]]
+
+
+def score_answer(text: str, gold: str, reward: str = "em", require_marker: bool = True) -> dict:
+    """Outcome reward of one Answer Agent output (SPEC section 1): EM (or F1) of the text after **Answer:**."""
+    parsed = parse_answer(text)
+    scorable = parsed.ok or (not require_marker and bool(parsed.value))
+    em = exact_match(parsed.value, gold) if scorable else 0.0
+    f = f1(parsed.value, gold) if scorable else 0.0
+    return {"reward": em if reward == "em" else f, "em": em, "f1": f, "parse_fail": float(not parsed.ok)}
+
+
+def answer_task(args, tok, base_model) -> Task:
+    """Answer Agent data (paper Alg. 2): per question, 30+30 memories from the banks of its conversation."""
+    convs = {c.sample_id: c for c in locomo.load_conversations()}
+    embedder = make_embedder(args.embedder, base_model, tok)
+    banks = {}
+    manager = None if args.manager == "add-all" else load_model(args.manager, base_model.lm_head.weight.dtype,
+                                                                base_model.lm_head.weight.device)[0]
+
+    def examples(split: str) -> list[Example]:
+        out = []
+        for q in locomo.load_split(split):
+            conv = convs[q.conv_id]
+            if conv.sample_id not in banks:
+                facts = conversation_facts(conv, args.facts, base_model, tok)
+                banks[conv.sample_id] = (add_all_banks(conv, facts, embedder) if manager is None else
+                                         run_manager(conv, facts, manager, tok, embedder, args.manager_k,
+                                                     args.manager_max_new_tokens))
+            mems_a, mems_b = speaker_memories(conv, banks[conv.sample_id], q.question, args.memories_per_speaker)
+            messages = answer_messages(q.question, conv.speaker_a, mems_a, conv.speaker_b, mems_b,
+                                       distill=not args.no_distill)
+            out.append(Example(tok.chat(messages), q.answer, {"question": q.question, "category": q.category}))
+        return out
+
+    def score(example: Example, texts: list[str]) -> list[dict]:
+        return [score_answer(t, example.gold, args.reward, args.require_marker) for t in texts]
+
+    return Task(examples("train"), examples("val"), score)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. The Memory Manager, run over a conversation
+# --------------------------------------------------------------------------------------------------
+
+
+OPS = ("ADD", "UPDATE", "DELETE", "NONE")
+
+
+def related_memories(bank: MemoryBank, facts: list[str], k: int = 5) -> tuple[list[dict], dict[str, str]]:
+    """Top-k memories per fact, deduplicated in order, renamed "0", "1", ...; returns (shown, id_map)."""
+    seen = {}
+    for fact in facts:
+        for m in bank.search(fact, k):
+            seen.setdefault(m["id"], m["text"])
+    shown = [{"id": str(i), "text": text} for i, text in enumerate(seen.values())]
+    return shown, {str(i): mid for i, mid in enumerate(seen)}
+
+
+def apply_output(bank: MemoryBank, text: str, id_map: dict[str, str], fact: FactRecord) -> tuple[MemoryBank, dict]:
+    """A copy of `bank` with the manager's output applied, and the counts (ADD ... invalid, parse_fail)."""
+    parsed = parse_manager(text)
+    edited = bank.copy()
+    counts = edited.apply(parsed.value, id_map, speaker=fact.speaker, timestamp=fact.timestamp,
+                          dia_ids=fact.dia_ids)
+    counts["parse_fail"] = int(not parsed.ok)
+    counts["recovered"] = bool(parsed.value) or parsed.ok  # False: nothing usable came out
+    return edited, counts
+
+
+def facts_by_turn(facts: list[FactRecord]) -> dict[str, list[FactRecord]]:
+    """dia_id of a fact's first evidence turn -> its facts, in order."""
+    out = defaultdict(list)
+    for f in facts:
+        if f.dia_ids:
+            out[f.dia_ids[0]].append(f)
+    return out
+
+
+def run_manager(conv, facts: list[FactRecord], model, tok, embedder=None, k: int = 5, max_new_tokens: int = 256,
+                stats: dict | None = None, progress: bool = True) -> dict[str, MemoryBank]:
+    """Build one bank per speaker by running the manager greedily over the facts, turn by turn, in order.
+
+    Malformed output is applied as far as it is valid and counted in stats (parse_fail, invalid, ops).
+    """
+    stats = stats if stats is not None else {}
+    banks = add_all_banks(conv, [], embedder or HashEmbedder())  # one empty bank per speaker
+    grouped = facts_by_turn(facts)
+    by_turn = [(t, grouped[t.dia_id]) for t in conv.turns() if t.dia_id in grouped]
+    # facts without an evidence id naming a turn of the conversation (one in LoCoMo) have no place in the order
+    stats["orphan_facts"] = stats.get("orphan_facts", 0) + len(facts) - sum(len(fs) for _, fs in by_turn)
+    for turn, turn_facts in tqdm(by_turn, desc=f"manager {conv.sample_id}", disable=not progress, leave=False):
+        for speaker in dict.fromkeys(f.speaker for f in turn_facts if f.speaker in banks):
+            mine = [f for f in turn_facts if f.speaker == speaker]
+            bank = banks[speaker]
+            shown, id_map = related_memories(bank, [f.text for f in mine], k)
+            if not shown:  # an empty bank: nothing to compare with, every fact is new (Mem0 does the same)
+                for f in mine:
+                    bank.add(f.text, speaker=f.speaker, timestamp=f.timestamp, dia_ids=f.dia_ids)
+                stats["ADD"] = stats.get("ADD", 0) + len(mine)
+                continue
+            prompt = tok.chat(manager_messages(shown, [f.text for f in mine]))
+            out = generate(model, [prompt], max_new_tokens, temperature=0)[0]
+            banks[speaker], counts = apply_output(bank, tok.decode(out), id_map, mine[0])
+            for key, v in counts.items():
+                stats[key] = stats.get(key, 0) + int(v)
+    return banks
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. The Memory Manager's RL environment (paper Alg. 1)
+# --------------------------------------------------------------------------------------------------
+
+
+def manager_examples(conv, questions, facts: list[FactRecord], tok, embedder, window: int = 24, k: int = 5):
+    """The RL states of one conversation (see section 3 above): Example objects."""
+    by_turn, turns = facts_by_turn(facts), conv.turns()
+    linked = defaultdict(list)
+    for q in questions:
+        for dia_id in q.evidence:
+            linked[dia_id].append(q)
+    out = []
+    for i, turn in enumerate(turns):
+        mine = [f for f in by_turn.get(turn.dia_id, []) if f.speaker == turn.speaker]
+        if not linked.get(turn.dia_id) or not mine:
+            continue
+        earlier = turns[max(0, i - window) if window else 0:i]
+        banks = add_all_banks(conv, [f for t in earlier for f in by_turn.get(t.dia_id, [])], embedder)
+        shown, id_map = related_memories(banks[turn.speaker], [f.text for f in mine], k)
+        prompt = tok.chat(manager_messages(shown, [f.text for f in mine]))
+        meta = {"conv": conv, "banks": banks, "speaker": turn.speaker, "id_map": id_map, "facts": mine,
+                "questions": linked[turn.dia_id], "dia_id": turn.dia_id}
+        out.append(Example(prompt, "", meta))
+    return out
+
+
+def manager_task(args, tok, base_model):
+    """train.py's Task for --agent manager: examples from the train and val conversations, and the reward."""
+    embedder = make_embedder(args.embedder, base_model, tok)
+    dtype, dev = base_model.lm_head.weight.dtype, base_model.lm_head.weight.device
+    answerer = load_model(args.answerer or args.model, dtype, dev)[0]  # its own copy: the policy will change
+    answerer.requires_grad_(False)
+    convs = {c.sample_id: c for c in locomo.load_conversations()}
+
+    def examples(split):
+        qs = locomo.load_split(split)
+        out = []
+        for conv_id in dict.fromkeys(q.conv_id for q in qs):
+            conv = convs[conv_id]
+            facts = conversation_facts(conv, args.facts, base_model, tok)
+            out += manager_examples(conv, [q for q in qs if q.conv_id == conv_id], facts, tok, embedder,
+                                    args.window, args.manager_k)
+        return out
+
+    return Task(examples("train"), examples("val"), lambda ex, texts: manager_score(ex, texts, answerer, tok, args))
+
+
+def manager_score(example, texts: list[str], answerer, tok, args) -> list[dict]:
+    """Reward of each manager output: apply it to a copy of the bank, let the frozen answerer answer the
+    turn's linked questions greedily (k + k retrieval), mean EM (or F1); plus the event mix and bank size."""
+    meta, k = example.meta, args.memories_per_speaker
+    conv, questions = meta["conv"], meta["questions"]
+    results, prompts = [], []
+    for text in texts:
+        edited, counts = apply_output(meta["banks"][meta["speaker"]], text, meta["id_map"], meta["facts"][0])
+        banks = {**meta["banks"], meta["speaker"]: edited}
+        results.append((counts, len(edited)))
+        if counts["recovered"]:
+            for q in questions:
+                mems_a, mems_b = speaker_memories(conv, banks, q.question, k)
+                msgs = answer_messages(q.question, conv.speaker_a, mems_a, conv.speaker_b, mems_b,
+                                       distill=not args.no_distill)
+                prompts.append(tok.chat(msgs))
+    answers = []
+    for i in range(0, len(prompts), args.val_batch):
+        answers += generate(answerer, prompts[i:i + args.val_batch], args.answer_max_new_tokens, temperature=0)
+    out, pos = [], 0
+    for counts, size in results:
+        n_events = sum(counts[op] for op in OPS) + counts["invalid"]
+        row = {"reward": 0.0, "em": 0.0, "f1": 0.0, "parse_fail": float(counts["parse_fail"])}
+        if counts["recovered"]:
+            scored = [score_answer(tok.decode(answers[pos + j]), q.answer, args.reward, args.require_marker)
+                      for j, q in enumerate(questions)]
+            pos += len(questions)
+            for key in ("reward", "em", "f1"):
+                row[key] = sum(s[key] for s in scored) / len(scored)
+        row.update({op.lower(): counts[op] / max(n_events, 1) for op in OPS})
+        row.update({"invalid_events": counts["invalid"] / max(n_events, 1), "bank_size": float(size)})
+        out.append(row)
+    return out
