@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=0, help="seeds the question order and the sampling")
     a("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights' dtype (AdamW acts on it)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    add_scale_flags(ap)
+    return ap
+
+
+def add_scale_flags(ap: argparse.ArgumentParser) -> None:
     s = ap.add_argument_group("scale: LoRA, memory and speed switches").add_argument
     s("--lora-rank", type=int, default=0, help="train rank-R LoRA adapters on a frozen base (0: full fine-tuning)")
     s("--lora-alpha", type=float, default=32.0, help="LoRA scale alpha (the update is alpha / R * B A)")
@@ -150,7 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
     s("--compile", action="store_true", help="torch.compile each block of the policy (and critic)")
     s("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer state over the "
       "ranks (FSDP2) instead of a full replica per rank (DDP)")
-    return ap
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -2,17 +2,18 @@
 
     python bench/bench_16bit.py         # SmolLM2-135M's shapes: MLP and lm_head weights, 1 to 64 input rows;
                                         # one query's attention over 80 and 300 cached keys, batch 1 and 8
+    python bench/bench_16bit.py --smoke # the smallest setting, seconds: the test suite runs it
 
-Sets model.UPCAST_MIN_ROWS and model.UPCAST_CHUNK, and why Block.attend runs 16-bit attention in float32.
+Sets cpu16.UPCAST_MIN_ROWS and cpu16.UPCAST_CHUNK, and why cpu16.attention_inputs gives attention float32.
 The weights are streamed from memory as in decoding: each call multiplies a different copy (150 MLP-shaped
 weights, 130 MB; 8 lm_heads, 450 MB), so no timing reads a weight that the cache still holds.
 Prints microseconds per product, best of 4 passes, for
   bf16     F.linear on the bf16 weight (what decoding does below UPCAST_MIN_ROWS)
   whole    one float32 copy of the weight, then float32 F.linear
-  chunked  model.upcast_linear: UPCAST_CHUNK elements of the weight at a time (what Linear does from
+  chunked  cpu16.upcast_linear: UPCAST_CHUNK elements of the weight at a time (what Linear does from
            UPCAST_MIN_ROWS rows on; the same as `whole` for a weight smaller than a chunk)
 and for attention (decoding: 9 query heads, 3 key/value heads of 64, as SmolLM2), bf16 SDPA vs SDPA on
-float32 copies of q, k, v (what Block.attend does).
+float32 copies of q, k, v (what model.Block.attend does through cpu16.attention_inputs).
 """
 
 import argparse
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import model as M  # noqa: E402
+import cpu16  # noqa: E402
 
 
 def per_call_us(fn, weights, x, passes=4):
@@ -37,7 +38,7 @@ def per_call_us(fn, weights, x, passes=4):
     return best / len(weights) * 1e6
 
 
-def attention_us(batch, keys, dtype, calls=2000):
+def attention_us(batch, keys, dtype, calls):
     q = torch.randn(batch, 9, 1, 64).bfloat16()
     k, v = torch.randn(batch, 3, keys, 64).bfloat16(), torch.randn(batch, 3, keys, 64).bfloat16()
     up = (lambda t: t.float()) if dtype == torch.float32 else (lambda t: t)
@@ -56,10 +57,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="1536x576x150,49152x576x8", help="OUTxINxCOPIES, comma-separated")
     ap.add_argument("--rows", default="1,2,3,4,8,16,64")
+    ap.add_argument("--attention-calls", type=int, default=2000, help="attention calls timed per setting")
+    ap.add_argument("--smoke", action="store_true", help="the smallest setting (tiny shapes, few calls)")
     args = ap.parse_args()
+    if args.smoke:
+        args.shapes, args.rows, args.attention_calls = "96x32x2", "1,4", 5
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 matrix units: "
-          f"{not M.CPU_SLOW_16BIT_GEMM}; UPCAST_MIN_ROWS={M.UPCAST_MIN_ROWS}, UPCAST_CHUNK={M.UPCAST_CHUNK}")
+          f"{not cpu16.CPU_SLOW_16BIT_GEMM}; UPCAST_MIN_ROWS={cpu16.UPCAST_MIN_ROWS}, "
+          f"UPCAST_CHUNK={cpu16.UPCAST_CHUNK}")
     print("| weight | rows | bf16 us | whole us | chunked us | best |")
     print("|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
@@ -70,15 +76,16 @@ def main():
                 x = torch.randn(rows, n_in).bfloat16()
                 t = {"bf16": per_call_us(lambda x, w: F.linear(x, w), weights, x),
                      "whole": per_call_us(lambda x, w: F.linear(x.float(), w.float()).bfloat16(), weights, x),
-                     "chunked": per_call_us(lambda x, w: M.upcast_linear(x, w, None), weights, x)}
+                     "chunked": per_call_us(lambda x, w: cpu16.upcast_linear(x, w, None), weights, x)}
                 print(f"| {n_out}x{n_in} | {rows} | {t['bf16']:.0f} | {t['whole']:.0f} | {t['chunked']:.0f} | "
                       f"{min(t, key=t.get)} |", flush=True)
     print("\n| attention batch | cached keys | bf16 us | float32 us |")
     print("|---|---|---|---|")
     for batch in (1, 8):
         for keys in (80, 300):
-            print(f"| {batch} | {keys} | {attention_us(batch, keys, torch.bfloat16):.0f} | "
-                  f"{attention_us(batch, keys, torch.float32):.0f} |", flush=True)
+            bf16 = attention_us(batch, keys, torch.bfloat16, args.attention_calls)
+            fp32 = attention_us(batch, keys, torch.float32, args.attention_calls)
+            print(f"| {batch} | {keys} | {bf16:.0f} | {fp32:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python bench/bench_generate.py                      # SmolLM2-135M-Instruct (GGUF), CPU, bf16 and fp32
     python bench/bench_generate.py --random-config qwen2.5-7b --device cuda --dtypes bfloat16   # on a GPU
+    python bench/bench_generate.py --smoke              # the smallest setting, seconds: the test suite runs it
 
 Sampling (temperature 1.0), 64 new tokens forced (no early stop), batch 1 and batch 8 (eight different
 prompts, left-padded for transformers). Prints new tokens per second for each, best of --repeats runs,
@@ -20,12 +21,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as M  # noqa: E402
+from checkpoint import hf_config  # noqa: E402
 from sampling import generate  # noqa: E402
 
 QWEN25_7B = {"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "num_hidden_layers": 28,
              "num_attention_heads": 28, "num_key_value_heads": 4, "intermediate_size": 18944,
              "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": False,
              "max_position_embeddings": 32768, "eos_token_id": 151645}
+RANDOM_CONFIGS = {"qwen2.5-7b": QWEN25_7B,  # --smoke: the same architecture, tiny
+                  "tiny-qwen2": {**QWEN25_7B, "vocab_size": 2048, "hidden_size": 64, "num_hidden_layers": 2,
+                                 "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128}}
 
 QUESTIONS = ["What is the capital of France?", "Name three colours of the rainbow.",
              "Why is the sky blue? Explain briefly.", "Write a haiku about memory.",
@@ -85,7 +90,7 @@ def products_only_s(model, device, repeats):
 def to_hf(ours: M.Transformer):
     """The same weights in transformers' model class (for --random-config, where no file exists)."""
     import transformers
-    cfg = ours.cfg.to_hf()
+    cfg = hf_config(ours.cfg)
     arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[cfg["model_type"]]
     hf_cfg = transformers.AutoConfig.for_model(**cfg)
     with torch.device("meta"):
@@ -104,20 +109,23 @@ def to_hf(ours: M.Transformer):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=M.OFFLINE_SMOLLM2, help="checkpoint for both implementations")
-    ap.add_argument("--random-config", choices=["qwen2.5-7b"], help="random weights of a real model's shape")
+    ap.add_argument("--random-config", choices=list(RANDOM_CONFIGS), help="random weights of a real model's shape")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true", help="time only this repository's generate")
+    ap.add_argument("--smoke", action="store_true", help="the smallest setting: a tiny random model, 4 tokens")
     args = ap.parse_args()
+    if args.smoke:
+        args.random_config, args.batches, args.new_tokens, args.repeats = "tiny-qwen2", "1,2", 4, 1
     torch.manual_seed(0)
     rows = []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         if args.random_config:
-            cfg = M.Config.from_hf(QWEN25_7B)
+            cfg = M.Config.from_hf(RANDOM_CONFIGS[args.random_config])
             with torch.device(args.device):
                 ours = M.Transformer(cfg).to(dtype).eval()
             vocab_ids = [list(range(1000 + 37 * i, 1000 + 37 * i + 24 + i)) for i in range(8)]

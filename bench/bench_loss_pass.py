@@ -1,6 +1,7 @@
 """The GRPO loss pass (forward + backward of G completions' log-probs): shared prompt vs one sequence each.
 
     python bench/bench_loss_pass.py                 # SmolLM2-135M, ~330-token prompt, G = 8, 64-token answers
+    python bench/bench_loss_pass.py --smoke --model CKPT    # the smallest setting (the test suite runs it)
 
 The shared-prompt pass (model.completion_logprobs) runs the prompt once and lets the G completions
 attend to its keys and values; the plain pass runs G full sequences. Prints seconds per pass (best of 3).
@@ -25,12 +26,16 @@ def main():
     ap.add_argument("--answer-tokens", type=int, default=64)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="the smallest setting: 16 + 4 tokens, G = 2, float32, once")
     args = ap.parse_args()
+    if args.smoke:
+        args.prompt_tokens, args.group, args.answer_tokens, args.dtypes, args.repeats = 16, 2, 4, "float32", 1
     g = torch.Generator().manual_seed(0)
     for dtype_name in args.dtypes.split(","):
         net, _ = M.load_model(args.model, dtype=getattr(torch, dtype_name))
-        prompt = torch.randint(100, 40000, (args.prompt_tokens,), generator=g).tolist()
-        answers = [torch.randint(100, 40000, (args.answer_tokens,), generator=g).tolist() for _ in range(args.group)]
+        top = min(40000, net.cfg.vocab_size)  # token ids 100..40000, or the whole vocabulary of a smaller model
+        prompt = torch.randint(100, top, (args.prompt_tokens,), generator=g).tolist()
+        answers = [torch.randint(100, top, (args.answer_tokens,), generator=g).tolist() for _ in range(args.group)]
 
         def shared():
             logp, mask = M.completion_logprobs(net, prompt, answers)

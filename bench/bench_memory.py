@@ -1,6 +1,7 @@
 """Memory bank speed: add N memories one by one, then time top-k cosine search.
 
     python bench/bench_memory.py              # 100,000 memories, top-60, default hashed n-gram embedder
+    python bench/bench_memory.py --smoke      # 1,000 memories, 10 searches (the test suite runs it)
 
 Prints the time to add (embedding included, and the bank's own share with precomputed vectors) and the
 median / p95 search latency over 200 queries (query embedding included).
@@ -26,7 +27,10 @@ def main():
     ap.add_argument("--n", type=int, default=100_000, help="memories to add")
     ap.add_argument("--k", type=int, default=60, help="memories per search")
     ap.add_argument("--queries", type=int, default=200, help="searches to time")
+    ap.add_argument("--smoke", action="store_true", help="the smallest setting: 1,000 memories, 10 searches")
     args = ap.parse_args()
+    if args.smoke:
+        args.n, args.queries = 1000, 10
     rng = np.random.default_rng(0)
     texts = [f"{rng.choice(WORDS)} " + " ".join(rng.choice(WORDS, 7)) + f" #{i}" for i in range(args.n)]
     embedder = HashEmbedder()

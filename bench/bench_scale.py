@@ -3,6 +3,7 @@ DDP replicas or FSDP2 shards).
 
     python bench/bench_scale.py                  # SmolLM2-135M-Instruct, fp32, this CPU; ~20 minutes
     python bench/bench_scale.py --steps 3 --lora-rank 16 --configs full-2-fsdp,lora-2-fsdp
+    python bench/bench_scale.py --smoke --model CKPT      # one step of full-1 and lora-1, G = 2 x 4 tokens
 
 Every configuration is a real `train.py` run on the Answer Agent task (cpu preset: 2 questions per step,
 G = 8, up to 64 new tokens, 5+5 memories, beta 0.01 so a reference is kept), in fresh processes, with the
@@ -35,9 +36,9 @@ def worker(argv: list[str]) -> None:
     print("PEAK " + json.dumps({"rank": rank, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 
 
-def measure(nproc: int, lora: int, fsdp: bool, steps: int, model: str) -> dict:
+def measure(nproc: int, lora: int, fsdp: bool, steps: int, model: str, extra: list[str]) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"scale-{nproc}-{lora}-"))
-    flags = ["--fsdp"] * fsdp + [
+    flags = ["--fsdp"] * fsdp + extra + [
              "--model", model, "--preset", "cpu", "--steps", str(steps), "--val-limit", "1", "--val-every",
              str(steps), "--beta", "0.01", "--lora-rank", str(lora), "--lr", "1e-5" if lora == 0 else "1e-4",
              "--out", str(out)]
@@ -70,11 +71,18 @@ if __name__ == "__main__":
     ap.add_argument("--lora-rank", type=int, default=16, help="rank of the LoRA configuration")
     ap.add_argument("--configs", default="full-1,full-2,lora-1,lora-2,full-2-fsdp,lora-2-fsdp",
                     help="which runs: training-processes[-fsdp]")
+    ap.add_argument("--smoke", action="store_true", help="the smallest setting: 1 step of full-1 and lora-1, "
+                    "G = 2 completions of 4 tokens")
     args = ap.parse_args()
+    extra = []
+    if args.smoke:
+        args.steps, args.configs, args.lora_rank = 1, "full-1,lora-1", 2
+        extra = ["--group-size", "2", "--max-new-tokens", "4"]
     rows = []
     for config in args.configs.split(","):
         kind, n, *rest = config.split("-")
-        rows.append(measure(int(n), args.lora_rank if kind == "lora" else 0, rest == ["fsdp"], args.steps, args.model))
+        rows.append(measure(int(n), args.lora_rank if kind == "lora" else 0, rest == ["fsdp"], args.steps, args.model,
+                            extra))
     print(f"{'training':<14}{'processes':>14}{'s/step':>9}{'rollout':>9}{'update':>9}"
           f"{'peak GiB/proc':>15}{'peak GiB all':>14}")
     for r in rows:

@@ -2,6 +2,7 @@
 
     python bench/estimate_7b.py                       # H100 80 GB, the paper's batch, LoRA rank 16
     python bench/estimate_7b.py --response 512 --mfu 0.3
+    python bench/estimate_7b.py --smoke               # the same as the default (the test suite runs it)
 
 Nothing here is measured on a GPU (none was lent to this project's sessions): parameter and KV-cache
 sizes come from Qwen2.5-7B-Instruct's config.json; per-token costs are the standard FLOP counts of a
@@ -38,6 +39,8 @@ def main() -> None:
     a("--response", type=int, default=256, help="mean response tokens (paper max 2048)")
     a("--steps", type=int, default=50, help="optimizer steps (train.py's paper preset)")
     a("--lora-rank", type=int, default=16, help="LoRA rank on all seven projections")
+    a("--smoke", action="store_true", help="accepted for uniformity with the other benchmarks: this script is "
+      "arithmetic, so its default run is already its smallest")
     a("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU (H100 SXM: 989)")
     a("--mfu", type=float, default=0.35, help="achieved share of peak in prefill and the loss pass (assumed)")
     a("--hbm-tbps", type=float, default=3.35, help="memory bandwidth per GPU, TB/s (H100 SXM: 3.35)")

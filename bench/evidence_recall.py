@@ -2,6 +2,7 @@
 
     python bench/evidence_recall.py --facts observation --split test      # the dataset's own facts
     python bench/evidence_recall.py --facts turn --split test             # each turn's text
+    python bench/evidence_recall.py --smoke                               # the val split (the test suite)
 
 One bank per speaker; for each question the top k/2 memories of each bank are retrieved (30 + 30 for
 k = 60, as the Answer Agent does) and recall = the fraction of the question's evidence turns that some
@@ -16,9 +17,10 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from agents import conversation_facts  # noqa: E402
 from data.locomo import CATEGORY_LABELS, load_conversations, load_split, split_of  # noqa: E402
-from evaluate import evidence_recall  # noqa: E402
-from memory import add_all_banks, conversation_facts  # noqa: E402
+from memory import add_all_banks  # noqa: E402
+from metrics import evidence_recall  # noqa: E402
 
 
 def main():
@@ -26,7 +28,10 @@ def main():
     ap.add_argument("--facts", choices=["observation", "turn"], default="observation", help="fact source")
     ap.add_argument("--split", choices=["train", "val", "test"], default="test")
     ap.add_argument("--k", type=int, default=60, help="memories retrieved per question (half per speaker)")
+    ap.add_argument("--smoke", action="store_true", help="the smallest setting: the val split's one conversation")
     args = ap.parse_args()
+    if args.smoke:
+        args.split = "val"
     t0 = time.perf_counter()
     convs = {c.sample_id: c for c in load_conversations() if split_of(c.sample_id) == args.split}
     banks = {cid: add_all_banks(c, conversation_facts(c, args.facts)) for cid, c in convs.items()}

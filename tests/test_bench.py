@@ -1,0 +1,41 @@
+"""Every benchmark script runs at its smallest setting (--smoke), so a change that breaks one fails here.
+
+The figures they print are not checked (this machine's timings drift); what is checked is that each script
+runs to the end on the current code and prints the table or line that the README quotes from it.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, *flags) -> str:
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", *map(str, flags)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"{script} --smoke failed:\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def test_every_bench_script_is_covered():
+    scripts = {p.name for p in (ROOT / "bench").glob("*.py")}
+    assert scripts == {"bench_16bit.py", "bench_generate.py", "bench_grpo_step.py", "bench_loss_pass.py",
+                       "bench_memory.py", "bench_scale.py", "estimate_7b.py", "evidence_recall.py"}
+
+
+@pytest.mark.parametrize("script, model, expect", [
+    ("bench_16bit.py", None, "| attention batch | cached keys | bf16 us | float32 us |"),
+    ("bench_generate.py", None, "| device | dtype | batch | ours tok/s | transformers tok/s | speed-up |"),
+    ("bench_grpo_step.py", "llama", "ours: "),
+    ("bench_loss_pass.py", "qwen2", "float32: shared prompt"),
+    ("bench_memory.py", None, "top-60 search: median"),
+    ("bench_scale.py", "llama", "LoRA r=2"),
+    ("estimate_7b.py", None, "per step on one GPU"),
+    ("evidence_recall.py", None, "overall: recall@60"),
+])
+def test_bench_script_smoke(script, model, expect, tiny_checkpoints):
+    out = run_bench(script, *(["--model", tiny_checkpoints[model][0]] if model else []))
+    assert expect in out
