@@ -4,7 +4,7 @@
                                             files), loadable by transformers and by model.load_model
     save_training_state(out, step, ...)     OUT/checkpoint: the policy (a HF folder, or with LoRA its adapters
                                             in PEFT's layout), AdamW's state, the critic, the step, the args
-    find_checkpoint(out), load_training_state(ckpt, ...)       what --resume reads
+    checkpoint_to_resume(out, ...), load_training_state(ckpt, ...)     what --resume reads
     export_merged(run_dir, dest)            a LoRA run's adapters folded into a plain HF folder
 
 Every folder is built aside and swapped in with two renames (swap_folder), so a killed run leaves the old
@@ -186,6 +186,20 @@ def find_checkpoint(out: Path) -> Path | None:
         if (folder / "trainer_state.json").is_file():
             return folder
     return None
+
+
+def checkpoint_to_resume(out: Path, resume: bool, model_name: str) -> Path | None:
+    """OUT's checkpoint with --resume (None: start afresh); refuses to overwrite one without it. Creates OUT."""
+    ckpt = find_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        print(f"--resume: no checkpoint in {out}; starting from {model_name}", file=sys.stderr)
+    elif not resume and find_checkpoint(out):
+        raise SystemExit(f"{out} already holds a checkpoint: pass --resume to continue it, or another --out")
+    if this_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if ckpt:
+            print(f"resuming from {ckpt}", file=sys.stderr)
+    return ckpt
 
 
 def trim_metrics(path: Path, step: int) -> None:

@@ -53,7 +53,7 @@ from tqdm import tqdm
 import lora
 import model as M
 from agents import Example, Task, answer_task, manager_task
-from checkpoint import (export_merged, find_checkpoint, load_trainable_state, load_training_state,
+from checkpoint import (checkpoint_to_resume, export_merged, load_trainable_state, load_training_state,
                         save_training_state, trim_metrics)
 from grpo import compute_grpo_outcome_advantage, grpo_loss, zero_std_group_fraction
 from parallel import (all_sum, backward, barrier, clip_gradients, concat_over_ranks, gather_lists, init_distributed,
@@ -472,7 +472,9 @@ def run(args, task: Task | None = None) -> dict:
         return export_merged(out, Path(args.export_merged))
     rank, world = init_distributed(args)
     main = rank == 0  # rank 0 logs, shows progress and writes checkpoints
-    ckpt = checkpoint_to_resume(args, out, world)
+    if args.questions_per_step % world:
+        raise SystemExit(f"--questions-per-step {args.questions_per_step} must be a multiple of the {world} ranks")
+    ckpt = checkpoint_to_resume(out, args.resume, args.model)
     dev = torch.device(args.device)
     base, tok = M.load_model(args.model, getattr(torch, args.dtype), dev)
     if task is None:  # the banks and prompts are built from the starting model, also on resume
@@ -516,22 +518,6 @@ def run(args, task: Task | None = None) -> dict:
             barrier()  # nobody runs ahead of a checkpoint being written
         bar.set_postfix(reward=f"{roll['reward']:.3f}", **{k: f"{v:.3f}" for k, v in val.items() if k == "val_f1"})
     return val
-
-
-def checkpoint_to_resume(args, out: Path, world: int) -> Path | None:
-    """OUT's checkpoint with --resume; refuses to overwrite one without it. Creates OUT."""
-    if args.questions_per_step % world:
-        raise SystemExit(f"--questions-per-step {args.questions_per_step} must be a multiple of the {world} ranks")
-    ckpt = find_checkpoint(out) if args.resume else None
-    if args.resume and ckpt is None:
-        print(f"--resume: no checkpoint in {out}; starting from {args.model}", file=sys.stderr)
-    elif not args.resume and find_checkpoint(out):
-        raise SystemExit(f"{out} already holds a checkpoint: pass --resume to continue it, or another --out")
-    if this_rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if ckpt:
-            print(f"resuming from {ckpt}", file=sys.stderr)
-    return ckpt
 
 
 def metrics_log(path: Path, resumed_at: int | None, is_main: bool):
