@@ -150,7 +150,16 @@ def extract_json_object(text) -> tuple[dict | None, str]:
     """The first JSON object in `text` (code fences and prose allowed around it), repairing truncation."""
     if not isinstance(text, str):
         return None, f"output is {type(text).__name__}, not text"
-    text = re.sub(r"```(?:json)?", "", text)
+    unfenced = re.sub(r"```(?:json)?", "", text)
+    # The text as written first: removing code fences everywhere would also change strings that hold ```.
+    for candidate in (text, unfenced) if unfenced != text else (text,):
+        obj, note = first_json_object(candidate)
+        if obj is not None:
+            return obj, note
+    return None, "no JSON object found"
+
+
+def first_json_object(text: str) -> tuple[dict | None, str]:
     decoder = json.JSONDecoder()
     for start in (m.start() for m in re.finditer(r"\{", text)):  # the outermost object comes first
         try:
@@ -163,7 +172,7 @@ def extract_json_object(text) -> tuple[dict | None, str]:
                 continue
         if isinstance(obj, dict):
             return obj, note
-    return None, "no JSON object found"
+    return None, ""
 
 
 def extract_list(text, key: str) -> tuple[list | None, str]:
@@ -177,11 +186,21 @@ def extract_list(text, key: str) -> tuple[list | None, str]:
     return value, note
 
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def drop_lone_surrogates(value):
+    """A JSON escape such as "\\ud83d" without its pair decodes to half a character, which no UTF-8 text
+    holds: the tokenizer refuses it (TypeError) when the string reaches a prompt. Strings lose such halves."""
+    return LONE_SURROGATE.sub("", value) if isinstance(value, str) else value
+
+
 def parse_facts(text) -> Parsed:
     """{"facts": [str, ...]} -> Parsed(list of non-empty fact strings)."""
     facts, note = extract_list(text, "facts")
     if facts is None:
         return Parsed([], False, note)
+    facts = [drop_lone_surrogates(f) for f in facts]
     good = [f.strip() for f in facts if isinstance(f, str) and f.strip()]
     if len(good) != len(facts):
         return Parsed(good, False, f"{len(facts) - len(good)} fact(s) were not non-empty strings")
@@ -200,7 +219,7 @@ def parse_manager(text) -> Parsed:
     events, note = extract_list(text, "memory")
     if events is None:
         return Parsed([], False, note)
-    dicts = [e for e in events if isinstance(e, dict)]
+    dicts = [{k: drop_lone_surrogates(v) for k, v in e.items()} for e in events if isinstance(e, dict)]
     bad = sum(1 for e in dicts if str(e.get("event", "")).strip().upper() not in EVENTS) + len(events) - len(dicts)
     if bad:
         return Parsed(dicts, False, f"{bad} event(s) without a known event type")

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from prompts import (answer_messages, close_truncated_json, facts_messages, manager_messages, parse_answer,
@@ -115,10 +115,33 @@ def test_parsers_never_raise(text):
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20),
                 max_size=5), st.integers(min_value=0, max_value=200))
+@example(facts=["```"], cut=200)  # a fence inside a string is data, not markdown (it was stripped once)
+@example(facts=["```x"], cut=16)
+@example(facts=["ab\U00010000"], cut=20)  # cut between the halves of the escape "\\ud800\\udc00"
 def test_truncated_facts_recover_a_prefix(facts, cut):
+    """Output cut off at any character gives back the facts before the cut, in order, and at most the
+    beginning of the fact the cut fell in; a cut output is never ok."""
     text = json.dumps({"facts": facts})
     got = parse_facts(text[:cut])
     clean = [f.strip() for f in facts if f.strip()]
     if cut >= len(text):
-        assert got.value == clean
-    assert all(isinstance(f, str) for f in got.value)
+        assert got.value == clean and got.ok == (len(clean) == len(facts))  # a blank fact is reported
+        return
+    assert not got.ok
+    n = len(got.value)
+    assert n <= len(clean)
+    if n:
+        assert got.value[:-1] == clean[:n - 1]
+        assert clean[n - 1].startswith(got.value[-1])  # the last one whole, or cut short
+
+
+def test_half_characters_from_json_escapes_are_dropped():
+    """A model can write "\\ud83d" without its pair; json decodes it to a lone surrogate, which the tokenizer
+    refuses once the memory reaches a prompt. Parsed strings keep whole characters only."""
+    facts = parse_facts('{"facts": ["Melanie likes \\ud83d cats", "a smile \\ud83d\\ude00", "\\udc00"]}')
+    assert facts.value == ["Melanie likes  cats", "a smile \U0001f600"]
+    events = parse_manager('{"memory": [{"id": "0", "text": "Buddy\\udc00", "event": "ADD", "old_memory": "\\ud800"}]}')
+    assert events.value == [{"id": "0", "text": "Buddy", "event": "ADD", "old_memory": ""}]
+    for value in facts.value + [events.value[0]["text"]]:
+        value.encode("utf-8")  # raises on a lone surrogate
+
