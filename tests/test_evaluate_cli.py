@@ -47,6 +47,28 @@ def test_end_to_end_report_recomputes_from_predictions(tiny_checkpoints, tmp_pat
     assert "| overall | 6 |" in table and table.index("2 temporal") < table.index("overall")
 
 
+def test_summary_of_hand_made_rows():
+    """The report's means, counts and parse failures, per category and overall, on rows with known scores
+    (a random model scores 0 almost everywhere, so the end-to-end test cannot tell a mean from a zero)."""
+    def row(cat, f1, bleu1, locomo_f1, em, recall, parse_ok, judge=None):
+        r = {"category": cat, "f1": f1, "bleu1": bleu1, "locomo_f1": locomo_f1, "em": em, "recall": recall,
+             "parse_ok": parse_ok}
+        return r if judge is None else {**r, "judge": judge}
+    rows = [row(1, 1.0, 0.5, 0.8, 1.0, 1.0, True, 1.0), row(1, 0.5, 0.25, 0.4, 0.0, None, False, 0.0),
+            row(2, 0.25, 1.0, 0.2, 0.0, 0.5, True)]
+    report = E.summarise(rows)
+    one, two, overall = report["categories"]["1"], report["categories"]["2"], report["overall"]
+    assert one == {"count": 2, "parse_failures": 1, "f1": 0.75, "bleu1": 0.375, "locomo_f1": pytest.approx(0.6),
+                   "em": 0.5, "judge": 0.5, "recall": 1.0}  # recall: the one row with evidence
+    assert two == {"count": 1, "parse_failures": 0, "f1": 0.25, "bleu1": 1.0, "locomo_f1": 0.2, "em": 0.0,
+                   "recall": 0.5}  # no judge verdict in this category: no judge key
+    assert overall == {"count": 3, "parse_failures": 1, "f1": pytest.approx(1.75 / 3), "bleu1": pytest.approx(1.75 / 3),
+                       "locomo_f1": pytest.approx(1.4 / 3), "em": pytest.approx(1 / 3), "judge": 0.5, "recall": 0.75}
+    table = E.format_table(report, "title")
+    assert "| 1 single-hop | 2 | 75.00 | 37.50 | 60.00 | 50.00 | 50.00 | 100.00 |" in table
+    assert "| 2 temporal | 1 | 25.00 | 100.00 | 20.00 | 0.00 | - | 50.00 |" in table
+
+
 def test_a_killed_run_resumes_without_redoing_predictions(tiny_checkpoints, tmp_path):
     ckpt = tiny_checkpoints["llama"][0]
     evaluate(ckpt, tmp_path, "--limit", 3)

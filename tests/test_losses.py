@@ -27,10 +27,11 @@ def test_grpo_advantage_hand_computed_with_a_zero_variance_group():
 
 def test_kl_estimators():
     logp, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.5, -2.0, 0.0])
-    x = ref - logp  # [-0.5, 0, 0.5]
+    # x = ref - logp = [-0.5, 0, 0.5]
     assert torch.allclose(kl_penalty(logp, ref, "k1"), torch.tensor([0.5, 0.0, -0.5]))
     assert torch.allclose(kl_penalty(logp, ref, "k2"), torch.tensor([0.125, 0.0, 0.125]))
-    assert torch.allclose(kl_penalty(logp, ref, "k3"), torch.exp(x) - x - 1)
+    # exp(x) - x - 1 by hand: e^-0.5 + 0.5 - 1 = 0.1065307, 0, e^0.5 - 0.5 - 1 = 0.1487213
+    assert torch.allclose(kl_penalty(logp, ref, "k3"), torch.tensor([0.1065307, 0.0, 0.1487213]), atol=1e-6)
     assert (kl_penalty(torch.randn(100), torch.randn(100), "k3") >= 0).all()
     assert kl_penalty(torch.tensor([0.0]), torch.tensor([50.0]), "k3").item() == 10.0  # clamped
     with pytest.raises(ValueError, match="unknown KL estimator"):
@@ -82,9 +83,9 @@ def test_grpo_loss_adds_beta_k3():
     adv = torch.tensor([[0.5, 0.5]])
     mask = torch.ones(1, 2)
     loss, stats = grpo_loss(logp, logp, ref, adv, mask, beta=0.1)
-    k3 = torch.exp(ref - logp) - (ref - logp) - 1
-    assert loss.item() == pytest.approx((-0.5 + 0.1 * k3).mean().item(), abs=1e-6)
-    assert stats["kl"] == pytest.approx(k3.mean().item(), abs=1e-6) and stats["clip_frac"] == 0
+    # k3 = [e^-0.5 + 0.5 - 1, 0] = [0.1065307, 0]; the ratio is 1, so the surrogate is -A = -0.5 per token
+    assert loss.item() == pytest.approx((-0.5 + 0.01065307 - 0.5) / 2, abs=1e-6)
+    assert stats["kl"] == pytest.approx(0.1065307 / 2, abs=1e-6) and stats["clip_frac"] == 0
     plain, stats0 = grpo_loss(logp, logp, None, adv, mask, beta=0.0)
     assert plain.item() == pytest.approx(-0.5) and stats0["kl"] == 0
     with pytest.raises(ValueError, match="reference"):

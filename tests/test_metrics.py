@@ -196,13 +196,30 @@ def test_parse_verdict():
     assert "Generated answer: x" in judge_messages("q", "g", "x")[0]["content"]
 
 
-def test_local_judge_runs_a_real_checkpoint(smollm2_path):
+def test_local_judge_runs_a_real_checkpoint(smollm2_path, monkeypatch):
+    """The local judge puts the question, the gold answer and the generated one into Mem0's judge prompt,
+    and its verdict is read from the real model's greedy reply to that prompt. SmolLM2-135M does not follow
+    the judge prompt (it writes no label: measured on four obvious cases), so its verdict is "unparsed",
+    which evaluate.py counts as not correct and reports."""
+    import evaluate
+    import metrics
     import model as M
-    from metrics import LocalJudge
     net, tok = M.load_model(smollm2_path)
-    verdict = LocalJudge(net, tok, max_new_tokens=40)("What is the capital of France?", "Paris", "Paris")
-    assert isinstance(verdict.raw, str) and verdict.raw.strip()  # the real model wrote a reply
-    assert verdict.correct == parse_verdict(verdict.raw)
+    prompts = []
+    real_generate = metrics.generate
+    monkeypatch.setattr(metrics, "generate",
+                        lambda m, ids, *a, **k: prompts.append(ids[0]) or real_generate(m, ids, *a, **k))
+    question, gold, answer = "What pet did Melanie adopt?", "a dog named Buddy", "a goldfish called Nemo"
+    verdict = metrics.LocalJudge(net, tok, max_new_tokens=40)(question, gold, answer)
+    shown = tok.decode(prompts[0])
+    for line in (f"Question: {question}", f"Gold answer: {gold}", f"Generated answer: {answer}"):
+        assert line in shown
+    assert prompts[0] == tok.chat(judge_messages(question, gold, answer))
+    assert verdict.raw == tok.decode(real_generate(net, [prompts[0]], 40, temperature=0)[0]) and verdict.raw.strip()
+    assert verdict.correct is None and parse_verdict(verdict.raw) is None
+    row = {"question": question, "gold": gold, "answer": answer}
+    evaluate.add_verdict(row, metrics.LocalJudge(net, tok, max_new_tokens=40))
+    assert row["judge"] == 0.0 and row["judge_unparsed"] is True
 
 
 def test_judge_flags(endpoint, monkeypatch):

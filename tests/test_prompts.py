@@ -144,4 +144,3 @@ def test_half_characters_from_json_escapes_are_dropped():
     assert events.value == [{"id": "0", "text": "Buddy", "event": "ADD", "old_memory": ""}]
     for value in facts.value + [events.value[0]["text"]]:
         value.encode("utf-8")  # raises on a lone surrogate
-

@@ -106,6 +106,12 @@ def test_micro_batches_give_the_same_update(tiny_checkpoints, tmp_path):
     start = load_file(ckpt / "model.safetensors")
     assert max((a[k] - start[k]).abs().max() for k in a) > 1e-3  # the step moved the weights
     assert max((a[k] - b[k]).abs().max() for k in a) < 1e-5
+    # One AdamW step moves each weight by about lr * sign(gradient), whatever the gradient's scale: the
+    # logged loss and gradient norm are what show that the chunks add up to the whole group's.
+    whole, chunks = read_metrics(tmp_path / "whole")[1], read_metrics(tmp_path / "chunks")[1]
+    for key in ("loss", "grad_norm", "kl", "clip_frac"):
+        assert chunks[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), key
+    assert whole["grad_norm"] > 0
 
 
 def test_compiled_blocks_compute_the_same_log_probs(tiny_checkpoints):

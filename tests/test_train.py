@@ -180,14 +180,35 @@ def test_bad_flags_are_refused_with_the_reason(capsys):
 def test_answer_agent_banks_built_by_a_manager_checkpoint(tiny_checkpoints, tmp_path, monkeypatch,
                                                          first_sessions_only):
     """Phase two of the recipe: --manager CKPT runs that manager over the conversations' facts (cut to
-    their first session here to keep the test short) and the Answer Agent trains on its banks."""
-    built = []
-    real_run_manager = agents.run_manager
+    their first session here to keep the test short) and the Answer Agent trains on its banks: every
+    prompt is rebuilt here from the banks run_manager returned (and those differ from add-all banks)."""
+    from data.locomo import load_split
+    from memory import add_all_banks, speaker_memories
+    from prompts import answer_messages
+
+    built, tasks = {}, []
+    real_run_manager, real_answer_task = agents.run_manager, train.answer_task
     monkeypatch.setattr(agents, "run_manager",
-                        lambda *a, **k: built.append(a[0].sample_id) or real_run_manager(*a, **k))
+                        lambda *a, **k: built.setdefault(a[0].sample_id, (a[0], real_run_manager(*a, **k)))[1])
+    monkeypatch.setattr(train, "answer_task", lambda *a, **k: tasks.append(real_answer_task(*a, **k)) or tasks[-1])
     ckpt = tiny_checkpoints["qwen2"][0]
     args = flags(ckpt, tmp_path, "--manager", ckpt, "--manager-max-new-tokens", 6, "--memories-per-speaker", 1,
                  "--max-new-tokens", 4, "--group-size", 2, "--questions-per-step", 1, "--steps", 1, "--val-limit", 1)
     train.run(args)
-    assert built == ["conv-26", "conv-30"]  # the train and val conversations, once each
+    assert list(built) == ["conv-26", "conv-30"]  # the train and val conversations, once each
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1]
+
+    _, tok = M.load_model(ckpt)
+    differs = 0
+    for split, examples in (("train", tasks[0].train), ("val", tasks[0].val)):
+        questions = load_split(split)
+        assert len(examples) == len(questions)
+        for q, ex in zip(questions, examples):
+            conv, banks = built[q.conv_id]
+            prompts = []
+            for bank in (banks, add_all_banks(conv, agents.conversation_facts(conv, "observation"))):
+                mems_a, mems_b = speaker_memories(conv, bank, q.question, 1)
+                prompts.append(tok.chat(answer_messages(q.question, conv.speaker_a, mems_a, conv.speaker_b, mems_b)))
+            assert ex.prompt == prompts[0] and ex.gold == q.answer
+            differs += prompts[1] != prompts[0]
+    assert differs > 0
