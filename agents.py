@@ -39,7 +39,8 @@ import data.locomo as locomo  # module attribute access: tests cut the conversat
 from memory import FACT_SOURCES, FactRecord, HashEmbedder, MemoryBank, add_all_banks, make_embedder, speaker_memories
 from metrics import exact_match, f1
 from model import load_model
-from prompts import answer_messages, facts_messages, manager_messages, parse_answer, parse_facts, parse_manager
+from prompts import (answer_automaton, answer_messages, facts_automaton, facts_messages, manager_automaton,
+                     manager_messages, parse_answer, parse_facts, parse_manager)
 from sampling import generate
 
 # --------------------------------------------------------------------------------------------------
@@ -47,12 +48,18 @@ from sampling import generate
 # --------------------------------------------------------------------------------------------------
 
 
+def guide(automaton, model, tok, guided: bool):
+    """The format's guide over this model's vocabulary (grammar.py), or None when decoding is free."""
+    return automaton.guide(tok, model.lm_head.weight.shape[0]) if guided else None
+
+
 def conversation_facts(conv, source: str, model=None, tokenizer=None, batch_size: int = 8,
-                       max_new_tokens: int = 128, stats: dict | None = None) -> list[FactRecord]:
+                       max_new_tokens: int = 128, stats: dict | None = None, guided: bool = False) -> list[FactRecord]:
     """The facts of a data.locomo.Conversation, in conversation order, from one of FACT_SOURCES.
 
-    `llm` runs the fact-extraction prompt greedily over every turn (batched); a reply that does not parse
-    contributes whatever facts could be recovered and is counted in stats["parse_failures"].
+    `llm` runs the fact-extraction prompt greedily over every turn (batched; `guided`: in its JSON format by
+    construction); a reply that does not parse contributes whatever facts could be recovered and is
+    counted in stats["parse_failures"].
     """
     if source not in FACT_SOURCES:
         raise ValueError(f"unknown fact source {source!r} (choose from {', '.join(FACT_SOURCES)})")
@@ -70,7 +77,8 @@ def conversation_facts(conv, source: str, model=None, tokenizer=None, batch_size
     for i in range(0, len(turns), batch_size):
         chunk = turns[i:i + batch_size]
         prompts = [tokenizer.chat(facts_messages(t.text, dates.get(t.session, ""), t.speaker)) for t in chunk]
-        replies = generate(model, prompts, max_new_tokens, temperature=0)
+        replies = generate(model, prompts, max_new_tokens, temperature=0,
+                           guide=guide(facts_automaton(), model, tokenizer, guided))
         for turn, reply in zip(chunk, replies):
             parsed = parse_facts(tokenizer.decode(reply))
             stats["parse_failures"] += not parsed.ok
@@ -88,6 +96,7 @@ class Example:
     prompt: list[int]  # chat-formatted prompt token ids
     gold: str
     meta: dict = field(default_factory=dict)
+    guide: object = None  # the output format completions follow (grammar.Guide); None: free decoding
 
 
 @dataclass
@@ -114,20 +123,22 @@ def answer_task(args, tok, base_model) -> Task:
     banks = {}
     manager = None if args.manager == "add-all" else load_model(args.manager, base_model.lm_head.weight.dtype,
                                                                 base_model.lm_head.weight.device)[0]
+    answer_guide = guide(answer_automaton(not args.no_distill), base_model, tok, args.guided)
 
     def examples(split: str) -> list[Example]:
         out = []
         for q in locomo.load_split(split):
             conv = convs[q.conv_id]
             if conv.sample_id not in banks:
-                facts = conversation_facts(conv, args.facts, base_model, tok)
+                facts = conversation_facts(conv, args.facts, base_model, tok, guided=args.guided)
                 banks[conv.sample_id] = (add_all_banks(conv, facts, embedder) if manager is None else
                                          run_manager(conv, facts, manager, tok, embedder, args.manager_k,
-                                                     args.manager_max_new_tokens))
+                                                     args.manager_max_new_tokens, guided=args.guided))
             mems_a, mems_b = speaker_memories(conv, banks[conv.sample_id], q.question, args.memories_per_speaker)
             messages = answer_messages(q.question, conv.speaker_a, mems_a, conv.speaker_b, mems_b,
                                        distill=not args.no_distill)
-            out.append(Example(tok.chat(messages), q.answer, {"question": q.question, "category": q.category}))
+            out.append(Example(tok.chat(messages), q.answer, {"question": q.question, "category": q.category},
+                               answer_guide))
         return out
 
     def score(example: Example, texts: list[str]) -> list[dict]:
@@ -175,7 +186,7 @@ def facts_by_turn(facts: list[FactRecord]) -> dict[str, list[FactRecord]]:
 
 
 def run_manager(conv, facts: list[FactRecord], model, tok, embedder=None, k: int = 5, max_new_tokens: int = 256,
-                stats: dict | None = None, progress: bool = True) -> dict[str, MemoryBank]:
+                stats: dict | None = None, progress: bool = True, guided: bool = False) -> dict[str, MemoryBank]:
     """Build one bank per speaker by running the manager greedily over the facts, turn by turn, in order.
 
     Malformed output is applied as far as it is valid and counted in stats (parse_fail, invalid, ops).
@@ -197,7 +208,8 @@ def run_manager(conv, facts: list[FactRecord], model, tok, embedder=None, k: int
                 stats["ADD"] = stats.get("ADD", 0) + len(mine)
                 continue
             prompt = tok.chat(manager_messages(shown, [f.text for f in mine]))
-            out = generate(model, [prompt], max_new_tokens, temperature=0)[0]
+            fmt = guide(manager_automaton(len(shown) + len(mine)), model, tok, guided)  # shown ids, then fresh ones
+            out = generate(model, [prompt], max_new_tokens, temperature=0, guide=fmt)[0]
             banks[speaker], counts = apply_output(bank, tok.decode(out), id_map, mine[0])
             for key, v in counts.items():
                 stats[key] = stats.get(key, 0) + int(v)
@@ -209,8 +221,10 @@ def run_manager(conv, facts: list[FactRecord], model, tok, embedder=None, k: int
 # --------------------------------------------------------------------------------------------------
 
 
-def manager_examples(conv, questions, facts: list[FactRecord], tok, embedder, window: int = 24, k: int = 5):
-    """The RL states of one conversation (see section 3 above): Example objects."""
+def manager_examples(conv, questions, facts: list[FactRecord], tok, embedder, window: int = 24, k: int = 5,
+                     vocab_size: int | None = None):
+    """The RL states of one conversation (see section 3 above): Example objects; with a vocab_size (of the
+    policy's output layer) each carries its format's guide: ids up to the shown memories plus the facts."""
     by_turn, turns = facts_by_turn(facts), conv.turns()
     linked = defaultdict(list)
     for q in questions:
@@ -227,7 +241,8 @@ def manager_examples(conv, questions, facts: list[FactRecord], tok, embedder, wi
         prompt = tok.chat(manager_messages(shown, [f.text for f in mine]))
         meta = {"conv": conv, "banks": banks, "speaker": turn.speaker, "id_map": id_map, "facts": mine,
                 "questions": linked[turn.dia_id], "dia_id": turn.dia_id}
-        out.append(Example(prompt, "", meta))
+        fmt = None if vocab_size is None else manager_automaton(len(shown) + len(mine)).guide(tok, vocab_size)
+        out.append(Example(prompt, "", meta, fmt))
     return out
 
 
@@ -238,21 +253,24 @@ def manager_task(args, tok, base_model):
     answerer = load_model(args.answerer or args.model, dtype, dev)[0]  # its own copy: the policy will change
     answerer.requires_grad_(False)
     convs = {c.sample_id: c for c in locomo.load_conversations()}
+    vocab_size = base_model.lm_head.weight.shape[0] if args.guided else None
+    answer_guide = guide(answer_automaton(not args.no_distill), answerer, tok, args.guided)
 
     def examples(split):
         qs = locomo.load_split(split)
         out = []
         for conv_id in dict.fromkeys(q.conv_id for q in qs):
             conv = convs[conv_id]
-            facts = conversation_facts(conv, args.facts, base_model, tok)
+            facts = conversation_facts(conv, args.facts, base_model, tok, guided=args.guided)
             out += manager_examples(conv, [q for q in qs if q.conv_id == conv_id], facts, tok, embedder,
-                                    args.window, args.manager_k)
+                                    args.window, args.manager_k, vocab_size)
         return out
 
-    return Task(examples("train"), examples("val"), lambda ex, texts: manager_score(ex, texts, answerer, tok, args))
+    return Task(examples("train"), examples("val"),
+                lambda ex, texts: manager_score(ex, texts, answerer, tok, args, answer_guide))
 
 
-def manager_score(example, texts: list[str], answerer, tok, args) -> list[dict]:
+def manager_score(example, texts: list[str], answerer, tok, args, answer_guide=None) -> list[dict]:
     """Reward of each manager output: apply it to a copy of the bank, let the frozen answerer answer the
     turn's linked questions greedily (k + k retrieval), mean EM (or F1); plus the event mix and bank size."""
     meta, k = example.meta, args.memories_per_speaker
@@ -270,7 +288,8 @@ def manager_score(example, texts: list[str], answerer, tok, args) -> list[dict]:
                 prompts.append(tok.chat(msgs))
     answers = []
     for i in range(0, len(prompts), args.val_batch):
-        answers += generate(answerer, prompts[i:i + args.val_batch], args.answer_max_new_tokens, temperature=0)
+        answers += generate(answerer, prompts[i:i + args.val_batch], args.answer_max_new_tokens, temperature=0,
+                            guide=answer_guide)
     out, pos = [], 0
     for counts, size in results:
         n_events = sum(counts[op] for op in OPS) + counts["invalid"]

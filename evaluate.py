@@ -25,11 +25,11 @@ from tqdm import tqdm
 
 import data.locomo as locomo  # module attribute access: tests cut the conversations by patching it
 import model as M
-from agents import conversation_facts, run_manager
+from agents import conversation_facts, guide, run_manager
 from memory import MemoryBank, add_all_banks, make_embedder, speaker_memories
 from metrics import (JudgeError, add_judge_flags, bleu1, evidence_recall, exact_match, f1, locomo_f1,
                      make_judge)
-from prompts import answer_messages, parse_answer
+from prompts import answer_automaton, answer_messages, parse_answer
 from sampling import generate
 
 # --------------------------------------------------------------------------------------------------
@@ -45,7 +45,7 @@ BASELINES = {
 }
 # Settings a resumed run must share with the run that wrote the folder (--limit and the judge may change).
 RUN_KEYS = ("model", "manager", "facts", "split", "k", "distill", "max_new_tokens", "embedder", "manager_k", "dtype",
-            "manager_max_new_tokens")
+            "manager_max_new_tokens", "guided")
 SCORES = ("f1", "bleu1", "locomo_f1", "em", "judge", "recall")
 
 
@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-new-tokens", type=int, default=128, help="answer length limit (distillation lists memories first)")
     a("--batch", type=int, default=8, help="questions per generate call")
     a("--dtype", choices=("float32", "bfloat16"), default="float32")
+    a("--guided", action=argparse.BooleanOptionalAction, default=True,
+      help="guided decoding: the manager's, the facts' and the answers' formats by construction (prompts.py)")
     a("--device", default=None, help="torch device (default cuda when available)")
     a("--out", required=True, help="run folder: report.json, predictions.jsonl, banks/")
     add_judge_flags(ap)
@@ -152,11 +154,12 @@ def conversation_banks(conv, args, folder: Path, answerer, tok, manager, embedde
     files = {conv.speaker_a: where / "speaker_a.json", conv.speaker_b: where / "speaker_b.json"}
     if all(f.exists() for f in files.values()):
         return {s: MemoryBank.load(f, embedder) for s, f in files.items()}
-    facts = conversation_facts(conv, args.facts, answerer, tok, stats=stats)
+    facts = conversation_facts(conv, args.facts, answerer, tok, stats=stats, guided=args.guided)
     if manager is None:
         banks = add_all_banks(conv, facts, embedder)
     else:
-        banks = run_manager(conv, facts, manager, tok, embedder, args.manager_k, args.manager_max_new_tokens, stats)
+        banks = run_manager(conv, facts, manager, tok, embedder, args.manager_k, args.manager_max_new_tokens, stats,
+                            guided=args.guided)
     where.mkdir(parents=True, exist_ok=True)
     for s, f in files.items():
         banks[s].save(f)
@@ -220,7 +223,8 @@ def answer_questions(conv, todo, banks, answerer, tok, args, judge, done: dict, 
         retrieved = [speaker_memories(conv, banks, q.question, args.k) for q in chunk]
         prompts = [tok.chat(answer_messages(q.question, conv.speaker_a, ra, conv.speaker_b, rb, args.distill))
                    for q, (ra, rb) in zip(chunk, retrieved)]
-        outs = generate(answerer, prompts, args.max_new_tokens, temperature=0)
+        outs = generate(answerer, prompts, args.max_new_tokens, temperature=0,
+                        guide=guide(answer_automaton(args.distill), answerer, tok, args.guided))
         with pred_file.open("a") as f:
             for q, (ra, rb), o in zip(chunk, retrieved, outs):
                 row = score_prediction(q, tok.decode(o), ra + rb, judge)

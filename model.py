@@ -328,9 +328,9 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def logprobs(self, prompt_ids: list[int], completions: list[list[int]], temperature: float = 1.0,
-                 checkpoint: bool = True):
+                 checkpoint: bool = True, allowed: torch.Tensor | None = None):
         """completion_logprobs as a method: the loss pass, which FSDP2 can hook like forward (parallel.py)."""
-        return completion_logprobs(self, prompt_ids, completions, temperature, checkpoint)
+        return completion_logprobs(self, prompt_ids, completions, temperature, checkpoint, allowed)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.lm_head.weight
@@ -392,25 +392,34 @@ def completion_hidden(model, prompt_ids: list[int], completions: list[list[int]]
     return model.norm(h), tokens, mask
 
 
-def token_logprobs(model, h: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(lm_head(h) / temperature) at `tokens`: [G, T, dim] -> [G, T]."""
-    logp = torch.log_softmax(model.lm_head(h).float() / temperature, dim=-1)  # [G, T, V]
+def token_logprobs(model, h: torch.Tensor, tokens: torch.Tensor, temperature: float, allowed=None) -> torch.Tensor:
+    """log softmax(lm_head(h) / temperature) at `tokens`: [G, T, dim] -> [G, T]; over `allowed` [G, T, V] only."""
+    logits = model.lm_head(h).float()  # [G, T, V]
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    logp = torch.log_softmax(logits / temperature, dim=-1)
     return logp.gather(-1, tokens[..., None])[..., 0]
 
 
-def completion_logprobs(model, prompt_ids: list[int], completions: list[list[int]],
-                        temperature: float = 1.0, checkpoint: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logprobs(model, prompt_ids: list[int], completions: list[list[int]], temperature: float = 1.0,
+                        checkpoint: bool = True, allowed: torch.Tensor | None = None):
     """Log-probs of G completions of one prompt, with gradients: the loss pass of GRPO/PPO.
 
     Runs the prompt once (completion_hidden). Logits are divided by the sampling temperature (SPEC
-    section 5). With `checkpoint`, the [G, T, vocab] logits are recomputed in the backward pass instead of
-    kept. Returns (logp [G, T], mask [G, T]), right-padded, logp 0 on padding.
+    section 5). `allowed` [G, T, V] bool: the tokens each position was sampled from (guided decoding's
+    format, top-p's nucleus; grammar.allowed_masks), so that the ratio to the sampler's log-probs is 1 before
+    any update and a forced token has log-prob 0 and no gradient. With `checkpoint`, the [G, T, vocab]
+    logits are recomputed in the backward pass instead of kept. Returns (logp [G, T], mask [G, T]),
+    right-padded, logp 0 on padding.
     """
     h, tokens, mask = completion_hidden(model, prompt_ids, completions, checkpoint)
+    if allowed is not None:
+        allowed = allowed.to(h.device)
     if checkpoint and torch.is_grad_enabled():
-        logp = torch.utils.checkpoint.checkpoint(token_logprobs, model, h, tokens, temperature, use_reentrant=False)
+        logp = torch.utils.checkpoint.checkpoint(token_logprobs, model, h, tokens, temperature, allowed,
+                                                 use_reentrant=False)
     else:
-        logp = token_logprobs(model, h, tokens, temperature)
+        logp = token_logprobs(model, h, tokens, temperature, allowed)
     return logp * mask, mask
 
 

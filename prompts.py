@@ -5,20 +5,25 @@
     answer_messages(question, a, mems_a, b, mems_b, distill=True)
                                                 -> chat messages; the model answers ... **Answer:** x
     parse_facts / parse_manager / parse_answer  -> Parsed(value, ok, error)
+    facts_automaton() / manager_automaton(n_ids) / answer_automaton(distill)
+                                                -> the formats as automata for guided decoding (grammar.py)
 
 The prompts follow Mem0's fact-extraction, update-memory and LoCoMo answer prompts in substance (the
 paper reuses them); the answer prompt adds Memory-R1's two rules: list the useful memories first
 (memory distillation), then the final answer after `**Answer:**`. Model output is often malformed
 (code fences, prose around the JSON, cut off at the token limit, wrong types): the parsers recover
 what they can and say so in `ok` / `error`, so callers count failures instead of crashing.
-No project imports. Read next: memory.py.
+Read next: memory.py.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
+
+from grammar import Automaton, alt, byte_in, lit, opt, seq, star
 
 # --------------------------------------------------------------------------------------------------
 # Prompts
@@ -108,6 +113,68 @@ def answer_messages(question: str, speaker_a: str, memories_a: list[dict], speak
             f"Memories for user {speaker_b}:\n\n{format_memories(memories_b)}\n\n"
             f"Question: {question}")
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+# --------------------------------------------------------------------------------------------------
+# Output formats as automata (grammar.py): with guided decoding, every output that ends parses ok
+# --------------------------------------------------------------------------------------------------
+
+WS = star(byte_in(" \n\t\r"))  # JSON whitespace between structural characters
+TEXT_BYTE = byte_in(set(range(0x20, 0x100)) - {ord('"'), ord("\\")})  # inside a JSON string, as it is
+ESCAPE = seq(lit("\\"), alt(byte_in('"\\/bfnrt'), seq(lit("u"), *[byte_in("0123456789abcdefABCDEF")] * 4)))
+STRING = seq(lit('"'), star(alt(TEXT_BYTE, ESCAPE)), lit('"'))
+# A string with a visible ASCII first character: it cannot strip to "" (a blank fact or memory is refused).
+NONBLANK_STRING = seq(lit('"'), byte_in(set(range(0x21, 0x7F)) - {ord('"'), ord("\\")}),
+                      star(alt(TEXT_BYTE, ESCAPE)), lit('"'))
+
+
+def json_list(item) -> tuple:
+    """[item, item, ...] with JSON whitespace anywhere between them; possibly empty."""
+    return seq(lit("["), WS, opt(seq(item, star(seq(WS, lit(","), WS, item)), WS)), lit("]"))
+
+
+def json_key(name: str) -> tuple:
+    return seq(WS, lit(f'"{name}"'), WS, lit(":"), WS)
+
+
+@functools.lru_cache
+def facts_automaton() -> Automaton:
+    """{"facts": ["fact", ...]}: every fact a non-blank string."""
+    return Automaton(seq(lit("{"), json_key("facts"), json_list(NONBLANK_STRING), WS, lit("}"), WS))
+
+
+@functools.lru_cache
+def manager_automaton(n_ids: int) -> Automaton:
+    """{"memory": [EVENT, ...]}, EVENT = {"id": ID, "text": TEXT, "event": OP[, "old_memory": STRING]}.
+
+    ID is one of "0" ... str(n_ids - 1): the ids shown in the prompt and then fresh ones for ADD (the
+    caller passes shown memories + facts). Keys come in the prompt's order; old_memory is optional (the
+    prompt asks for it with UPDATE only); TEXT is non-blank, so an ADD or UPDATE always has a text.
+    """
+    ids = alt(*[lit(str(i)) for i in range(max(n_ids, 1))])
+    op = alt(*[lit(name) for name in ("ADD", "UPDATE", "DELETE", "NONE")])
+    event = seq(lit("{"), json_key("id"), lit('"'), ids, lit('"'), WS, lit(","), json_key("text"), NONBLANK_STRING,
+                WS, lit(","), json_key("event"), lit('"'), op, lit('"'),
+                opt(seq(WS, lit(","), json_key("old_memory"), STRING)), WS, lit("}"))
+    return Automaton(seq(lit("{"), json_key("memory"), json_list(event), WS, lit("}"), WS))
+
+
+# The answer's line: no line break (only the first line is the answer) and no '*' (a second **Answer:**
+# would move the parser's answer after it); it starts with a visible ASCII character other than ':' (which
+# the marker's pattern would take), so it is never empty.
+ANSWER_LINE = seq(star(lit(" ")), byte_in(set(range(0x21, 0x7F)) - {ord("*"), ord(":")}),
+                  star(byte_in(set(range(0x20, 0x100)) - {ord("*")})))
+
+
+@functools.lru_cache
+def answer_automaton(distill: bool = True) -> Automaton:
+    """**Memories selected as relevant:** and "- memory" lines (with distillation), then **Answer:** and one
+    line, then the end."""
+    answer = seq(lit("**Answer:**"), ANSWER_LINE)
+    if not distill:
+        return Automaton(answer)
+    memory_line = seq(lit("- "), star(byte_in(set(range(0x20, 0x100)))), lit("\n"))
+    return Automaton(seq(lit("**Memories selected as relevant:**\n"), star(memory_line), answer))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,16 +21,23 @@ import torch
 import model as M
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator, allowed: torch.Tensor | None = None,
+                return_support: bool = False):
     """logits [B, V] -> (token [B], log-prob [B] of that token under the distribution it was drawn from).
 
-    Temperature 0 is greedy and reports the model's own log-prob. Sampling divides the logits by the
-    temperature first (SPEC section 5), then keeps the smallest top-p nucleus and renormalises.
+    `allowed` [B, V] (guided decoding) masks the logits first: the distribution is renormalised over the
+    allowed tokens. Temperature 0 is greedy. Sampling divides the logits by the temperature (SPEC section
+    5), then keeps the smallest top-p nucleus and renormalises. With return_support, also the tokens that
+    had a non-zero probability ([B, V] bool; None when that is every allowed token), for the loss pass.
     """
     logits = logits.float()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    support = None
     if temperature == 0:
         token = logits.argmax(-1)
-        return token, torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
+        logp = torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
+        return (token, logp, support) if return_support else (token, logp)
     logp = torch.log_softmax(logits / temperature, -1)  # [B, V]
     if top_p < 1.0:
         sorted_logp, order = logp.sort(-1, descending=True)
@@ -38,24 +45,31 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
         sorted_logp = sorted_logp.masked_fill(mass_before >= top_p, float("-inf"))
         logp = torch.full_like(logp, float("-inf")).scatter(-1, order, sorted_logp)
         logp = torch.log_softmax(logp, -1)  # renormalise over the nucleus
+        support = logp > float("-inf")
     # Inverse-CDF sampling: one uniform number per row (multinomial draws one per vocabulary entry); u > 0 so
     # the first index with cdf >= u always has non-zero probability.
     cdf = logp.exp().cumsum(-1)  # [B, V]
     u = (1 - torch.rand(logp.shape[0], 1, generator=generator, device=logp.device)) * cdf[:, -1:]  # in (0, 1]
     token = torch.searchsorted(cdf, u)[:, 0].clamp(max=logp.shape[-1] - 1)
-    return token, logp.gather(-1, token[:, None])[:, 0]
+    logp = logp.gather(-1, token[:, None])[:, 0]
+    return (token, logp, support) if return_support else (token, logp)
 
 
 @torch.no_grad()
 def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, stop_ids=None, seed: int | None = None, return_logprobs: bool = False,
-             sync_steps: bool = False):
+             sync_steps: bool = False, guide=None, return_supports: bool = False):
     """Sample a continuation of each prompt; returns the new tokens only, cut after the first stop id.
 
     stop_ids: None -> the model's (load_model sets the tokenizer's); () -> never stop early.
     seed: seeds a private generator, so the same call gives the same tokens.
     Identical prompts (G samples of one question) are prefilled once and their KV cache rows copied.
     With return_logprobs, also returns each new token's log-prob under the sampling distribution.
+    guide: a grammar.Guide for every row, or a list with one (or None) per row: each row follows its
+    output format (prompts.py), and its log-probs are those of the distribution renormalised over the
+    tokens the format allows. With a guide, end of sequence is the guide's stop ids.
+    return_supports: also return, per row and new token, the ids that top-p kept (a LongTensor; None per
+    token with top_p = 1): the loss pass renormalises over the same set (see model.completion_logprobs).
     sync_steps: take all max_new_tokens steps even after every row stopped (outputs are cut the same): a
     model sharded with FSDP gathers weights collectively at each step, so every rank must take as many.
     """
@@ -64,8 +78,45 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
     stops = torch.tensor(list(model.stop_ids if stop_ids is None else stop_ids), dtype=torch.long)
     dev = model.lm_head.weight.device
     generator = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+    logits, cache = prefill(model, prompt_ids, max_new_tokens)  # [B, V]
 
-    # Prefill each distinct prompt once, left-padded to a common length.
+    B = len(prompt_ids)
+    guides = guide if isinstance(guide, list) else [guide] * B
+    states = [g.start if g is not None else None for g in guides]
+    out = torch.zeros(B, max_new_tokens, dtype=torch.long)
+    out_logp = torch.zeros(B, max_new_tokens)
+    supports = [[] for _ in range(B)]
+    lengths = torch.full((B,), max_new_tokens)
+    done = torch.zeros(B, dtype=torch.bool)
+    stops = stops.to(dev)
+    for t in range(max_new_tokens):
+        allowed = allowed_rows(guides, states, logits.shape[-1], dev)
+        token, logp, support = sample_next(logits, temperature, top_p, generator, allowed, return_support=True)
+        out[:, t], out_logp[:, t] = token.cpu(), logp.cpu()
+        for b in range(B):
+            if return_supports:
+                supports[b].append(None if support is None else support[b].nonzero()[:, 0].cpu())
+            if guides[b] is not None and not done[b]:
+                states[b] = guides[b].advance(states[b], int(token[b]))
+        hit = torch.isin(token, stops).cpu() & ~done
+        lengths[hit] = t + 1
+        done |= hit
+        if (bool(done.all()) and not sync_steps) or t == max_new_tokens - 1:
+            break
+        logits = model(token[:, None], cache=cache)[:, -1]
+    tokens = [out[b, :lengths[b]].tolist() for b in range(B)]
+    result = (tokens,)
+    if return_logprobs:
+        result += ([out_logp[b, :lengths[b]].tolist() for b in range(B)],)
+    if return_supports:
+        result += ([supports[b][:lengths[b]] for b in range(B)],)
+    return result if len(result) > 1 else tokens
+
+
+def prefill(model, prompt_ids: list[list[int]], max_new_tokens: int):
+    """Each distinct prompt run once, left-padded to a common length, into a KV cache with room for the new
+    tokens; then repeated for its rows. Returns (logits of each row's next token [B, V], cache)."""
+    dev = model.lm_head.weight.device
     unique = list(dict.fromkeys(tuple(p) for p in prompt_ids))
     row_of = {p: i for i, p in enumerate(unique)}
     T = max(len(p) for p in unique)
@@ -79,27 +130,15 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
     rows = torch.tensor([row_of[tuple(p)] for p in prompt_ids], device=dev)
     if len(unique) != len(prompt_ids):
         cache.select_rows(rows)
-    logits = logits[rows]  # [B, V]
+    return logits[rows], cache
 
-    B = len(prompt_ids)
-    out = torch.zeros(B, max_new_tokens, dtype=torch.long)
-    out_logp = torch.zeros(B, max_new_tokens)
-    lengths = torch.full((B,), max_new_tokens)
-    done = torch.zeros(B, dtype=torch.bool)
-    stops = stops.to(dev)
-    for t in range(max_new_tokens):
-        token, logp = sample_next(logits, temperature, top_p, generator)
-        out[:, t], out_logp[:, t] = token.cpu(), logp.cpu()
-        hit = torch.isin(token, stops).cpu() & ~done
-        lengths[hit] = t + 1
-        done |= hit
-        if (bool(done.all()) and not sync_steps) or t == max_new_tokens - 1:
-            break
-        logits = model(token[:, None], cache=cache)[:, -1]
-    tokens = [out[b, :lengths[b]].tolist() for b in range(B)]
-    if return_logprobs:
-        return tokens, [out_logp[b, :lengths[b]].tolist() for b in range(B)]
-    return tokens
+
+def allowed_rows(guides: list, states: list, vocab_size: int, device) -> torch.Tensor | None:
+    """[B, V] bool: each guided row's allowed tokens (grammar.Guide.allowed); every token for the others."""
+    if all(g is None for g in guides):
+        return None
+    every = torch.ones(vocab_size, dtype=torch.bool)
+    return torch.stack([every if g is None else g.allowed(s) for g, s in zip(guides, states)]).to(device)
 
 
 # --------------------------------------------------------------------------------------------------

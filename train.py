@@ -55,6 +55,7 @@ import model as M
 from agents import Example, Task, answer_task, manager_task
 from checkpoint import (checkpoint_to_resume, export_merged, load_trainable_state, load_training_state,
                         save_training_state, trim_metrics)
+from grammar import allowed_masks
 from grpo import compute_grpo_outcome_advantage, grpo_loss, zero_std_group_fraction
 from parallel import (all_sum, backward, barrier, clip_gradients, concat_over_ranks, gather_lists, init_distributed,
                       my_share, no_sync, prepare_models, this_rank, validation_share)
@@ -96,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--group-size", type=int, default=8, help="completions sampled per question (G; paper: not reported)")
     a("--max-new-tokens", type=int, help="response length limit of the trained agent (paper: 2048)")
     a("--temperature", type=float, default=1.0, help="sampling temperature; log-probs use it too (paper: 1.0)")
-    a("--top-p", type=float, default=1.0, help="nucleus sampling; < 1 makes the old log-probs off-policy")
+    a("--top-p", type=float, default=1.0, help="nucleus sampling; the loss pass renormalises over the same nucleus")
+    a("--guided", action=argparse.BooleanOptionalAction, default=True,
+      help="guided decoding: every output in its format by construction (prompts.py; departs from the paper)")
     a("--lr", type=float, help="actor learning rate, constant (paper: 1e-6)")
     a("--critic-lr", type=float, default=1e-5, help="PPO critic learning rate (paper: 1e-5)")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -198,6 +201,13 @@ class Group:
     advantages: torch.Tensor | None = None
     old_values: torch.Tensor | None = None  # PPO critic at rollout time
     returns: torch.Tensor | None = None
+    guide: object = None  # the output format the completions followed (grammar.Guide)
+    supports: list | None = None  # per completion and token: the ids top-p kept (top_p < 1)
+    n_vocab: int = 0  # rows of the policy's output layer
+
+    def allowed(self) -> torch.Tensor | None:
+        """[G, T, V]: what each token was sampled from, for the loss pass (None: the whole vocabulary)."""
+        return allowed_masks(self.completions, self.n_vocab, self.guide, self.supports)
 
 
 def pad(rows: list[list[float]], dtype=torch.float32) -> torch.Tensor:
@@ -233,18 +243,20 @@ def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, r
     for i in range(0, len(examples), args.rollout_batch):
         chunk = examples[i:i + args.rollout_batch]
         prompts = [ex.prompt for ex in chunk for _ in range(G)]  # each prompt G times: prefilled once
-        tokens, logps = generate(policy, prompts, args.max_new_tokens, args.temperature, args.top_p,
-                                 seed=args.seed * 1_000_003 + step * 1_009 + offset + i, return_logprobs=True,
-                                 sync_steps=args.fsdp)
+        tokens, logps, supports = generate(policy, prompts, args.max_new_tokens, args.temperature, args.top_p,
+                                           seed=args.seed * 1_000_003 + step * 1_009 + offset + i,
+                                           return_logprobs=True, sync_steps=args.fsdp,
+                                           guide=[ex.guide for ex in chunk for _ in range(G)], return_supports=True)
         for j, ex in enumerate(chunk):
-            comps, lps = tokens[j * G:(j + 1) * G], logps[j * G:(j + 1) * G]
+            comps, lps, sup = tokens[j * G:(j + 1) * G], logps[j * G:(j + 1) * G], supports[j * G:(j + 1) * G]
             scores = task.score(ex, [tok.decode(c) for c in comps])  # the outcome reward, and what to log
-            groups.append(Group(ex.prompt, comps, pad(lps).to(dev), pad([[1] * len(c) for c in comps], torch.bool)
-                                .to(dev), scores))
+            mask = pad([[1] * len(c) for c in comps], torch.bool).to(dev)
+            groups.append(Group(ex.prompt, comps, pad(lps).to(dev), mask, scores, guide=ex.guide,
+                                supports=sup if args.top_p < 1 else None, n_vocab=policy.lm_head.weight.shape[0]))
     for g in groups:
-        if ref is not None:
+        if ref is not None:  # the reference's distribution over the same tokens as the policy's
             with lora.adapters_disabled(ref):
-                g.ref_logp, _ = ref.logprobs(g.prompt, g.completions, args.temperature)
+                g.ref_logp, _ = ref.logprobs(g.prompt, g.completions, args.temperature, True, g.allowed())
         if critic is not None:
             g.old_values = critic.completion_values(g.prompt, g.completions)
     rewards = torch.tensor([s["reward"] for g in groups for s in g.scores])  # [N * G], group by group
@@ -331,7 +343,8 @@ def micro_batches(g: Group, size: int) -> list[Group]:
             return None if t is None else t[rows, :T]
 
         out.append(Group(g.prompt, comps, cut(g.old_logp), cut(g.mask), g.scores[rows], cut(g.ref_logp),
-                         cut(g.advantages), cut(g.old_values), cut(g.returns)))
+                         cut(g.advantages), cut(g.old_values), cut(g.returns), g.guide,
+                         None if g.supports is None else g.supports[rows], g.n_vocab))
     return out
 
 
@@ -375,7 +388,7 @@ def minibatch_step(policy, opt, minibatch: list[Group], args, critic=None, criti
     for i, c in enumerate(work):
         w = c.mask.sum().item() / n_tokens  # this chunk's share of the minibatch's tokens
         with no_sync(policy, last=i == len(work) - 1):  # gradients sync over ranks at the last backward only
-            logp, mask = policy(c.prompt, c.completions, args.temperature, args.checkpointing)
+            logp, mask = policy(c.prompt, c.completions, args.temperature, args.checkpointing, c.allowed())
             loss, st = grpo_loss(logp, c.old_logp, c.ref_logp, c.advantages, mask, beta, args.clip_low,
                                  args.clip_high, args.loss_agg, denom)
             backward(loss)
@@ -414,7 +427,7 @@ def validate(policy, tok, task: Task, args) -> dict:
     for i in tqdm(range(0, len(mine), args.val_batch), desc="validate", leave=False, disable=this_rank() > 0):
         chunk = mine[i:i + args.val_batch]
         outs = generate(policy, [ex.prompt for ex in chunk], args.max_new_tokens, temperature=0,
-                        sync_steps=args.fsdp)
+                        sync_steps=args.fsdp, guide=[ex.guide for ex in chunk])
         for ex, out in zip(chunk, outs):
             scores += task.score(ex, [tok.decode(out)])
     return mean_scores(gather_lists({"scores": scores[:n_real]})["scores"], "val_")

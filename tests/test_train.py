@@ -132,7 +132,7 @@ def test_ppo_trains_the_answer_agent_on_locomo_and_resumes(tiny_checkpoints, tmp
     from transformers import AutoModelForCausalLM
 
     ckpt = tiny_checkpoints["qwen3"][0]
-    common = ("--algo", "ppo", "--memories-per-speaker", 1, "--max-new-tokens", 4, "--group-size", 2,
+    common = ("--algo", "ppo", "--no-guided", "--memories-per-speaker", 1, "--max-new-tokens", 4, "--group-size", 2,
               "--questions-per-step", 2, "--ppo-epochs", 2, "--minibatches", 2, "--val-limit", 2,
               "--val-every", 1, "--save-every", 1, "--lr", 1e-3, "--critic-lr", 1e-3)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
