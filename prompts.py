@@ -226,16 +226,22 @@ def extract_json_object(text) -> tuple[dict | None, str]:
     return None, "no JSON object found"
 
 
+MAX_STARTS = 32  # '{' positions tried: the object is at the start of an answer, and each try reads the rest
+
+
 def first_json_object(text: str) -> tuple[dict | None, str]:
     decoder = json.JSONDecoder()
-    for start in (m.start() for m in re.finditer(r"\{", text)):  # the outermost object comes first
+    starts = [m.start() for m, _ in zip(re.finditer(r"\{", text), range(MAX_STARTS))]
+    for start in starts:  # the outermost object comes first
         try:
             obj, _ = decoder.raw_decode(text[start:])
             note = ""
+        except RecursionError:  # nesting deeper than Python's stack (a sampled "[[[[..."): not our shape
+            continue
         except json.JSONDecodeError:
             try:  # maybe the output was cut off at the token limit
                 obj, note = json.loads(close_truncated_json(text[start:])), "repaired truncated JSON"
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 continue
         if isinstance(obj, dict):
             return obj, note

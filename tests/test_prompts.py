@@ -144,3 +144,61 @@ def test_half_characters_from_json_escapes_are_dropped():
     assert events.value == [{"id": "0", "text": "Buddy", "event": "ADD", "old_memory": ""}]
     for value in facts.value + [events.value[0]["text"]]:
         value.encode("utf-8")  # raises on a lone surrogate
+
+
+def malformed_outputs(n: int, seed: int = 0) -> list[str]:
+    """n outputs a sampling model could write: valid ones cut anywhere, deep nesting, wrong types, huge
+    strings, control and non-BMP characters, lone surrogate escapes, and their mixtures."""
+    import random
+    rng = random.Random(seed)
+    good = [json.dumps({"memory": [{"id": "0", "text": "Melanie adopted two dogs, Buddy and Scout", "event": "UPDATE",
+                                    "old_memory": "Melanie adopted a dog"}, {"id": "1", "text": "x", "event": "ADD"}]}),
+            json.dumps({"facts": ["Caroline went to a support group", "Caroline paints"]}),
+            "**Memories selected as relevant:**\n- 8 May 2023: a\n**Answer:** Paris"]
+    pieces = ['{', '}', '[', ']', '"', '\\', ':', ',', 'null', 'true', '1e999', '-0', '"\\ud83d"', '"\\u0000"',
+              '{"memory": ', '{"facts": ', '{"event": "DELETE", "id": "0"}', '{"event": 7}', '"memory"',
+              '**Answer:**', '\n', '\x00', '\x1b', '\u2028', '\U0001f600', 'é', '```json', '```']
+    out = []
+    for i in range(n):
+        kind = i % 6
+        if kind == 0:  # a valid output cut at any character
+            text = rng.choice(good)
+            out.append(text[:rng.randrange(len(text) + 1)])
+        elif kind == 1:  # deep nesting
+            depth = rng.choice([10, 500, 3000])
+            out.append(rng.choice(['{"memory": ', '{"facts": ', '']) + rng.choice(["[", "{\"a\": "]) * depth)
+        elif kind == 2:  # wrong types where lists and strings should be
+            value = rng.choice([5, "x", None, [1, "a", None, [], {}], {"event": ["ADD"]}, [{"id": {}, "text": 3}]])
+            out.append(json.dumps({rng.choice(["memory", "facts"]): value}))
+        elif kind == 3:  # huge strings
+            out.append('{"facts": ["' + "a" * rng.choice([10_000, 200_000]) + rng.choice(['"]}', '']))
+        else:  # random mixtures of the pieces above
+            out.append("".join(rng.choice(pieces) for _ in range(rng.randrange(1, 40))))
+    return out
+
+
+def test_ten_thousand_malformed_outputs_never_raise_and_keep_the_bank_consistent():
+    import numpy as np
+
+    from memory import MemoryBank
+    bank = MemoryBank()
+    for t in ("Melanie adopted a dog", "Melanie lives in Boston", "Caroline paints"):
+        bank.add(t)
+    outputs = malformed_outputs(10_000)
+    for text in outputs:
+        for parse in (parse_facts, parse_manager, parse_answer):
+            got = parse(text)
+            assert isinstance(got.ok, bool) and isinstance(got.error, str)
+            for value in got.value if isinstance(got.value, list) else [got.value]:
+                for s in (value.values() if isinstance(value, dict) else [value]):
+                    if isinstance(s, str):
+                        s.encode("utf-8")  # whole characters only: a prompt can hold it
+        counts = bank.apply(parse_manager(text).value, {"0": "0", "1": "1"}, speaker="Melanie")
+        assert set(counts) == {"ADD", "UPDATE", "DELETE", "NONE", "invalid"}
+    # the bank is consistent: every memory has one live row, holding its own text's embedding
+    n = len(bank.memories)
+    assert len(bank._id_at) == n == len(bank._row_of) and sorted(bank._row_of.values()) == list(range(n))
+    for mid, m in bank.memories.items():
+        assert bank._id_at[bank._row_of[mid]] == mid
+        assert np.allclose(bank._vecs[bank._row_of[mid]], bank.embedder([m.text])[0], atol=1e-6)
+    assert len(bank.log) > 3  # some of the outputs did edit the bank
