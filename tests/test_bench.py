@@ -22,14 +22,15 @@ def run_bench(script: str, *flags) -> str:
 
 def test_every_bench_script_is_covered():
     scripts = {p.name for p in (ROOT / "bench").glob("*.py")}
-    assert scripts == {"bench_16bit.py", "bench_generate.py", "bench_grpo_step.py", "bench_loss_pass.py",
-                       "bench_memory.py", "bench_scale.py", "estimate_7b.py", "evidence_recall.py"}
+    assert scripts == {"bench_16bit.py", "bench_generate.py", "bench_grpo_step.py", "bench_guided.py",
+                       "bench_loss_pass.py", "bench_memory.py", "bench_scale.py", "estimate_7b.py", "evidence_recall.py"}
 
 
 @pytest.mark.parametrize("script, model, expect", [
     ("bench_16bit.py", None, "| attention batch | cached keys | bf16 us | float32 us |"),
     ("bench_generate.py", None, "| device | dtype | batch | ours tok/s | transformers tok/s | speed-up |"),
     ("bench_grpo_step.py", "llama", "ours: "),
+    ("bench_guided.py", "llama", "| 2 | "),
     ("bench_loss_pass.py", "qwen2", "float32: shared prompt"),
     ("bench_memory.py", None, "top-60 search: median"),
     ("bench_scale.py", "llama", "LoRA r=2"),
