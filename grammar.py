@@ -28,9 +28,6 @@ import torch
 # Patterns: regular expressions over bytes, as nested tuples
 # --------------------------------------------------------------------------------------------------
 
-ALL_BYTES = frozenset(range(256))
-
-
 def lit(text: str | bytes):
     """The exact text (UTF-8)."""
     data = text.encode() if isinstance(text, str) else text
@@ -56,10 +53,6 @@ def star(part):
 
 def opt(part):
     return alt(part, seq())
-
-
-def plus(part):
-    return seq(part, star(part))
 
 
 # --------------------------------------------------------------------------------------------------

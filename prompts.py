@@ -159,6 +159,12 @@ def manager_automaton(n_ids: int) -> Automaton:
     return Automaton(seq(lit("{"), json_key("memory"), json_list(event), WS, lit("}"), WS))
 
 
+# Distillation keeps "the few memories that matter" (SPEC section 1); after this many lines the format allows
+# only **Answer:**. Unbounded, a small model copies memory after memory and never answers: SmolLM2 greedy,
+# 5 + 5 memories, 64 new tokens (the cpu preset and the README's evaluation rows): 81 of 81 val answers cut
+# off before **Answer:**; at most 2 lines, 16 of the first 16; at most 1, none (each line copies a dated
+# memory, ~18 tokens). A larger model and budget can take more.
+MAX_SELECTED = 1
 # The answer's line: no line break (only the first line is the answer) and no '*' (a second **Answer:**
 # would move the parser's answer after it); it starts with a visible ASCII character other than ':' (which
 # the marker's pattern would take), so it is never empty.
@@ -167,14 +173,14 @@ ANSWER_LINE = seq(star(lit(" ")), byte_in(set(range(0x21, 0x7F)) - {ord("*"), or
 
 
 @functools.lru_cache
-def answer_automaton(distill: bool = True) -> Automaton:
-    """**Memories selected as relevant:** and "- memory" lines (with distillation), then **Answer:** and one
-    line, then the end."""
+def answer_automaton(distill: bool = True, max_selected: int = MAX_SELECTED) -> Automaton:
+    """**Memories selected as relevant:** and up to `max_selected` "- memory" lines (with distillation), then
+    **Answer:** and one line, then the end."""
     answer = seq(lit("**Answer:**"), ANSWER_LINE)
     if not distill:
         return Automaton(answer)
     memory_line = seq(lit("- "), star(byte_in(set(range(0x20, 0x100)))), lit("\n"))
-    return Automaton(seq(lit("**Memories selected as relevant:**\n"), star(memory_line), answer))
+    return Automaton(seq(lit("**Memories selected as relevant:**\n"), *[opt(memory_line)] * max_selected, answer))
 
 
 # --------------------------------------------------------------------------------------------------
