@@ -28,6 +28,7 @@ import torch
 # Patterns: regular expressions over bytes, as nested tuples
 # --------------------------------------------------------------------------------------------------
 
+
 def lit(text: str | bytes):
     """The exact text (UTF-8)."""
     data = text.encode() if isinstance(text, str) else text
