@@ -8,7 +8,8 @@ Read top to bottom:
   5. Loading         - a local HF folder, a hub id (huggingface_hub), a .gguf file, a LoRA adapter folder
 Below it, and imported here: tokenizer.py (chat formats, stop ids), cpu16.py (16-bit speed paths on CPUs
 without bf16 units: skip it on a first read), lora.py (adapters), hf_loader.py and gguf_loader.py (reading
-checkpoint files). Read next: sampling.py (generate; `python sampling.py --prompt ...` chats once).
+checkpoint files). Read next: grammar.py (guided decoding), then sampling.py (generate;
+`python sampling.py --prompt ...` chats once).
 checkpoint.py writes what load_model reads.
 """
 
