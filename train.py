@@ -10,7 +10,8 @@
 
 One training step (paper Alg. 2 for the Answer Agent, Alg. 1 for the manager; SPEC sections 1 and 5):
     1. rollout   take `questions_per_step` prompts (questions; for the manager, evidence turns); sample
-                 `group_size` completions of each (temperature 1, log-probs of the sampled tokens under the
+                 `group_size` completions of each (temperature 1, in the agent's output format by
+                 construction with --guided, the default; log-probs of the sampled tokens under the
                  sampling distribution = the "old" policy); reward = exact match of the text after
                  **Answer:** with the gold answer (flag: F1); the manager's: that of a frozen answerer
                  answering the turn's questions from the bank its events edited
