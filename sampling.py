@@ -93,11 +93,12 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
         allowed = allowed_rows(guides, states, logits.shape[-1], dev)
         token, logp, support = sample_next(logits, temperature, top_p, generator, allowed, return_support=True)
         out[:, t], out_logp[:, t] = token.cpu(), logp.cpu()
-        for b in range(B):
+        chosen = out[:, t].tolist()
+        for b, g in enumerate(guides):
+            if g is not None and not done[b]:
+                states[b] = g.advance(states[b], chosen[b])
             if return_supports:
                 supports[b].append(None if support is None else support[b].nonzero()[:, 0].cpu())
-            if guides[b] is not None and not done[b]:
-                states[b] = guides[b].advance(states[b], int(token[b]))
         hit = torch.isin(token, stops).cpu() & ~done
         lengths[hit] = t + 1
         done |= hit
