@@ -24,6 +24,10 @@ completions (one dict per completion, "reward" first). evaluate.py runs the same
    - reward: a frozen Answer Agent answers each linked question greedily from the edited banks (k + k
      retrieval), reward = mean EM (flag: F1). Output from which no event list can be recovered scores 0
      and counts as a parse failure; recovered but malformed output is applied as far as it is valid.
+   On the gym (data/gym.py) the right operations are known, so the environment uses them: every fact turn
+   is an example, its state the oracle banks of the preceding turns, its question the turn's probe (the
+   attribute's current value: "Where does Alice live now?" right after she moved), and each output's
+   decision is scored against the oracle's (op_acc, and per kind: a measure no LoCoMo run can give).
 Read next: grpo.py and ppo.py (the losses), then train.py (the loop).
 """
 
@@ -35,13 +39,19 @@ from typing import Callable
 
 from tqdm import tqdm
 
+import data.gym as gym
 import data.locomo as locomo  # module attribute access: tests cut the conversations by patching it
+from data.locomo import Question
 from memory import FACT_SOURCES, FactRecord, HashEmbedder, MemoryBank, add_all_banks, make_embedder, speaker_memories
 from metrics import exact_match, f1
 from model import load_model
 from prompts import (answer_automaton, answer_messages, facts_automaton, facts_messages, manager_automaton,
                      manager_messages, parse_answer, parse_facts, parse_manager)
 from sampling import generate
+
+# The datasets, each a module with load_conversations(), load_split(name) and CATEGORY_LABELS (train.py and
+# evaluate.py --data): LoCoMo, and the memory gym whose right memory operations are known (data/gym.py).
+DATASETS = {"locomo": locomo, "gym": gym}
 
 # --------------------------------------------------------------------------------------------------
 # 1. Facts
@@ -117,23 +127,24 @@ def score_answer(text: str, gold: str, reward: str = "em", require_marker: bool 
 
 
 def answer_task(args, tok, base_model) -> Task:
-    """Answer Agent data (paper Alg. 2): per question, 30+30 memories from the banks of its conversation."""
-    convs = {c.sample_id: c for c in locomo.load_conversations()}
+    """Answer Agent data (paper Alg. 2): per question, k + k memories from the banks of its conversation, built
+    by add-all, by a manager checkpoint, or (the gym) by the oracle's operations (args.manager)."""
+    dataset = DATASETS[args.data]
+    convs = {c.sample_id: c for c in dataset.load_conversations()}
     embedder = make_embedder(args.embedder, base_model, tok)
     banks = {}
-    manager = None if args.manager == "add-all" else load_model(args.manager, base_model.lm_head.weight.dtype,
-                                                                base_model.lm_head.weight.device)[0]
+    manager = None if args.manager in ("add-all", "oracle") else load_model(
+        args.manager, base_model.lm_head.weight.dtype, base_model.lm_head.weight.device)[0]
     answer_guide = guide(answer_automaton(not args.no_distill), base_model, tok, args.guided)
 
     def examples(split: str) -> list[Example]:
         out = []
-        for q in locomo.load_split(split):
+        for q in dataset.load_split(split):
             conv = convs[q.conv_id]
             if conv.sample_id not in banks:
-                facts = conversation_facts(conv, args.facts, base_model, tok, guided=args.guided)
-                banks[conv.sample_id] = (add_all_banks(conv, facts, embedder) if manager is None else
-                                         run_manager(conv, facts, manager, tok, embedder, args.manager_k,
-                                                     args.manager_max_new_tokens, guided=args.guided))
+                banks[conv.sample_id] = conversation_banks(conv, args.manager, manager, args.facts, base_model, tok,
+                                                           embedder, args.manager_k, args.manager_max_new_tokens,
+                                                           guided=args.guided)
             mems_a, mems_b = speaker_memories(conv, banks[conv.sample_id], q.question, args.memories_per_speaker)
             messages = answer_messages(q.question, conv.speaker_a, mems_a, conv.speaker_b, mems_b,
                                        distill=not args.no_distill)
@@ -145,6 +156,20 @@ def answer_task(args, tok, base_model) -> Task:
         return [score_answer(t, example.gold, args.reward, args.require_marker) for t in texts]
 
     return Task(examples("train"), examples("val"), score)
+
+
+def conversation_banks(conv, builder: str, manager, fact_source: str, model, tok, embedder, k: int = 5,
+                       max_new_tokens: int = 256, stats: dict | None = None, guided: bool = False) -> dict:
+    """One bank per speaker: every fact ADDed ("add-all"), the oracle's operations applied ("oracle", the gym
+    only), or the facts run through `manager` (a model) turn by turn."""
+    if builder == "oracle":
+        if not conv.oracle:
+            raise ValueError(f"{conv.sample_id}: oracle banks need known operations (the gym, --data gym)")
+        return oracle_banks(conv, embedder)
+    facts = conversation_facts(conv, fact_source, model, tok, stats=stats, guided=guided)
+    if manager is None:
+        return add_all_banks(conv, facts, embedder)
+    return run_manager(conv, facts, manager, tok, embedder, k, max_new_tokens, stats, guided=guided)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,11 +210,49 @@ def facts_by_turn(facts: list[FactRecord]) -> dict[str, list[FactRecord]]:
     return out
 
 
+def oracle_banks(conv, embedder=None, before: str | None = None) -> dict[str, MemoryBank]:
+    """The gym's banks with the correct events of every fact turn applied in order (up to turn `before`)."""
+    banks = add_all_banks(conv, [], embedder or HashEmbedder())
+    dates = {s.index: s.date_text for s in conv.sessions}
+    for turn in conv.turns():
+        if turn.dia_id == before:
+            break
+        if turn.dia_id in conv.oracle:
+            banks[turn.speaker].apply(conv.oracle[turn.dia_id]["events"], speaker=turn.speaker,
+                                      timestamp=dates[turn.session], dia_ids=[turn.dia_id])
+    return banks
+
+
+def decision(log: list[dict]) -> tuple[str, frozenset]:
+    """What a list of applied operations (MemoryBank.log entries) does, as one of ADD, UPDATE, DELETE, NONE
+    (or MIXED) and the bank ids it changes. DELETE m plus ADD counts as UPDATE m: the memory is replaced."""
+    ops = {"ADD": set(), "UPDATE": set(), "DELETE": set()}
+    for entry in log:
+        ops[entry["op"]].add(entry["id"])
+    touched = frozenset(ops["UPDATE"] | ops["DELETE"])
+    if not any(ops.values()):
+        return "NONE", frozenset()
+    if not touched:
+        return "ADD", frozenset()
+    if ops["UPDATE"] and not ops["DELETE"] and not ops["ADD"]:
+        return "UPDATE", touched
+    if ops["DELETE"] and not ops["UPDATE"]:
+        return ("UPDATE" if ops["ADD"] else "DELETE"), touched
+    return "MIXED", touched
+
+
+def oracle_decision(conv, dia_id: str) -> tuple[str, frozenset]:
+    """The decision of the oracle's events for a fact turn of the gym, in the terms of `decision`."""
+    return decision([{"op": e["event"], "id": e["id"]} for e in conv.oracle[dia_id]["events"] if e["event"] != "NONE"])
+
+
 def run_manager(conv, facts: list[FactRecord], model, tok, embedder=None, k: int = 5, max_new_tokens: int = 256,
                 stats: dict | None = None, progress: bool = True, guided: bool = False) -> dict[str, MemoryBank]:
     """Build one bank per speaker by running the manager greedily over the facts, turn by turn, in order.
 
-    Malformed output is applied as far as it is valid and counted in stats (parse_fail, invalid, ops).
+    Malformed output is applied as far as it is valid and counted in stats (parse_fail, invalid, ops). On the
+    gym, each decision is compared with the oracle's kind of operation for the turn (the banks differ, so ids
+    are not compared): stats["decisions"][oracle kind][manager's kind] counts them.
     """
     stats = stats if stats is not None else {}
     banks = add_all_banks(conv, [], embedder or HashEmbedder())  # one empty bank per speaker
@@ -213,6 +276,10 @@ def run_manager(conv, facts: list[FactRecord], model, tok, embedder=None, k: int
             banks[speaker], counts = apply_output(bank, tok.decode(out), id_map, mine[0])
             for key, v in counts.items():
                 stats[key] = stats.get(key, 0) + int(v)
+            if turn.dia_id in conv.oracle:
+                right, made = oracle_decision(conv, turn.dia_id)[0], decision(banks[speaker].log[len(bank.log):])[0]
+                table = stats.setdefault("decisions", {}).setdefault(right, {})
+                table[made] = table.get(made, 0) + 1
     return banks
 
 
@@ -230,13 +297,19 @@ def manager_examples(conv, questions, facts: list[FactRecord], tok, embedder, wi
     for q in questions:
         for dia_id in q.evidence:
             linked[dia_id].append(q)
+    for dia_id, known in conv.oracle.items():  # the gym: each fact turn's probe instead
+        if known["probe"]:
+            linked[dia_id] = [Question(**known["probe"], evidence=[dia_id], conv_id=conv.sample_id, index=-1)]
     out = []
     for i, turn in enumerate(turns):
         mine = [f for f in by_turn.get(turn.dia_id, []) if f.speaker == turn.speaker]
         if not linked.get(turn.dia_id) or not mine:
             continue
-        earlier = turns[max(0, i - window) if window else 0:i]
-        banks = add_all_banks(conv, [f for t in earlier for f in by_turn.get(t.dia_id, [])], embedder)
+        if conv.oracle:
+            banks = oracle_banks(conv, embedder, before=turn.dia_id)
+        else:
+            earlier = turns[max(0, i - window) if window else 0:i]
+            banks = add_all_banks(conv, [f for t in earlier for f in by_turn.get(t.dia_id, [])], embedder)
         shown, id_map = related_memories(banks[turn.speaker], [f.text for f in mine], k)
         prompt = tok.chat(manager_messages(shown, [f.text for f in mine]))
         meta = {"conv": conv, "banks": banks, "speaker": turn.speaker, "id_map": id_map, "facts": mine,
@@ -252,12 +325,13 @@ def manager_task(args, tok, base_model):
     dtype, dev = base_model.lm_head.weight.dtype, base_model.lm_head.weight.device
     answerer = load_model(args.answerer or args.model, dtype, dev)[0]  # its own copy: the policy will change
     answerer.requires_grad_(False)
-    convs = {c.sample_id: c for c in locomo.load_conversations()}
+    dataset = DATASETS[args.data]
+    convs = {c.sample_id: c for c in dataset.load_conversations()}
     vocab_size = base_model.lm_head.weight.shape[0] if args.guided else None
     answer_guide = guide(answer_automaton(not args.no_distill), answerer, tok, args.guided)
 
     def examples(split):
-        qs = locomo.load_split(split)
+        qs = dataset.load_split(split)
         out = []
         for conv_id in dict.fromkeys(q.conv_id for q in qs):
             conv = convs[conv_id]
@@ -277,9 +351,10 @@ def manager_score(example, texts: list[str], answerer, tok, args, answer_guide=N
     conv, questions = meta["conv"], meta["questions"]
     results, prompts = [], []
     for text in texts:
-        edited, counts = apply_output(meta["banks"][meta["speaker"]], text, meta["id_map"], meta["facts"][0])
+        bank = meta["banks"][meta["speaker"]]
+        edited, counts = apply_output(bank, text, meta["id_map"], meta["facts"][0])
         banks = {**meta["banks"], meta["speaker"]: edited}
-        results.append((counts, len(edited)))
+        results.append((counts, len(edited), decision(edited.log[len(bank.log):])))
         if counts["recovered"]:
             for q in questions:
                 mems_a, mems_b = speaker_memories(conv, banks, q.question, k)
@@ -291,7 +366,8 @@ def manager_score(example, texts: list[str], answerer, tok, args, answer_guide=N
         answers += generate(answerer, prompts[i:i + args.val_batch], args.answer_max_new_tokens, temperature=0,
                             guide=answer_guide)
     out, pos = [], 0
-    for counts, size in results:
+    right = oracle_decision(conv, meta["dia_id"]) if conv.oracle else None
+    for counts, size, made in results:
         n_events = sum(counts[op] for op in OPS) + counts["invalid"]
         row = {"reward": 0.0, "em": 0.0, "f1": 0.0, "parse_fail": float(counts["parse_fail"])}
         if counts["recovered"]:
@@ -302,5 +378,8 @@ def manager_score(example, texts: list[str], answerer, tok, args, answer_guide=N
                 row[key] = sum(s[key] for s in scored) / len(scored)
         row.update({op.lower(): counts[op] / max(n_events, 1) for op in OPS})
         row.update({"invalid_events": counts["invalid"] / max(n_events, 1), "bank_size": float(size)})
+        if right is not None:  # the gym: the decision against the oracle's (kind and the memory it changes)
+            row["op_acc"] = float(made == right)
+            row[f"op_acc_{right[0].lower()}"] = row["op_acc"]  # recall of that kind; means skip absent keys
         out.append(row)
     return out

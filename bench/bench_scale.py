@@ -39,8 +39,8 @@ def worker(argv: list[str]) -> None:
 def measure(nproc: int, lora: int, fsdp: bool, steps: int, model: str, extra: list[str]) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"scale-{nproc}-{lora}-"))
     flags = ["--fsdp"] * fsdp + extra + [
-             "--model", model, "--preset", "cpu", "--steps", str(steps), "--val-limit", "1", "--val-every",
-             str(steps), "--beta", "0.01", "--lora-rank", str(lora), "--lr", "1e-5" if lora == 0 else "1e-4",
+             "--model", model, "--preset", "cpu", "--data", "locomo", "--steps", str(steps), "--val-limit", "1",
+             "--val-every", str(steps), "--beta", "0.01", "--lora-rank", str(lora), "--lr", "1e-5" if lora == 0 else "1e-4",
              "--out", str(out)]
     launcher = [sys.executable] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]

@@ -62,6 +62,9 @@ class Conversation:
     sessions: list[Session]
     observations: list[Fact]  # the dataset authors' facts per turn (the `observation` fact source)
     qa: list[dict] = field(repr=False)
+    # dia_id of a fact turn -> {"speaker", "events": the correct manager events, "probe": a question}; only where
+    # the right operations are known (the memory gym, data/gym.py), empty for LoCoMo
+    oracle: dict = field(default_factory=dict, repr=False)
 
     def turns(self) -> list[Turn]:
         return [t for s in self.sessions for t in s.turns]
@@ -150,7 +153,8 @@ def parse_conversation(sample: dict) -> Conversation:
             for pair in pairs:
                 facts.append(Fact(speaker, pair[0], normalise_evidence(pair[1:]), int(m.group(1)) if m else 0))
     facts.sort(key=lambda f: f.session)
-    return Conversation(sample["sample_id"], conv["speaker_a"], conv["speaker_b"], sessions, facts, sample["qa"])
+    return Conversation(sample["sample_id"], conv["speaker_a"], conv["speaker_b"], sessions, facts, sample["qa"],
+                        sample.get("oracle", {}))
 
 
 def load_conversations(path: Path | None = None) -> list[Conversation]:

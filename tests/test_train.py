@@ -26,7 +26,8 @@ def repeat_task(tok) -> agents.Task:
 
 
 def flags(ckpt, out, *extra):
-    return train.parse_args(["--model", str(ckpt), "--out", str(out), "--preset", "cpu", *map(str, extra)])
+    return train.parse_args(["--model", str(ckpt), "--out", str(out), "--preset", "cpu", "--data", "locomo",
+                             *map(str, extra)])
 
 
 def read_metrics(out):

@@ -1,0 +1,127 @@
+"""data/gym.py: deterministic conversations whose questions the oracle banks answer, and no stale memory."""
+
+import hashlib
+import json
+import re
+
+import pytest
+
+import agents
+from data import gym, locomo
+
+SPLITS = ("train", "val", "test")
+
+
+@pytest.fixture(scope="module")
+def conversations():
+    return {split: gym.load_conversations(splits=(split,)) for split in SPLITS}
+
+
+def test_the_generator_is_a_function_of_the_seed():
+    a, b = gym.generate_conversation(3, "train"), gym.generate_conversation(3, "train")
+    assert json.dumps(a) == json.dumps(b)
+    assert json.dumps(a) != json.dumps(gym.generate_conversation(4, "train"))
+    assert json.dumps(a) != json.dumps(gym.generate_conversation(3, "val"))  # splits do not share seeds
+
+
+def test_the_frozen_test_file_is_the_one_the_results_were_measured_on(tmp_path):
+    digest = hashlib.sha256(gym.TEST_FILE.read_bytes()).hexdigest()
+    assert digest == gym.TEST_SHA256
+    edited = tmp_path / "gym_test.json"
+    edited.write_bytes(gym.TEST_FILE.read_bytes().replace(b"Paris", b"Pariz", 1))
+    with pytest.raises(locomo.DataError, match="is not the frozen test file's"):
+        gym.load_conversations(edited, splits=("test",))
+    with pytest.raises(locomo.DataError, match="frozen test file is missing"):
+        gym.load_split("test", tmp_path / "absent.json")
+
+
+def test_splits_have_every_category_and_the_locomo_types(conversations):
+    for split in SPLITS:
+        qs = gym.load_split(split)
+        assert {q.category for q in qs} == set(gym.CATEGORY_LABELS), split
+        assert all(isinstance(q, locomo.Question) and q.answer and q.evidence for q in qs)
+        assert {q.conv_id for q in qs} == {c.sample_id for c in conversations[split]}
+        assert len(conversations[split]) == gym.Level().conversations[split]
+    ids = [c.sample_id for s in SPLITS for c in conversations[s]]
+    assert len(ids) == len(set(ids))
+
+
+# What the oracle's memories say, read back with the observation templates (independently of the generator's
+# own state): person -> attribute -> value (single) or members (sets), and dates of the last change.
+PATTERNS = [
+    ("city", r"(?P<p>\w+) lives in (?P<v>\w+)"), ("city", r"(?P<p>\w+) moved from \w+ to (?P<v>\w+) on (?P<d>.+)"),
+    ("job", r"(?P<p>\w+) works as a (?P<v>\w+)"),
+    ("job", r"(?P<p>\w+) stopped working as a \w+ and started working as a (?P<v>\w+) on (?P<d>.+)"),
+    ("car", r"(?P<p>\w+) drives a (?P<v>\w+)"), ("car", r"(?P<p>\w+) sold the \w+ and now drives a (?P<v>\w+)"),
+    ("food", r"(?P<p>\w+)'s favourite food is (?P<v>\w+)"),
+    ("food", r"(?P<p>\w+)'s favourite food is now (?P<v>\w+) instead of \w+"),
+    ("dogs", r"(?P<p>\w+) has a dog named (?P<v>\w+)"), ("dogs", r"(?P<p>\w+) has dogs named (?P<v>.+)"),
+    ("languages", r"(?P<p>\w+) speaks (?P<v>.+)"), ("hobbies", r"(?P<p>\w+) enjoys (?P<v>.+)"),
+]
+DISTRACTOR = re.compile(r"\w+'s (sister|best friend|neighbour|brother|cousin|roommate) ")
+
+
+def read_back(banks) -> dict:
+    state = {}
+    for person, bank in banks.items():
+        for mem in bank.memories.values():
+            if DISTRACTOR.match(mem.text):
+                continue
+            found = [(attr, m) for attr, pat in PATTERNS if (m := re.fullmatch(pat, mem.text))]
+            assert len(found) == 1, mem.text  # every memory is one attribute's fact
+            attr, m = found[0]
+            assert m["p"] == person and attr not in state.get(person, {}), f"stale or misfiled: {mem.text}"
+            state.setdefault(person, {})[attr] = (m["v"], m.groupdict().get("d"))
+    return state
+
+
+def test_oracle_banks_answer_every_question_and_hold_no_stale_fact(conversations):
+    """Applied in order, the oracle's events leave one memory per held attribute (read_back fails on a second
+    one), and each question's gold answer is what that memory says."""
+    n = 0
+    for split in SPLITS:
+        for conv in conversations[split]:
+            state = read_back(agents.oracle_banks(conv))
+            for qa in conv.qa:
+                person = next(p for p in (conv.speaker_a, conv.speaker_b) if p in qa["question"])
+                attr = next(a for a, q in {**gym.QUESTION}.items() if q.format(p=person) == qa["question"]) \
+                    if qa["category"] not in (4, 5) else None
+                if qa["category"] == 5:  # a retracted car: no car memory left
+                    assert "car" not in state[person] and qa["answer"] == "No"
+                elif qa["category"] == 4:  # "When did X move to V?": the date in the memory that says V
+                    value, date = state[person]["city" if "move to" in qa["question"] else "job"]
+                    assert qa["question"].endswith(f" {value}?") and date == qa["answer"]
+                else:
+                    assert state[person][attr][0] == qa["answer"], (qa, state[person])
+                n += 1
+    assert n == sum(len(gym.load_split(s)) for s in SPLITS)
+
+
+def test_oracle_events_of_each_turn_are_valid_on_the_bank_before_it(conversations):
+    """Every UPDATE / DELETE / NONE names a memory that exists then; a probe's answer is right after the turn."""
+    conv = conversations["train"][0]
+    kinds = set()
+    for dia_id, known in conv.oracle.items():
+        bank = agents.oracle_banks(conv, before=dia_id)[known["speaker"]]
+        for e in known["events"]:
+            kinds.add(e["event"])
+            if e["event"] != "ADD":
+                assert e["id"] in bank.memories, (dia_id, e)
+            if e["event"] == "UPDATE":
+                assert e["old_memory"] == bank.memories[e["id"]].text
+    assert kinds == {"ADD", "UPDATE", "DELETE", "NONE"} or kinds == {"ADD", "UPDATE", "NONE"}
+
+
+def test_decisions_are_classified_as_the_oracle_would(conversations):
+    log = [{"op": "DELETE", "id": "3"}, {"op": "ADD", "id": "9"}]
+    assert agents.decision(log) == ("UPDATE", frozenset({"3"}))  # a replacement is an update
+    assert agents.decision(log[:1]) == ("DELETE", frozenset({"3"}))
+    assert agents.decision(log[1:]) == ("ADD", frozenset())
+    assert agents.decision([]) == ("NONE", frozenset())
+    assert agents.decision([{"op": "UPDATE", "id": "1"}, {"op": "ADD", "id": "2"}])[0] == "MIXED"
+    conv = conversations["train"][0]
+    for dia_id, known in conv.oracle.items():
+        bank = agents.oracle_banks(conv, before=dia_id)[known["speaker"]]
+        start = len(bank.log)
+        bank.apply(known["events"])
+        assert agents.decision(bank.log[start:]) == agents.oracle_decision(conv, dia_id)
