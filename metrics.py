@@ -306,6 +306,15 @@ def make_judge(args):
 # --------------------------------------------------------------------------------------------------
 
 
+def standard_error(values: list[float]) -> float:
+    """Of the mean of `values` (sample standard deviation / sqrt(n)): the noise of a held-out figure."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
+
+
 def evidence_recall(evidence: list[str], retrieved: list[dict]) -> float | None:
     """Fraction of a question's evidence turns (dia_ids) that some retrieved memory came from.
 

@@ -61,8 +61,9 @@ def run_ours(folder: str, steps: int) -> dict:
     messages, gold = answer_example(tok)
     ex = agents.Example(tok.chat(messages), gold)
     task = agents.Task([ex], [], lambda e, texts: [agents.score_answer(t, e.gold, "f1", False) for t in texts])
-    args = train.parse_args(["--preset", "cpu", "--group-size", str(G), "--max-new-tokens", str(NEW_TOKENS),
-                             "--beta", str(BETA), "--lr", str(LR), "--questions-per-step", "1"])
+    args = train.parse_args(["--preset", "cpu", "--data", "locomo", "--temperature", "1.0", "--group-size", str(G),
+                             "--max-new-tokens", str(NEW_TOKENS), "--beta", str(BETA), "--lr", str(LR),
+                             "--questions-per-step", "1"])
     opt = torch.optim.AdamW(policy.parameters(), lr=LR, weight_decay=0.0)
     loss_pass, _ = prepare_models(policy, ref, None, policy.lm_head.weight.device, fsdp=False)  # as train.run
     times, gen = [], []

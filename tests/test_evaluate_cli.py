@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import evaluate as E
+from data import locomo
 import metrics
 from memory import MemoryBank
 
@@ -63,8 +64,10 @@ def test_summary_of_hand_made_rows():
     assert two == {"count": 1, "parse_failures": 0, "f1": 0.25, "bleu1": 1.0, "locomo_f1": 0.2, "em": 0.0,
                    "recall": 0.5}  # no judge verdict in this category: no judge key
     assert overall == {"count": 3, "parse_failures": 1, "f1": pytest.approx(1.75 / 3), "bleu1": pytest.approx(1.75 / 3),
-                       "locomo_f1": pytest.approx(1.4 / 3), "em": pytest.approx(1 / 3), "judge": 0.5, "recall": 0.75}
-    table = E.format_table(report, "title")
+                       "locomo_f1": pytest.approx(1.4 / 3), "em": pytest.approx(1 / 3), "judge": 0.5, "recall": 0.75,
+                       # sample standard deviation / sqrt(n): EM [1, 0, 0] -> sqrt((1/3) / 3); F1 [1, .5, .25]
+                       "em_se": pytest.approx(1 / 3), "f1_se": pytest.approx((0.875 / 6 / 3) ** 0.5)}
+    table = E.format_table(report, "title", locomo.CATEGORY_LABELS)
     assert "| 1 single-hop | 2 | 75.00 | 37.50 | 60.00 | 50.00 | 50.00 | 100.00 |" in table
     assert "| 2 temporal | 1 | 25.00 | 100.00 | 20.00 | 0.00 | - | 50.00 |" in table
 
