@@ -148,8 +148,9 @@ def format_table(report: dict, title: str, labels: dict) -> str:
 
 
 def format_decisions(table: dict) -> str:
-    """The gym's manager decisions against the oracle's kind of operation, a confusion table with each row's
-    accuracy (the manager's own banks drift from the oracle's, so kinds are compared, not memory ids)."""
+    """The gym's manager decisions against the oracle's kind of operation: a confusion table with each row's
+    accuracy (the recall of that kind) and each column's precision (the manager's own banks drift from the
+    oracle's, so kinds are compared, not memory ids)."""
     kinds = ("ADD", "UPDATE", "DELETE", "NONE", "MIXED")
     lines = ["| oracle \\ manager | " + " | ".join(kinds) + " | accuracy |", "|---" * (len(kinds) + 2) + "|"]
     for right in kinds[:4]:
@@ -158,6 +159,9 @@ def format_decisions(table: dict) -> str:
         if n:
             lines.append(f"| {right} | " + " | ".join(str(row.get(k, 0)) for k in kinds)
                          + f" | {100 * row.get(right, 0) / n:.1f} |")
+    made = {k: sum(row.get(k, 0) for row in table.values()) for k in kinds[:4]}
+    precision = [f"{100 * table.get(k, {}).get(k, 0) / made[k]:.1f}" if made[k] else "-" for k in kinds[:4]]
+    lines.append("| precision | " + " | ".join(precision) + " | - | |")
     correct, total = sum(table[k].get(k, 0) for k in table), sum(sum(r.values()) for r in table.values())
     lines.append(f"operation accuracy (kind): {100 * correct / max(total, 1):.1f} over {total} manager calls")
     return "\n".join(lines)

@@ -186,4 +186,5 @@ def test_decision_table_by_hand():
 
     text = E.format_decisions({"ADD": {"ADD": 3, "NONE": 1}, "UPDATE": {"MIXED": 2}})
     assert "| ADD | 3 | 0 | 0 | 1 | 0 | 75.0 |" in text and "| UPDATE | 0 | 0 | 0 | 0 | 2 | 0.0 |" in text
+    assert "| precision | 100.0 | - | - | 0.0 | - | |" in text  # NONE chosen once, when ADD was right
     assert "operation accuracy (kind): 50.0 over 6 manager calls" in text
