@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 import data.gym as gym
 import data.locomo as locomo  # module attribute access: tests cut the conversations by patching it
+import data.longmemeval as longmemeval
 from data.locomo import Question
 from memory import FACT_SOURCES, FactRecord, HashEmbedder, MemoryBank, add_all_banks, make_embedder, speaker_memories
 from metrics import exact_match, f1
@@ -50,9 +51,10 @@ from prompts import (answer_automaton, answer_messages, facts_automaton, facts_m
                      manager_messages, parse_answer, parse_facts, parse_manager)
 from sampling import generate
 
-# The datasets, each a module with load_conversations(), load_split(name) and CATEGORY_LABELS (train.py and
-# evaluate.py --data): LoCoMo, and the memory gym whose right memory operations are known (data/gym.py).
-DATASETS = {"locomo": locomo, "gym": gym}
+# The datasets, each a module with load_conversations(path), load_split(name, path) and CATEGORY_LABELS
+# (train.py and evaluate.py --data): LoCoMo, the memory gym whose right memory operations are known
+# (data/gym.py), and LongMemEval's oracle file (a test split only: evaluate.py).
+DATASETS = {"locomo": locomo, "gym": gym, "longmemeval": longmemeval}
 
 # --------------------------------------------------------------------------------------------------
 # 1. Facts

