@@ -56,6 +56,7 @@ CATEGORY_LABELS = {1: "unchanged", 2: "changed", 3: "set", 4: "date", 5: "retrac
 class Level:
     """Difficulty knobs; the default is the level the README's runs use (set on train and val)."""
     conversations: dict = None  # split -> number of conversations
+    attributes: tuple = None  # what each speaker has, from SINGLE + SETS (default: all seven)
     sessions: int = 4  # session 1 introduces every attribute; the later ones change them
     events_per_session: int = 6  # fact turns per later session (changes, extensions, retractions, restatements)
     change_weight: float = 3.0  # how often an event changes a value, against restating one (weight 1)
@@ -64,6 +65,7 @@ class Level:
 
     def __post_init__(self):
         self.conversations = self.conversations or {"train": 24, "val": 8, "test": 24}
+        self.attributes = tuple(self.attributes or SINGLE + SETS)
 
 
 NAMES = ["Alice", "Bruno", "Chloe", "Dmitri", "Elena", "Farid", "Grace", "Hiro", "Imani", "Jonas", "Keiko", "Lars",
@@ -258,7 +260,7 @@ def generate_conversation(seed: int, split: str, level: Level | None = None) -> 
         date = day_text(when)
         world.say(names[index % 2], rng.choice(SMALL_TALK[-2:]))
         if index == 1:  # every attribute introduced, the speakers taking turns
-            intros = [(p, a) for p in names for a in SINGLE + SETS]
+            intros = [(p, a) for p in names for a in level.attributes]
             rng.shuffle(intros)
             for person, attr in intros:
                 world.fact_turn(person, attr, "intro", date)
@@ -276,7 +278,7 @@ def generate_conversation(seed: int, split: str, level: Level | None = None) -> 
                     world.say(person, say.format(**values), fact.format(p=person, **values),
                               world.add(person, None, fact.format(p=person, **values)))
         when += timedelta(days=rng.randrange(7, 40), hours=rng.randrange(-3, 4), minutes=rng.randrange(60))
-    return to_locomo(world, f"gym-{split}-{seed:05d}")
+    return to_locomo(world, f"gym-{split}-{seed:05d}", level.attributes)
 
 
 def pick_event(rng: random.Random, state: dict, level: Level) -> tuple[str, str]:
@@ -288,7 +290,7 @@ def pick_event(rng: random.Random, state: dict, level: Level) -> tuple[str, str]
             options += [(attr, "change"), (attr, "restate")]
             weights += [level.change_weight, 1.0]
     for attr in SETS:
-        if len(state[attr]) < 3:
+        if attr in state and len(state[attr]) < 3:
             options.append((attr, "extend"))
             weights.append(level.change_weight)
     if "car" in state:
@@ -297,7 +299,7 @@ def pick_event(rng: random.Random, state: dict, level: Level) -> tuple[str, str]
     return rng.choices(options, weights)[0]
 
 
-def to_locomo(world: World, sample_id: str) -> dict:
+def to_locomo(world: World, sample_id: str, attributes: tuple) -> dict:
     """The conversation in LoCoMo's schema: sessions with date texts, observations, qa with evidence."""
     a, b = world.names
     conv = {"speaker_a": a, "speaker_b": b}
@@ -307,7 +309,7 @@ def to_locomo(world: World, sample_id: str) -> dict:
             .replace("PM", "pm")
     qa = []
     for person in world.names:
-        for attr in SINGLE + SETS:
+        for attr in attributes:
             last = world.question(person, attr)
             if last["category"] == 5:
                 qa.append({**last, "evidence": [world.retracted[person]]})

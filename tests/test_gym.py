@@ -188,3 +188,17 @@ def test_decision_table_by_hand():
     assert "| ADD | 3 | 0 | 0 | 1 | 0 | 75.0 |" in text and "| UPDATE | 0 | 0 | 0 | 0 | 2 | 0.0 |" in text
     assert "| precision | 100.0 | - | - | 0.0 | - | |" in text  # NONE chosen once, when ADD was right
     assert "operation accuracy (kind): 50.0 over 6 manager calls" in text
+
+
+def test_difficulty_knobs():
+    few = gym.generate_conversation(0, "train", gym.Level(attributes=("city", "dogs"), sessions=2, distractors=0))
+    a, b = few["conversation"]["speaker_a"], few["conversation"]["speaker_b"]
+    asked = {qa["question"].replace(a, "{p}").replace(b, "{p}") for qa in few["qa"]}
+    assert {q for q in asked if not q.startswith("When")} == {gym.QUESTION["city"], gym.QUESTION["dogs"]}
+    assert [k for k in few["conversation"] if k.endswith("date_time")] == ["session_1_date_time",
+                                                                           "session_2_date_time"]
+    facts = [f for per in few["observation"].values() for fs in per.values() for f, _ in fs]
+    assert not any(DISTRACTOR.match(f) for f in facts)
+    busy = gym.generate_conversation(0, "train", gym.Level(distractors=4))
+    facts = [f for per in busy["observation"].values() for fs in per.values() for f, _ in fs]
+    assert sum(bool(DISTRACTOR.match(f)) for f in facts) == 8  # 4 per speaker
