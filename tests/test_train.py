@@ -213,3 +213,18 @@ def test_answer_agent_banks_built_by_a_manager_checkpoint(tiny_checkpoints, tmp_
             assert ex.prompt == prompts[0] and ex.gold == q.answer
             differs += prompts[1] != prompts[0]
     assert differs > 0
+
+
+def test_the_run_ends_with_held_out_figures_and_their_standard_errors(tmp_path):
+    from metrics import standard_error
+    assert standard_error([1.0, 0.0, 0.0, 1.0]) == pytest.approx((1 / 3 / 4) ** 0.5)  # sample sd / sqrt(n)
+    assert standard_error([0.5]) == 0.0
+    log = tmp_path / "metrics.jsonl"
+    rows = [{"step": 0, "val_reward": 0.1, "val_reward_se": 0.02, "val_em": 0.0, "val_em_se": 0.0, "val_n": 64},
+            {"step": 1, "reward": 0.3}, {"step": 2, "val_reward": 0.45, "val_reward_se": 0.05, "val_em": 0.25,
+                                         "val_em_se": 0.054, "val_n": 64}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = train.held_out_summary(log)
+    assert "validation on 64 held-out prompts" in text
+    assert "reward step 0: 0.100 +- 0.020   step 2: 0.450 +- 0.050   change +0.350" in text
+    assert "em     step 0: 0.000 +- 0.000   step 2: 0.250 +- 0.054   change +0.250" in text
