@@ -194,7 +194,7 @@ def test_answer_agent_banks_built_by_a_manager_checkpoint(tiny_checkpoints, tmp_
     monkeypatch.setattr(train, "answer_task", lambda *a, **k: tasks.append(real_answer_task(*a, **k)) or tasks[-1])
     ckpt = tiny_checkpoints["qwen2"][0]
     args = flags(ckpt, tmp_path, "--manager", ckpt, "--manager-max-new-tokens", 6, "--memories-per-speaker", 1,
-                 "--max-new-tokens", 4, "--group-size", 2, "--questions-per-step", 1, "--steps", 1, "--val-limit", 1)
+                 "--distill", "--max-new-tokens", 4, "--group-size", 2, "--questions-per-step", 1, "--steps", 1, "--val-limit", 1)
     train.run(args)
     assert list(built) == ["conv-26", "conv-30"]  # the train and val conversations, once each
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1]
