@@ -216,14 +216,19 @@ def facts_by_turn(facts: list[FactRecord]) -> dict[str, list[FactRecord]]:
 def oracle_banks(conv, embedder=None, before: str | None = None) -> dict[str, MemoryBank]:
     """The gym's banks with the correct events of every fact turn applied in order (up to turn `before`)."""
     banks = add_all_banks(conv, [], embedder or HashEmbedder())
-    dates = {s.index: s.date_text for s in conv.sessions}
     for turn in conv.turns():
         if turn.dia_id == before:
             break
-        if turn.dia_id in conv.oracle:
-            banks[turn.speaker].apply(conv.oracle[turn.dia_id]["events"], speaker=turn.speaker,
-                                      timestamp=dates[turn.session], dia_ids=[turn.dia_id])
+        apply_oracle(banks, conv, turn)
     return banks
+
+
+def apply_oracle(banks: dict[str, MemoryBank], conv, turn) -> None:
+    """The oracle's events of one turn (none for small talk) applied to its speaker's bank, in place."""
+    if turn.dia_id in conv.oracle:
+        date = next(s.date_text for s in conv.sessions if s.index == turn.session)
+        banks[turn.speaker].apply(conv.oracle[turn.dia_id]["events"], speaker=turn.speaker, timestamp=date,
+                                  dia_ids=[turn.dia_id])
 
 
 def decision(log: list[dict]) -> tuple[str, frozenset]:
@@ -304,12 +309,15 @@ def manager_examples(conv, questions, facts: list[FactRecord], tok, embedder, wi
         if known["probe"]:
             linked[dia_id] = [Question(**known["probe"], evidence=[dia_id], conv_id=conv.sample_id, index=-1)]
     out = []
+    live = add_all_banks(conv, [], embedder) if conv.oracle else None  # the gym: oracle banks, turn by turn
     for i, turn in enumerate(turns):
+        if live is not None and i:
+            apply_oracle(live, conv, turns[i - 1])
         mine = [f for f in by_turn.get(turn.dia_id, []) if f.speaker == turn.speaker]
         if not linked.get(turn.dia_id) or not mine:
             continue
-        if conv.oracle:
-            banks = oracle_banks(conv, embedder, before=turn.dia_id)
+        if live is not None:
+            banks = {speaker: bank.copy() for speaker, bank in live.items()}
         else:
             earlier = turns[max(0, i - window) if window else 0:i]
             banks = add_all_banks(conv, [f for t in earlier for f in by_turn.get(t.dia_id, [])], embedder)

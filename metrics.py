@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from nltk.stem import PorterStemmer  # the stemmer LoCoMo's own F1 uses (README: dependencies)
 
@@ -313,6 +314,23 @@ def standard_error(values: list[float]) -> float:
         return 0.0
     mean = sum(values) / n
     return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
+
+
+def held_out_summary(path: Path) -> str:
+    """From a run's metrics.jsonl: validation before training and at the last step, each with its standard
+    error (train.py prints it at the end of a run: did training help, beyond the noise?)."""
+    rows = [r for r in map(json.loads, Path(path).read_text().splitlines()) if "val_reward" in r]
+    if len(rows) < 2:
+        return "validation: fewer than two validations in the log"
+    first, last = rows[0], rows[-1]
+    lines = [f"validation on {last.get('val_n', '?')} held-out prompts (mean +- standard error):"]
+    for key in ("reward", "em"):
+        if f"val_{key}" in first:
+            a, b = first[f"val_{key}"], last[f"val_{key}"]
+            lines.append(f"  {key:6s} step {first['step']}: {a:.3f} +- {first.get(f'val_{key}_se', 0.0):.3f}   "
+                         f"step {last['step']}: {b:.3f} +- {last.get(f'val_{key}_se', 0.0):.3f}   "
+                         f"change {b - a:+.3f}")
+    return "\n".join(lines)
 
 
 def evidence_recall(evidence: list[str], retrieved: list[dict]) -> float | None:

@@ -58,7 +58,7 @@ from checkpoint import (checkpoint_to_resume, export_merged, load_trainable_stat
                         save_training_state, trim_metrics)
 from grammar import allowed_masks
 from grpo import compute_grpo_outcome_advantage, grpo_loss, zero_std_group_fraction
-from metrics import standard_error
+from metrics import held_out_summary, standard_error
 from parallel import (all_sum, backward, barrier, clip_gradients, concat_over_ranks, gather_lists, init_distributed,
                       my_share, no_sync, prepare_models, this_rank, validation_share)
 from ppo import Critic, compute_gae_advantage_return, compute_token_rewards, compute_value_loss, masked_whiten
@@ -549,21 +549,6 @@ def run(args, task: Task | None = None) -> dict:
     if main:
         print(held_out_summary(out / "metrics.jsonl"), file=sys.stderr)
     return val
-
-
-def held_out_summary(path: Path) -> str:
-    """Validation before training and at the last step, each with its standard error: did training help?"""
-    rows = [r for r in map(json.loads, path.read_text().splitlines()) if "val_reward" in r]
-    if len(rows) < 2:
-        return "validation: fewer than two validations in the log"
-    lines = [f"validation on {rows[-1].get('val_n', '?')} held-out prompts (mean +- standard error):"]
-    for key in ("reward", "em"):
-        if f"val_{key}" in rows[0]:
-            (a, b), (sa, sb) = [(r[f"val_{key}"]) for r in (rows[0], rows[-1])], \
-                [r.get(f"val_{key}_se", 0.0) for r in (rows[0], rows[-1])]
-            lines.append(f"  {key:6s} step {rows[0]['step']}: {a:.3f} +- {sa:.3f}   step {rows[-1]['step']}: "
-                         f"{b:.3f} +- {sb:.3f}   change {b - a:+.3f}")
-    return "\n".join(lines)
 
 
 def metrics_log(path: Path, resumed_at: int | None, is_main: bool):

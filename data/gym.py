@@ -275,8 +275,8 @@ def generate_conversation(seed: int, split: str, level: Level | None = None) -> 
                 for say, fact in rng.sample(DISTRACT, level.distractors // 2 + (index == level.sessions) *
                                             (level.distractors % 2)):
                     values = {a: rng.choice(VALUES[a]) for a in VALUES}
-                    world.say(person, say.format(**values), fact.format(p=person, **values),
-                              world.add(person, None, fact.format(p=person, **values)))
+                    text = fact.format(p=person, **values)
+                    world.say(person, say.format(**values), text, world.add(person, None, text))
         when += timedelta(days=rng.randrange(7, 40), hours=rng.randrange(-3, 4), minutes=rng.randrange(60))
     return to_locomo(world, f"gym-{split}-{seed:05d}", level.attributes)
 
