@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import cpu16
+import engine
 import lora
 from gguf_loader import OFFLINE_SMOLLM2, GGUFError, read_gguf, resolve_alias  # noqa: F401 (a name load_model takes)
 from hf_loader import ModelLoadError, download_from_hub, read_hf_folder
@@ -188,17 +189,21 @@ class KVCache:
 
 
 class Linear(nn.Linear):
-    """nn.Linear with room for a LoRA adapter (lora.add_lora fills it). The product goes through cpu16.linear:
-    F.linear, except for 16-bit weights on a CPU without bf16 units (faster there, the same numbers)."""
+    """nn.Linear with room for a LoRA adapter (lora.add_lora fills it) and for the rollout engine's copy of the
+    weight (engine.pack fills `packed`; without gradients the product reads it while it is current). Otherwise
+    the product goes through cpu16.linear: F.linear, except for 16-bit weights on a CPU without bf16 units."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_parameter("lora_a", None)  # [r, in] once add_lora gives this layer an adapter
         self.register_parameter("lora_b", None)  # [out, r]
         self.lora_scale, self.lora_dropout, self.lora_enabled = 0.0, 0.0, True
+        self.packed = None  # engine.py: the weight in the fastest kernel's layout, for decoding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = cpu16.linear(x, self.weight, self.bias)
+        y = engine.linear(x, self) if self.packed is not None else None
+        if y is None:
+            y = cpu16.linear(x, self.weight, self.bias)
         if self.lora_a is not None and self.lora_enabled:  # y + (alpha / r) * B A dropout(x)
             h = F.dropout(x, self.lora_dropout, self.training).to(self.lora_a.dtype)
             y = y + (F.linear(F.linear(h, self.lora_a), self.lora_b) * self.lora_scale).to(y.dtype)
@@ -260,6 +265,14 @@ class Block(nn.Module):
         xc = self.mlp(xc + self.attend(qc, k, v, mask_c, causal=False))
         return xp, xc
 
+    def step(self, x, cos, sin, mask, k_cache, v_cache, slot):
+        """One new token per row (Transformer.decode_step): x [B, 1, dim]; its key and value are written at
+        `slot` (a [1] tensor) and attention spans the whole cache under `mask` [B, 1, 1, S]: static shapes."""
+        q, k, v = self.qkv(self.attn_norm(x), cos, sin)
+        k_cache.index_copy_(2, slot, k)  # [B, Hkv, S, D] at slot <- [B, Hkv, 1, D]
+        v_cache.index_copy_(2, slot, v)
+        return self.mlp(x + self.attend(q, k_cache, v_cache, mask, causal=False))
+
     def forward(self, x, cos, sin, mask, kv=None):
         q, k, v = self.qkv(self.attn_norm(x), cos, sin)
         if kv is not None:  # write this chunk at its slots, then attend over every filled slot
@@ -284,6 +297,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.stop_ids: tuple = tuple(cfg.eos_token_ids)  # load_model replaces these with the tokenizer's
+        self.step_fn = None  # compile_decode: a compiled step_logits
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
@@ -328,6 +342,29 @@ class Transformer(nn.Module):
             cache.len = start + T
         return self.norm(x)
 
+    def decode_step(self, token: torch.Tensor, cache: KVCache, step=None) -> torch.Tensor:
+        """token [B] (one new token per row, appended at slot cache.len) -> logits of the next one [B, V].
+
+        Static shapes, gpt-fast's layout: the slot is a tensor and every layer attends over the whole
+        preallocated cache under the `valid` mask, so one compiled step (compile_decode) serves every position
+        of a generation. Equal to forward(token[:, None], cache=cache) up to float rounding (tests)."""
+        slot = torch.full((1,), cache.len, dtype=torch.long, device=token.device)
+        cache.valid[:, cache.len] = True
+        step = step or self.step_fn or self.step_logits  # compiled (compile_decode) or a CUDA graph (sampling.py)
+        logits = step(token, cache.next_pos, cache.valid, cache.k, cache.v, slot)
+        cache.next_pos += 1
+        cache.len += 1
+        return logits
+
+    def step_logits(self, token, next_pos, valid, ks, vs, slot):
+        """decode_step's tensor work: no Python numbers that change per step, so a compiled copy is reused."""
+        cos, sin = rope_cos_sin(self.inv_freq, next_pos[:, None])  # [B, 1, 1, D]
+        mask = valid[:, None, None, :]  # [B, 1, 1, S]
+        x = self.tok_emb(token[:, None])  # [B, 1, dim]
+        for layer, k, v in zip(self.layers, ks, vs):
+            x = layer.step(x, cos, sin, mask, k, v, slot)
+        return self.lm_head(self.norm(x))[:, 0]  # [B, V]
+
     def logprobs(self, prompt_ids: list[int], completions: list[list[int]], temperature: float = 1.0,
                  checkpoint: bool = True, allowed: torch.Tensor | None = None):
         """completion_logprobs as a method: the loss pass, which FSDP2 can hook like forward (parallel.py)."""
@@ -348,6 +385,15 @@ def compile_blocks(model: Transformer, **kwargs) -> Transformer:
         for name in ("qkv", "attend", "mlp"):
             setattr(layer, name, torch.compile(getattr(layer, name), **kwargs))
     return model
+
+def compile_decode(model: Transformer, **kwargs) -> Transformer:
+    """torch.compile the decode step (step_logits): its shapes are static, so one compilation serves every
+    position of a generation (dynamic=True: also every cache length and batch after a first recompile).
+    On CPUs the packed products stay opaque calls (engine.py); on GPUs generate also replays the step from a
+    CUDA graph. What it costs and when it pays: README "Speed"."""
+    model.step_fn = torch.compile(model.step_logits, dynamic=True, **kwargs)
+    return model
+
 
 # --------------------------------------------------------------------------------------------------
 # 4. The loss pass of GRPO/PPO: G completions of one prompt, the prompt run once
@@ -480,7 +526,7 @@ def build_model(config: dict, tensors: dict[str, torch.Tensor], fmt: str, source
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
     model.inv_freq = rope_inv_freq(cfg).to(device)
-    return model.eval()
+    return engine.pack(model.eval())  # decoding reads the fast copies; train.py re-syncs them after each update
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[Transformer, Tokenizer]:

@@ -23,6 +23,8 @@ import os
 
 import torch
 
+import engine
+
 
 def init_distributed(args) -> tuple[int, int]:
     """(rank, world size); under torchrun, joins the process group and picks this rank's GPU."""
@@ -162,11 +164,13 @@ def fsdp_shard(module: torch.nn.Module, blocks, methods: tuple[str, ...]) -> Non
     `methods` (the loss pass, the critic's values)."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+    engine.unpack(module)  # shards have no fast layout: decoding takes F.linear
     for layer in blocks:
         fully_shard(layer)
         register_fsdp_forward_method(layer, "shared")
+        register_fsdp_forward_method(layer, "step")  # a decode step (Transformer.decode_step)
     fully_shard(module)
-    for name in methods:
+    for name in methods + (("decode_step",) if hasattr(module, "decode_step") else ()):
         register_fsdp_forward_method(module, name)
 
 

@@ -58,7 +58,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 @torch.no_grad()
 def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, stop_ids=None, seed: int | None = None, return_logprobs: bool = False,
-             sync_steps: bool = False, guide=None, return_supports: bool = False):
+             sync_steps: bool = False, guide=None, return_supports: bool = False, cuda_graph: bool | None = None):
     """Sample a continuation of each prompt; returns the new tokens only, cut after the first stop id.
 
     stop_ids: None -> the model's (load_model sets the tokenizer's); () -> never stop early.
@@ -70,6 +70,8 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
     tokens the format allows. With a guide, end of sequence is the guide's stop ids.
     return_supports: also return, per row and new token, the ids that top-p kept (a LongTensor; None per
     token with top_p = 1): the loss pass renormalises over the same set (see model.completion_logprobs).
+    cuda_graph: on a GPU, replay each decode step from a CUDA graph (CudaGraphStep); None -> when the model's
+    decode step was compiled (model.compile_decode, train.py and evaluate.py --compile).
     sync_steps: take all max_new_tokens steps even after every row stopped (outputs are cut the same): a
     model sharded with FSDP gathers weights collectively at each step, so every rank must take as many.
     """
@@ -77,8 +79,10 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
         raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
     stops = torch.tensor(list(model.stop_ids if stop_ids is None else stop_ids), dtype=torch.long)
     dev = model.lm_head.weight.device
+    cuda_graph = model.step_fn is not None if cuda_graph is None else cuda_graph
     generator = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
     logits, cache = prefill(model, prompt_ids, max_new_tokens)  # [B, V]
+    graph = CudaGraphStep(model, cache) if cuda_graph and dev.type == "cuda" and max_new_tokens > 1 else None
 
     B = len(prompt_ids)
     guides = guide if isinstance(guide, list) else [guide] * B
@@ -104,7 +108,7 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
         done |= hit
         if (bool(done.all()) and not sync_steps) or t == max_new_tokens - 1:
             break
-        logits = model(token[:, None], cache=cache)[:, -1]
+        logits = model.decode_step(token, cache, graph)
     tokens = [out[b, :lengths[b]].tolist() for b in range(B)]
     result = (tokens,)
     if return_logprobs:
@@ -132,6 +136,35 @@ def prefill(model, prompt_ids: list[list[int]], max_new_tokens: int):
     if len(unique) != len(prompt_ids):
         cache.select_rows(rows)
     return logits[rows], cache
+
+
+class CudaGraphStep:
+    """model.step_logits replayed from a CUDA graph: one launch per decode step instead of a few hundred
+    kernel launches, whose cost dominates a decode step on a GPU (gpt-fast and vLLM do the same).
+
+    Captured once per generate call on its KV cache: the graph reads and writes the cache's tensors in
+    place, and the token and slot through two static buffers that each call fills."""
+
+    def __init__(self, model, cache: M.KVCache):
+        self.token = torch.zeros(cache.valid.shape[0], dtype=torch.long, device=cache.valid.device)
+        self.slot = torch.full((1,), cache.len, dtype=torch.long, device=cache.valid.device)
+        step = model.step_fn or model.step_logits
+        args = (self.token, cache.next_pos, cache.valid, cache.k, cache.v, self.slot)
+        side = torch.cuda.Stream()  # warm-up (and compilation) off the capturing stream, as CUDA graphs need
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step(*args)  # writes at slot cache.len, which the first real step overwrites
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step(*args)
+
+    def __call__(self, token, next_pos, valid, ks, vs, slot):
+        self.token.copy_(token)
+        self.slot.copy_(slot)
+        self.graph.replay()
+        return self.logits.clone()  # the next replay overwrites self.logits
 
 
 def allowed_rows(guides: list, states: list, vocab_size: int, device) -> torch.Tensor | None:

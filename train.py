@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import engine
 import lora
 import model as M
 from agents import Example, Task, answer_task, manager_task
@@ -163,7 +164,7 @@ def add_scale_flags(ap: argparse.ArgumentParser) -> None:
     s("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
       help="activation checkpointing per block in the loss pass (recompute in backward, far less memory)")
     s("--micro-batch", type=int, default=0, help="completions per loss-pass chunk (0: a whole group at once)")
-    s("--compile", action="store_true", help="torch.compile each block of the policy (and critic)")
+    s("--compile", action="store_true", help="torch.compile each block of the policy (and critic) and the decode step")
     s("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer state over the "
       "ranks (FSDP2) instead of a full replica per rank (DDP)")
 
@@ -420,6 +421,9 @@ def minibatch_step(policy, opt, minibatch: list[Group], args, critic=None, criti
         stats["value_grad_norm"] = clip_gradients(critic_opt, args.grad_clip)
         critic_opt.step()
         critic_opt.zero_grad(set_to_none=True)
+    # The rollout engine decodes from its own copy of the weights, in the fast kernel's layout (engine.py):
+    # bring it up to date with the step just taken, as verl syncs the actor's weights into vLLM.
+    stats["sync_s"] = engine.sync(policy) + (engine.sync(critic) if critic is not None else 0.0)
     return stats
 
 
@@ -481,6 +485,7 @@ def load_models(args, base, ckpt: Path | None):
         for m in (policy, critic.backbone if critic is not None else None):
             if m is not None:
                 M.compile_blocks(m, dynamic=True)
+        M.compile_decode(policy)
     return policy, ref, critic
 
 
@@ -513,6 +518,7 @@ def run(args, task: Task | None = None) -> dict:
     opt = adamw(policy, args.lr, args)
     critic_opt = adamw(critic, args.critic_lr, args) if critic is not None else None
     start = load_training_state(ckpt, opt, policy, critic, critic_opt) if ckpt else 0
+    engine.sync(policy)  # weights loaded in place: the rollout engine's copies follow
     log = metrics_log(out / "metrics.jsonl", start if ckpt else None, main)
     amp = torch.autocast(dev.type, torch.bfloat16, enabled=args.amp)
     if main:

@@ -22,13 +22,14 @@ def run_bench(script: str, *flags) -> str:
 
 def test_every_bench_script_is_covered():
     scripts = {p.name for p in (ROOT / "bench").glob("*.py")}
-    assert scripts == {"bench_16bit.py", "bench_generate.py", "bench_grpo_step.py", "bench_guided.py",
+    assert scripts == {"bench_16bit.py", "bench_engine.py", "bench_generate.py", "bench_grpo_step.py", "bench_guided.py",
                        "bench_loss_pass.py", "bench_memory.py", "bench_scale.py", "estimate_7b.py",
                        "evidence_recall.py", "sample_rewards.py"}
 
 
 @pytest.mark.parametrize("script, model, expect", [
     ("bench_16bit.py", None, "| attention batch | cached keys | bf16 us | float32 us |"),
+    ("bench_engine.py", "llama", "sampling of one GRPO step: before"),
     ("bench_generate.py", None, "| device | dtype | batch | ours tok/s | transformers tok/s | speed-up |"),
     ("bench_grpo_step.py", "llama", "ours: "),
     ("bench_guided.py", "llama", "| 2 | "),

@@ -435,4 +435,6 @@ def test_smollm2_gguf_exports_to_a_transformers_checkpoint(smollm2, tmp_path):
     ids = tok.chat([{"role": "user", "content": "Where did Caroline go?"}])
     assert hf_tok.encode("Where did Caroline go?", add_special_tokens=False) == tok.encode("Where did Caroline go?")
     with torch.no_grad():
-        assert (hf(input_ids=torch.tensor([ids])).logits - ours(torch.tensor([ids]))).abs().max().item() <= 1e-4
+        # Without gradients our products read the rollout engine's oneDNN copy (engine.py), whose float32 sums
+        # run in another order than MKL's: logits of size ~30 differ by ~1e-4 (relative ~4e-6).
+        assert (hf(input_ids=torch.tensor([ids])).logits - ours(torch.tensor([ids]))).abs().max().item() <= 3e-4

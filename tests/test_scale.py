@@ -105,7 +105,10 @@ def test_micro_batches_give_the_same_update(tiny_checkpoints, tmp_path):
     b = load_file(tmp_path / "chunks" / "checkpoint" / "model.safetensors")
     start = load_file(ckpt / "model.safetensors")
     assert max((a[k] - start[k]).abs().max() for k in a) > 1e-3  # the step moved the weights
-    assert max((a[k] - b[k]).abs().max() for k in a) < 1e-5
+    # AdamW divides by sqrt(v): a near-zero gradient summed in another order moves its weight by a visible share
+    # of lr (1e-2 here); measured 9e-6 with F.linear rollouts, 1.7e-5 with the engine's (whose old log-probs
+    # differ from the loss pass's by float32 rounding, so the ratio is 1 +- 1e-6 rather than bit-exact 1).
+    assert max((a[k] - b[k]).abs().max() for k in a) < 5e-5
     # One AdamW step moves each weight by about lr * sign(gradient), whatever the gradient's scale: the
     # logged loss and gradient norm are what show that the chunks add up to the whole group's.
     whole, chunks = read_metrics(tmp_path / "whole")[1], read_metrics(tmp_path / "chunks")[1]

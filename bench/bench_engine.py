@@ -1,0 +1,249 @@
+"""The rollout engine (engine.py): decoding from prepacked weights against torch's F.linear, in one run.
+
+    python bench/bench_engine.py                      # every part, SmolLM2-135M-Instruct, float32, this CPU
+    python bench/bench_engine.py --parts steps,hf     # some parts
+    python bench/bench_engine.py --random-config qwen2.5-7b --device cuda --dtype bfloat16 --parts steps,hf
+    python bench/bench_engine.py --smoke              # the smallest setting (the test suite runs it)
+
+Parts ("before" = every linear layer through F.linear, engine.unpack; "after" = the engine's copies):
+  steps    one decode step (model.decode_step, a 300-token prompt cached) at each --batches size, median of
+           --steps steps: weight bytes streamed per second, as a share of this machine's read bandwidth
+           (summing a 512 MiB float32 tensor, the same run), and GFLOP/s of the step as a share of a large
+           product's; tokens per second per batch (the curve behind the batch defaults). On a GPU "after"
+           is the step replayed from a CUDA graph (sampling.CudaGraphStep), with --compile also compiled.
+  compile  the compiled decode step (model.compile_decode; on a GPU also replayed from a CUDA graph): seconds
+           to compile, step time after
+  hf       generate at --hf-batch prompts, 64 new tokens forced, against transformers' generate on the same
+           weights (alternating rounds, best of --repeats each)
+  grpo     the sampling of one GRPO step of the cpu preset (train.rollout's generate call: 4 gym training
+           prompts x G = 8, guided, temperature 0.5, 16 tokens), before and after
+  eval     evaluate.py on the gym's first test conversation (k 5, 16 tokens, plain prompt, add-all banks):
+           before with --batch 8 (the old default), after with the engine and evaluate.py's default batch
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import engine  # noqa: E402
+import model as M  # noqa: E402
+from bench_generate import QUESTIONS, RANDOM_CONFIGS, bandwidth_gbs, sync, timed_interleaved, to_hf  # noqa: E402
+from sampling import CudaGraphStep, generate  # noqa: E402
+
+PROMPT_LEN = 300  # tokens in the cache when a decode step is timed (an Answer Agent prompt of the cpu preset)
+
+
+def peak_gflops(device, dtype) -> float:
+    """GFLOP/s of a large product (2048 rows x 2304 x 2304) through the fastest path here: the compute roof
+    that decode steps at large batches run into."""
+    layer = engine.pack(M.Linear(2304, 2304, bias=False).to(device, dtype))
+    x = torch.randn(2048, 2304, device=device, dtype=dtype)
+    with torch.no_grad():
+        t = timed_interleaved([lambda: layer(x)], device, 5)[0]
+    return 2 * x.shape[0] * layer.weight.numel() / t / 1e9
+
+
+def step_seconds(model, batch: int, steps: int, step=None) -> float:
+    """Median seconds of one decode step at `batch` rows after a PROMPT_LEN-token prefill."""
+    dev = model.lm_head.weight.device
+    cache = model.new_cache(batch, PROMPT_LEN + steps + 4)
+    token = torch.zeros(batch, dtype=torch.long, device=dev)
+    with torch.no_grad():
+        model(torch.randint(0, 1000, (batch, PROMPT_LEN), device=dev), cache=cache, last_only=True)
+        graph = step(model, cache) if step else None
+        times = []
+        for _ in range(steps):
+            sync(dev)
+            t0 = time.perf_counter()
+            model.decode_step(token, cache, graph)
+            sync(dev)
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def part_steps(model, args, rows):
+    dev = model.lm_head.weight.device
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights count once
+    n_flops = 2 * sum(m.weight.numel() for m in engine.layers_of(model))  # per token, the products
+    bw, roof = bandwidth_gbs(dev), peak_gflops(dev, model.lm_head.weight.dtype)
+    print(f"weights {n_bytes / 1e6:.0f} MB; read bandwidth {bw:.1f} GB/s; a large product {roof:.0f} GFLOP/s")
+    gpu = dev.type == "cuda"
+    for B in args.batches:
+        engine.unpack(model)
+        before = step_seconds(model, B, args.steps)
+        if gpu:
+            after = step_seconds(model, B, args.steps, step=CudaGraphStep)
+        else:
+            engine.pack(model)
+            after = step_seconds(model, B, args.steps)
+        for name, t in (("F.linear" if not gpu else "eager", before), ("engine" if not gpu else "CUDA graph", after)):
+            rows.append({"part": "steps", "batch": B, "path": name, "step_ms": round(1e3 * t, 2),
+                         "tok_s": round(B / t, 1), "weight_GBs": round(n_bytes / t / 1e9, 2),
+                         "bw_share": round(n_bytes / t / 1e9 / bw, 3),
+                         "gflops_share": round(B * n_flops / t / 1e9 / roof, 3)})
+            print(json.dumps(rows[-1]), flush=True)
+        print(f"batch {B}: {before / after:.2f}x", flush=True)
+    engine.pack(model)
+
+
+def part_compile(model, args, rows):
+    graph = CudaGraphStep if model.lm_head.weight.is_cuda else None  # on a GPU: compiled, then captured
+    t0 = time.perf_counter()
+    M.compile_decode(model)
+    step_seconds(model, args.batches[0], 2, graph)  # the first call compiles
+    compile_s = time.perf_counter() - t0
+    for B in args.batches:
+        t0 = time.perf_counter()
+        t = step_seconds(model, B, args.steps, graph)
+        rows.append({"part": "compile", "batch": B, "compile_s": round(compile_s, 1), "step_ms": round(1e3 * t, 2),
+                     "first_call_s": round(time.perf_counter() - t0, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    model.step_fn = None
+
+
+def part_hf(model, args, rows, prompts):
+    dev = model.lm_head.weight.device
+    hf = to_hf(model)
+    batch = (prompts * args.hf_batch)[:args.hf_batch]
+    T = max(map(len, batch))
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in batch], device=dev)
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in batch], device=dev)
+    graph = dev.type == "cuda"
+
+    def ours():
+        generate(model, batch, args.new_tokens, temperature=1.0, seed=0, stop_ids=(), cuda_graph=graph)
+
+    def theirs():
+        with torch.no_grad():
+            hf.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
+    t_ours, t_hf = timed_interleaved([ours, theirs], dev, args.repeats)
+    n = len(batch) * args.new_tokens
+    rows.append({"part": "hf", "batch": len(batch), "ours_tok_s": round(n / t_ours, 1),
+                 "transformers_tok_s": round(n / t_hf, 1), "speedup": round(t_hf / t_ours, 2)})
+    print(json.dumps(rows[-1]), flush=True)
+
+
+def with_engine(on: bool, fn):
+    """Run fn with load_model packing (on) or not (off): the parts that load their own models."""
+    saved = engine.CPU_FAST_LAYOUT
+    engine.CPU_FAST_LAYOUT = on and saved
+    try:
+        return fn()
+    finally:
+        engine.CPU_FAST_LAYOUT = saved
+
+
+def part_grpo(args, rows):
+    import agents
+    import train
+    flags = ["--model", str(args.model), "--out", "unused", "--preset", "cpu"]
+    targs = train.parse_args(flags + (["--max-new-tokens", "2"] if args.smoke else []))
+    base, tok = M.load_model(targs.model)
+    task = agents.answer_task(targs, tok, base)
+    chunk = task.train[:targs.questions_per_step]
+    G = targs.group_size
+
+    def sample():
+        policy = M.load_model(targs.model)[0]
+        t0 = time.perf_counter()
+        generate(policy, [ex.prompt for ex in chunk for _ in range(G)], targs.max_new_tokens, targs.temperature,
+                 targs.top_p, seed=1, return_logprobs=True, guide=[ex.guide for ex in chunk for _ in range(G)],
+                 return_supports=True)
+        return time.perf_counter() - t0
+    sample()  # warm the guide's mask cache, so neither side pays for it
+    best = {"before": float("inf"), "after": float("inf")}
+    for _ in range(args.repeats):
+        best["before"] = min(best["before"], with_engine(False, sample))
+        best["after"] = min(best["after"], with_engine(True, sample))
+    rows.append({"part": "grpo", "rows": len(chunk) * G, "before_s": round(best["before"], 2),
+                 "after_s": round(best["after"], 2), "speedup": round(best["before"] / best["after"], 2)})
+    print(json.dumps(rows[-1]), flush=True)
+
+
+def part_eval(args, rows):
+    import evaluate
+    from data import gym
+    n = sum(q.conv_id == gym.load_conversations(splits=("test",))[0].sample_id for q in gym.load_split("test"))
+    n = 2 if args.smoke else n
+    common = ["--data", "gym", "--split", "test", "--limit", str(n), "--k", "5", "--no-distill",
+              "--max-new-tokens", "2" if args.smoke else "16", "--model", str(args.model)]
+
+    def run(batch):
+        with tempfile.TemporaryDirectory() as out:
+            t0 = time.perf_counter()
+            evaluate.main(common + (["--batch", str(batch)] if batch else []) + ["--out", out])
+            return time.perf_counter() - t0
+    before = with_engine(False, lambda: run(8))
+    after = with_engine(True, lambda: run(None))
+    rows.append({"part": "eval", "questions": n, "before_s": round(before, 1), "after_s": round(after, 1),
+                 "speedup": round(before / after, 2)})
+    print(json.dumps(rows[-1]), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=M.OFFLINE_SMOLLM2, help="checkpoint (every part but --random-config's)")
+    ap.add_argument("--random-config", choices=list(RANDOM_CONFIGS), help="random weights of a real model's shape")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--parts", default="steps,compile,hf,grpo,eval")
+    ap.add_argument("--batches", default="1,8,16,32,64", help="decode-step batch sizes")
+    ap.add_argument("--steps", type=int, default=12, help="decode steps timed per batch size (median)")
+    ap.add_argument("--hf-batch", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="a tiny random model, 2 steps, batches 1 and 2")
+    args = ap.parse_args()
+    if args.smoke:
+        args.random_config = args.random_config or ("tiny-qwen2" if args.model == M.OFFLINE_SMOLLM2 else None)
+        args.batches, args.steps, args.new_tokens, args.repeats, args.hf_batch = "1,2", 2, 4, 1, 2
+        args.parts = args.parts.replace("compile,", "")  # tests/test_engine.py compiles a decode step
+    args.batches = [int(b) for b in args.batches.split(",")]
+    parts = args.parts.split(",")
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    if args.random_config:
+        with torch.device(args.device):
+            model = engine.pack(M.Transformer(M.Config.from_hf(RANDOM_CONFIGS[args.random_config])).to(dtype).eval())
+        prompts = [list(range(1000 + 37 * i, 1000 + 37 * i + 24 + i)) for i in range(8)]
+    else:
+        model, tok = M.load_model(args.model, dtype=dtype, device=args.device)
+        prompts = [tok.chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+    print(f"{args.device}, {args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
+    rows = []
+    if "steps" in parts:
+        part_steps(model, args, rows)
+    if "hf" in parts:
+        part_hf(model, args, rows, prompts)
+    if "compile" in parts:
+        part_compile(model, args, rows)
+    if "grpo" in parts and not args.random_config:
+        part_grpo(args, rows)
+    if "eval" in parts and not args.random_config:
+        part_eval(args, rows)
+    print("\n| batch | path | ms per step | tok/s | weight GB/s | of read bandwidth | of a large product's FLOP/s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in (r for r in rows if r["part"] == "steps"):
+        print(f"| {r['batch']} | {r['path']} | {r['step_ms']} | {r['tok_s']} | {r['weight_GBs']} | "
+              f"{100 * r['bw_share']:.0f}% | {100 * r['gflops_share']:.0f}% |")
+    for r in rows:
+        if r["part"] == "compile":
+            print(f"compiled decode step, batch {r['batch']}: {r['step_ms']} ms (compiling took {r['compile_s']} s; "
+                  f"this batch's first call {r['first_call_s']} s)")
+        if r["part"] == "hf":
+            print(f"generate at batch {r['batch']}: ours {r['ours_tok_s']} tok/s, transformers "
+                  f"{r['transformers_tok_s']} tok/s: {r['speedup']}x")
+        if r["part"] in ("grpo", "eval"):
+            what = "sampling of one GRPO step" if r["part"] == "grpo" else f"one test conversation ({r['questions']} q)"
+            print(f"{what}: before {r['before_s']} s, after {r['after_s']} s: {r['speedup']}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The rollout engine (engine.py) and the static-shape decode step (model.decode_step, compile_decode).
+
+References: F.linear on the same weights (the training copy), the plain forward pass, and the unpacked
+model's own generate: the engine may only change the speed and float32 rounding, never the tokens.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine
+import model as M
+from sampling import generate
+
+pytestmark = pytest.mark.skipif(not engine.CPU_FAST_LAYOUT, reason="this torch build has no oneDNN")
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    packed, tok = M.load_model(smollm2_path)
+    return packed, engine.unpack(copy.deepcopy(packed)), tok
+
+
+def test_packed_product_equals_f_linear():
+    torch.manual_seed(0)
+    for bias in (False, True):
+        layer = M.Linear(64, 48, bias=bias)
+        engine.pack(layer)
+        for shape in ((1, 64), (5, 64), (2, 3, 64)):
+            x = torch.randn(*shape)
+            with torch.no_grad():
+                got = engine.linear(x, layer)
+                torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+            assert got.shape == (*shape[:-1], 48)
+        with torch.enable_grad():
+            assert engine.linear(x, layer) is None  # gradients take the training copy
+        assert engine.linear(x.double(), layer) is None
+
+
+def test_load_model_packs_float32_cpu_weights_only(tiny_checkpoints):
+    folder = tiny_checkpoints["qwen2"][0]
+    net, _ = M.load_model(folder)
+    layers = engine.layers_of(net)
+    assert len(layers) == 7 * net.cfg.n_layers + 1 and all(la.packed is not None for la in layers)
+    half, _ = M.load_model(folder, dtype=torch.bfloat16)
+    assert all(la.packed is None for la in engine.layers_of(half))  # cpu16.py's path, not the engine's
+    assert all(la.packed is None for la in engine.layers_of(copy.deepcopy(net)))  # a copy has other weights
+
+
+def test_engine_greedy_tokens_and_logprobs_equal_eager(smollm2):
+    """Real SmolLM2: 8 prompts, left-padded, 32 greedy tokens; then sampled tokens with one seed."""
+    packed, plain, tok = smollm2
+    prompts = [tok.chat([{"role": "user", "content": q}]) for q in (
+        "What is the capital of France?", "Name three colours.", "Why is the sky blue?", "Write a haiku.",
+        "What did Caroline adopt?", "Give me a synonym for happy.", "How many legs has a spider?", "Hi!")]
+    for temperature in (0.0, 1.0):
+        a, la = generate(packed, prompts, 32, temperature=temperature, seed=0, return_logprobs=True)
+        b, lb = generate(plain, prompts, 32, temperature=temperature, seed=0, return_logprobs=True)
+        assert a == b
+        diff = max(abs(x - y) for ra, rb in zip(la, lb) for x, y in zip(ra, rb))
+        assert diff <= 1e-4, diff
+    assert any(len(r) > 8 for r in a)
+
+
+def test_engine_follows_an_optimizer_step(tiny_checkpoints):
+    """After a step the stale copies are not used (F.linear instead: exactly the updated model); after sync
+    the copies are current again and the engine's logits equal the updated training copy's."""
+    net, _ = M.load_model(tiny_checkpoints["llama"][0])
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    logp, mask = M.completion_logprobs(net, [1, 2, 3], [[4, 5, 6], [7, 8]])
+    (-(logp * mask).sum()).backward()
+    opt.step()
+    layers = engine.layers_of(net)
+    assert not any(la.packed.current(la.weight) for la in layers)
+    reference = engine.unpack(copy.deepcopy(net))
+    with torch.no_grad():
+        want = reference(ids)
+        assert torch.equal(net(ids), want)  # stale copies fall back to F.linear on the new weights
+        seconds = engine.sync(net)
+        assert seconds >= 0 and all(la.packed.current(la.weight) for la in layers)
+        torch.testing.assert_close(net(ids), want, rtol=1e-5, atol=1e-5)
+        before = [la.packed for la in layers]
+        engine.sync(net)  # nothing changed: nothing re-packed
+        assert all(la.packed is p for la, p in zip(layers, before))
+
+
+def test_decode_step_equals_forward_with_left_padding(tiny_checkpoints):
+    net, _ = M.load_model(tiny_checkpoints["qwen3"][0])
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    real = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    a, b = net.new_cache(2, 12), net.new_cache(2, 12)
+    with torch.no_grad():
+        net(ids, real, cache=a)
+        net(ids, real, cache=b)
+        for token in ([3, 4], [20, 21], [1, 2]):
+            t = torch.tensor(token)
+            want = net(t[:, None], cache=a)[:, -1]
+            torch.testing.assert_close(net.decode_step(t, b), want, rtol=1e-5, atol=1e-5)
+    assert a.len == b.len == 8 and torch.equal(a.next_pos, b.next_pos) and torch.equal(a.valid, b.valid)
+
+
+def test_compiled_decode_step_gives_the_same_tokens(tiny_checkpoints):
+    net, _ = M.load_model(tiny_checkpoints["llama"][0])
+    prompts = [[5, 6, 7, 8], [9, 10], [5, 6, 7, 8]]
+    want, lw = generate(net, prompts, 6, temperature=1.0, seed=3, stop_ids=(), return_logprobs=True)
+    M.compile_decode(net)
+    got, lg = generate(net, prompts, 6, temperature=1.0, seed=3, stop_ids=(), return_logprobs=True)
+    assert got == want
+    torch.testing.assert_close(torch.tensor(lg), torch.tensor(lw), rtol=0, atol=1e-4)
