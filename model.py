@@ -386,6 +386,7 @@ def compile_blocks(model: Transformer, **kwargs) -> Transformer:
             setattr(layer, name, torch.compile(getattr(layer, name), **kwargs))
     return model
 
+
 def compile_decode(model: Transformer, **kwargs) -> Transformer:
     """torch.compile the decode step (step_logits): its shapes are static, so one compilation serves every
     position of a generation (dynamic=True: also every cache length and batch after a first recompile).

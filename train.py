@@ -143,8 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     g("--manager-max-new-tokens", type=int, default=256, help="response limit of the --manager that builds banks")
     a("--val-every", type=int, help="greedy validation every K steps (and before the first, and at the end)")
     a("--val-limit", type=int, help="validation questions, in file order (0: all 81)")
-    a("--val-batch", type=int, default=8, help="validation prompts per generate call")
-    a("--rollout-batch", type=int, default=4, help="questions per generate call during rollout")
+    # 64 rows per generate call: the fastest per token of the batch sizes bench/bench_engine.py measures on
+    # this project's CPU (README "Speed"); their KV cache, 64 x ~600 tokens, is ~1.8 GB for SmolLM2.
+    a("--val-batch", type=int, default=64, help="validation prompts per generate call")
+    a("--rollout-batch", type=int, default=8, help="questions per generate call during rollout (x G rows)")
     a("--save-every", type=int, default=10, help="checkpoint every K steps (and at the end)")
     a("--seed", type=int, default=0, help="seeds the question order and the sampling")
     a("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights' dtype (AdamW acts on it)")

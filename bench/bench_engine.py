@@ -16,9 +16,11 @@ Parts ("before" = every linear layer through F.linear, engine.unpack; "after" = 
   hf       generate at --hf-batch prompts, 64 new tokens forced, against transformers' generate on the same
            weights (alternating rounds, best of --repeats each)
   grpo     the sampling of one GRPO step of the cpu preset (train.rollout's generate call: 4 gym training
-           prompts x G = 8, guided, temperature 0.5, 16 tokens), before and after
-  eval     evaluate.py on the gym's first test conversation (k 5, 16 tokens, plain prompt, add-all banks):
-           before with --batch 8 (the old default), after with the engine and evaluate.py's default batch
+           prompts x G = 8, guided, temperature 0.5, 16 tokens), before (F.linear, every prompt prefilled
+           whole: the code before the engine) and after (the engine, the shared prefix prefilled once)
+  eval     evaluate.py on the gym's first test conversation (k 5, 16 tokens, plain prompt, add-all banks), as
+           a user runs it (loading and banks included): before as above with --batch 8 (the old default),
+           after with the engine and evaluate.py's default batch
 """
 
 import argparse
@@ -32,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
+import sampling  # noqa: E402
 import model as M  # noqa: E402
 from bench_generate import QUESTIONS, RANDOM_CONFIGS, bandwidth_gbs, sync, timed_interleaved, to_hf  # noqa: E402
 from sampling import CudaGraphStep, generate  # noqa: E402
@@ -131,13 +134,15 @@ def part_hf(model, args, rows, prompts):
 
 
 def with_engine(on: bool, fn):
-    """Run fn with load_model packing (on) or not (off): the parts that load their own models."""
-    saved = engine.CPU_FAST_LAYOUT
-    engine.CPU_FAST_LAYOUT = on and saved
+    """Run fn as the code runs now (on), or as it ran before the engine (off): load_model packs nothing and
+    prefill runs every prompt whole (no shared prefix). For the parts that load their own models."""
+    saved = engine.CPU_FAST_LAYOUT, sampling.SHARED_PREFIX_MIN
+    engine.CPU_FAST_LAYOUT = on and saved[0]
+    sampling.SHARED_PREFIX_MIN = saved[1] if on else float("inf")
     try:
         return fn()
     finally:
-        engine.CPU_FAST_LAYOUT = saved
+        engine.CPU_FAST_LAYOUT, sampling.SHARED_PREFIX_MIN = saved
 
 
 def part_grpo(args, rows):
