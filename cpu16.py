@@ -9,7 +9,7 @@ memory, as in decoding. The upcast is exact and float32 accumulates either way: 
     linear(x, w, b)            F.linear, or the float32 product from an exactly upcast 16-bit weight
     attention_inputs(q, k, v)  q, k, v in float32 when 16-bit attention would be slow here
 
-model.py calls both; nothing else in the project needs this file. Read next: lora.py.
+model.py calls both; nothing else in the project needs this file. Read next: engine.py.
 """
 
 from __future__ import annotations

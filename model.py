@@ -3,11 +3,13 @@
 Read top to bottom:
   1. Config          - read from a checkpoint's config.json (SPEC section 6; never hard-coded)
   2. RoPE, RMSNorm   - computed in float32, rotate-half layout as in Hugging Face checkpoints
-  3. Transformer     - model(input_ids [B, T]) -> logits [B, T, V]; left padding; a preallocated KV cache
+  3. Transformer     - model(input_ids [B, T]) -> logits [B, T, V]; left padding; a preallocated KV cache;
+                       decode_step, one token per row with static shapes (compile_decode compiles it)
   4. Loss pass       - completion_logprobs: G completions of one prompt, the prompt run once (GRPO/PPO)
   5. Loading         - a local HF folder, a hub id (huggingface_hub), a .gguf file, a LoRA adapter folder
 Below it, and imported here: tokenizer.py (chat formats, stop ids), cpu16.py (16-bit speed paths on CPUs
-without bf16 units: skip it on a first read), lora.py (adapters), hf_loader.py and gguf_loader.py (reading
+without bf16 units) and engine.py (decoding from weights prepacked for the CPU's fast kernels): skip both on a
+first read; lora.py (adapters), hf_loader.py and gguf_loader.py (reading
 checkpoint files). Read next: grammar.py (guided decoding), then sampling.py (generate;
 `python sampling.py --prompt ...` chats once).
 checkpoint.py writes what load_model reads.

@@ -1,8 +1,10 @@
 """Decoding from a model.py Transformer: the rollouts of RL, the answers of evaluation.
 
     generate(model, prompt_ids, max_new_tokens, temperature, top_p, stop_ids, seed, return_logprobs)
-        batched sampling with the KV cache; identical prompts (a GRPO group) are prefilled once; with
-        return_logprobs, each token's log-prob under the distribution it was drawn from (the "old" policy)
+        batched sampling with the KV cache; identical prompts (a GRPO group) are prefilled once, and so is
+        the prompts' common prefix; with return_logprobs, each token's log-prob under the distribution it
+        was drawn from (the "old" policy). Each new token is one model.decode_step (static shapes), replayed
+        from a CUDA graph on GPUs when the step is compiled (CudaGraphStep)
     sample_next(logits, temperature, top_p, generator)
         one token per row: greedy, or temperature and nucleus sampling
 

@@ -95,7 +95,7 @@ def part_steps(model, args, rows):
     engine.pack(model)
 
 
-def part_compile(model, args, rows):
+def part_compile(model, args, rows, prompts):
     graph = CudaGraphStep if model.lm_head.weight.is_cuda else None  # on a GPU: compiled, then captured
     t0 = time.perf_counter()
     M.compile_decode(model)
@@ -107,6 +107,12 @@ def part_compile(model, args, rows):
         rows.append({"part": "compile", "batch": B, "compile_s": round(compile_s, 1), "step_ms": round(1e3 * t, 2),
                      "first_call_s": round(time.perf_counter() - t0, 1)})
         print(json.dumps(rows[-1]), flush=True)
+    if graph:  # generate with the compiled step, replayed from CUDA graphs, as part hf runs it
+        batch = (prompts * args.hf_batch)[:args.hf_batch]
+        t = timed_interleaved([lambda: generate(model, batch, args.new_tokens, temperature=1.0, seed=0,
+                                                stop_ids=())], model.lm_head.weight.device, args.repeats)[0]
+        print(f"generate at batch {len(batch)}, compiled step in a CUDA graph: "
+              f"{len(batch) * args.new_tokens / t:.1f} tok/s", flush=True)
     model.step_fn = None
 
 
@@ -126,6 +132,10 @@ def part_hf(model, args, rows, prompts):
         with torch.no_grad():
             hf.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                         max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
+    if graph:  # the graph must replay exactly the eager step: the same greedy tokens
+        same = generate(model, batch, 16, temperature=0, stop_ids=(), cuda_graph=False) == \
+            generate(model, batch, 16, temperature=0, stop_ids=(), cuda_graph=True)
+        print(f"greedy tokens, CUDA graph vs eager decode step, {len(batch)} rows x 16: equal {same}", flush=True)
     t_ours, t_hf = timed_interleaved([ours, theirs], dev, args.repeats)
     n = len(batch) * args.new_tokens
     rows.append({"part": "hf", "batch": len(batch), "ours_tok_s": round(n / t_ours, 1),
@@ -228,7 +238,7 @@ def main():
     if "hf" in parts:
         part_hf(model, args, rows, prompts)
     if "compile" in parts:
-        part_compile(model, args, rows)
+        part_compile(model, args, rows, prompts)
     if "grpo" in parts and not args.random_config:
         part_grpo(args, rows)
     if "eval" in parts and not args.random_config:

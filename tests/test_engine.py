@@ -110,3 +110,24 @@ def test_compiled_decode_step_gives_the_same_tokens(tiny_checkpoints):
     got, lg = generate(net, prompts, 6, temperature=1.0, seed=3, stop_ids=(), return_logprobs=True)
     assert got == want
     torch.testing.assert_close(torch.tensor(lg), torch.tensor(lw), rtol=0, atol=1e-4)
+
+
+def test_common_prefix_is_prefilled_once_with_the_same_results(tiny_checkpoints, monkeypatch):
+    """Prompts sharing 20 tokens (an agent's system prompt) give the same tokens and log-probs when the
+    prefix runs once (sampling.prefill) as when every prompt runs whole."""
+    import sampling
+    assert sampling.common_prefix([(1, 2, 3, 4), (1, 2, 5), (1, 2, 3)]) == 2
+    assert sampling.common_prefix([(1, 2, 3), (1, 2, 3, 4)]) == 2  # each keeps a token of its own
+    net, _ = M.load_model(tiny_checkpoints["qwen2"][0])
+    system = list(range(30, 50))
+    prompts = [system + [7, 8, 9], system + [10], system + [7, 8, 9], system + [11, 12, 13, 14, 15]]
+    calls = []
+    forward = M.Transformer.forward
+    monkeypatch.setattr(M.Transformer, "forward", lambda self, ids, *a, **k: calls.append(ids.shape) or
+                        forward(self, ids, *a, **k))
+    got, lg = generate(net, prompts, 5, temperature=1.0, seed=1, stop_ids=(), return_logprobs=True)
+    assert calls[:2] == [(1, 20), (3, 5)]  # the prefix once, then the 3 distinct rests, left-padded
+    monkeypatch.setattr(sampling, "SHARED_PREFIX_MIN", 10**9)
+    want, lw = generate(net, prompts, 5, temperature=1.0, seed=1, stop_ids=(), return_logprobs=True)
+    assert got == want
+    torch.testing.assert_close(torch.tensor(lg), torch.tensor(lw), rtol=0, atol=1e-5)
