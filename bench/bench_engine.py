@@ -13,6 +13,7 @@ Parts ("before" = every linear layer through F.linear, engine.unpack; "after" = 
            is the step replayed from a CUDA graph (sampling.CudaGraphStep), with --compile also compiled.
   compile  the compiled decode step (model.compile_decode; on a GPU also replayed from a CUDA graph): seconds
            to compile, step time after
+  llama    llama.cpp on the same GGUF at batch 1, 64 tokens, against our generate (needs llama-cpp-python)
   hf       generate at --hf-batch prompts, 64 new tokens forced, against transformers' generate on the same
            weights (alternating rounds, best of --repeats each)
   grpo     the sampling of one GRPO step of the cpu preset (train.rollout's generate call: 4 gym training
@@ -58,7 +59,7 @@ def step_seconds(model, batch: int, steps: int, step=None) -> float:
     cache = model.new_cache(batch, PROMPT_LEN + steps + 4)
     token = torch.zeros(batch, dtype=torch.long, device=dev)
     with torch.no_grad():
-        model(torch.randint(0, 1000, (batch, PROMPT_LEN), device=dev), cache=cache, last_only=True)
+        model(torch.randint(0, model.cfg.vocab_size, (batch, PROMPT_LEN), device=dev), cache=cache, last_only=True)
         graph = step(model, cache) if step else None
         times = []
         for _ in range(steps):
@@ -143,6 +144,35 @@ def part_hf(model, args, rows, prompts):
     print(json.dumps(rows[-1]), flush=True)
 
 
+def part_llama(model, args, rows, prompts):
+    """llama.cpp (llama-cpp-python, a benchmark-only dependency) on the same GGUF file at batch 1: what CPU users
+    run instead. It multiplies the file's 4-bit blocks directly; we decode from their float32 dequantisation."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama.cpp: llama-cpp-python is not installed (pip install llama-cpp-python); skipped")
+        return
+    from gguf_loader import resolve_alias
+    path = Path(resolve_alias(str(args.model)))
+    if path.suffix != ".gguf":
+        print(f"llama.cpp: {path} is not a GGUF file; skipped")
+        return
+    llm = Llama(model_path=str(path), n_ctx=1024, n_threads=torch.get_num_threads(), verbose=False)
+
+    def theirs():
+        for n, _ in enumerate(llm.generate(prompts[2], temp=1.0, top_k=0, top_p=1.0, reset=True), 1):
+            if n == args.new_tokens:
+                break
+
+    def ours():
+        generate(model, prompts[2:3], args.new_tokens, temperature=1.0, seed=0, stop_ids=())
+    t_ours, t_llama = timed_interleaved([ours, theirs], "cpu", args.repeats)
+    rows.append({"part": "llama", "ours_tok_s": round(args.new_tokens / t_ours, 1),
+                 "llama_cpp_tok_s": round(args.new_tokens / t_llama, 1),
+                 "gguf_MB": round(path.stat().st_size / 1e6, 1)})
+    print(json.dumps(rows[-1]), flush=True)
+
+
 def with_engine(on: bool, fn):
     """Run fn as the code runs now (on), or as it ran before the engine (off): load_model packs nothing and
     prefill runs every prompt whole (no shared prefix). For the parts that load their own models."""
@@ -208,7 +238,7 @@ def main():
     ap.add_argument("--random-config", choices=list(RANDOM_CONFIGS), help="random weights of a real model's shape")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--parts", default="steps,compile,hf,grpo,eval")
+    ap.add_argument("--parts", default="steps,hf,llama,compile,grpo,eval")
     ap.add_argument("--batches", default="1,8,16,32,64", help="decode-step batch sizes")
     ap.add_argument("--steps", type=int, default=12, help="decode steps timed per batch size (median)")
     ap.add_argument("--hf-batch", type=int, default=16)
@@ -237,6 +267,8 @@ def main():
         part_steps(model, args, rows)
     if "hf" in parts:
         part_hf(model, args, rows, prompts)
+    if "llama" in parts and not args.random_config and args.device == "cpu":
+        part_llama(model, args, rows, prompts)
     if "compile" in parts:
         part_compile(model, args, rows, prompts)
     if "grpo" in parts and not args.random_config:
@@ -255,6 +287,9 @@ def main():
         if r["part"] == "hf":
             print(f"generate at batch {r['batch']}: ours {r['ours_tok_s']} tok/s, transformers "
                   f"{r['transformers_tok_s']} tok/s: {r['speedup']}x")
+        if r["part"] == "llama":
+            print(f"batch 1, 64 tokens: llama.cpp on the {r['gguf_MB']} MB GGUF {r['llama_cpp_tok_s']} tok/s, ours "
+                  f"(float32 from it) {r['ours_tok_s']} tok/s")
         if r["part"] in ("grpo", "eval"):
             what = "sampling of one GRPO step" if r["part"] == "grpo" else f"one test conversation ({r['questions']} q)"
             print(f"{what}: before {r['before_s']} s, after {r['after_s']} s: {r['speedup']}x")

@@ -50,18 +50,23 @@ def test_load_model_packs_float32_cpu_weights_only(tiny_checkpoints):
 
 
 def test_engine_greedy_tokens_and_logprobs_equal_eager(smollm2):
-    """Real SmolLM2: 8 prompts, left-padded, 32 greedy tokens; then sampled tokens with one seed."""
+    """Real SmolLM2, 8 left-padded prompts x 32 tokens: greedy tokens identical with and without the engine;
+    sampled tokens' log-probs (the "old" policy of GRPO/PPO) equal the plain model's re-scoring of them."""
     packed, plain, tok = smollm2
     prompts = [tok.chat([{"role": "user", "content": q}]) for q in (
         "What is the capital of France?", "Name three colours.", "Why is the sky blue?", "Write a haiku.",
         "What did Caroline adopt?", "Give me a synonym for happy.", "How many legs has a spider?", "Hi!")]
-    for temperature in (0.0, 1.0):
-        a, la = generate(packed, prompts, 32, temperature=temperature, seed=0, return_logprobs=True)
-        b, lb = generate(plain, prompts, 32, temperature=temperature, seed=0, return_logprobs=True)
-        assert a == b
-        diff = max(abs(x - y) for ra, rb in zip(la, lb) for x, y in zip(ra, rb))
-        assert diff <= 1e-4, diff
-    assert any(len(r) > 8 for r in a)
+    a, la = generate(packed, prompts, 32, temperature=0, return_logprobs=True)
+    b, lb = generate(plain, prompts, 32, temperature=0, return_logprobs=True)
+    assert a == b and any(len(r) > 8 for r in a)
+    assert max(abs(x - y) for ra, rb in zip(la, lb) for x, y in zip(ra, rb)) <= 1e-4
+    # Sampled: a 1e-6 change of the distribution may move an inverse-CDF draw across a boundary, so the
+    # tokens are compared through their log-probs: the engine's, against the plain model's teacher-forced pass.
+    tokens, logps = generate(packed, prompts, 32, temperature=1.0, seed=0, return_logprobs=True)
+    with torch.no_grad():
+        for p, t, lp in zip(prompts, tokens, logps):
+            want, _ = M.completion_logprobs(plain, p, [t], temperature=1.0)
+            assert (torch.tensor(lp) - want[0]).abs().max() <= 1e-4
 
 
 def test_engine_follows_an_optimizer_step(tiny_checkpoints):
