@@ -83,7 +83,7 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
     dev = model.lm_head.weight.device
     cuda_graph = model.step_fn is not None if cuda_graph is None else cuda_graph
     generator = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-    logits, cache = prefill(model, prompt_ids, max_new_tokens)  # [B, V]
+    logits, cache = prefill(model, prompt_ids, max_new_tokens, share_prefix=not sync_steps)  # [B, V]
     graph = CudaGraphStep(model, cache) if cuda_graph and dev.type == "cuda" and max_new_tokens > 1 else None
 
     B = len(prompt_ids)
@@ -120,17 +120,19 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
     return result if len(result) > 1 else tokens
 
 
-def prefill(model, prompt_ids: list[list[int]], max_new_tokens: int):
+def prefill(model, prompt_ids: list[list[int]], max_new_tokens: int, share_prefix: bool = True):
     """Each distinct prompt run once into a KV cache with room for the new tokens, then repeated for its rows.
 
     The distinct prompts' common prefix (an agent's system prompt: 235 of ~570 tokens for the cpu preset's
     answer prompts) runs once too, and each prompt's rest is appended after it, left-padded to a common
-    length: prefix caching, as vLLM and SGLang do it. Returns (logits of each row's next token [B, V], cache).
+    length: prefix caching, as vLLM and SGLang do it. Not under FSDP (share_prefix=False): every rank must
+    make the same number of forward calls, and its prompts' prefix is its own.
+    Returns (logits of each row's next token [B, V], cache).
     """
     dev = model.lm_head.weight.device
     unique = list(dict.fromkeys(tuple(p) for p in prompt_ids))
     row_of = {p: i for i, p in enumerate(unique)}
-    shared = common_prefix(unique) if len(unique) > 1 else 0
+    shared = common_prefix(unique) if len(unique) > 1 and share_prefix else 0
     if shared < SHARED_PREFIX_MIN:
         shared = 0
     rests = [p[shared:] for p in unique]
