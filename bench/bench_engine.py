@@ -71,6 +71,38 @@ def step_seconds(model, batch: int, steps: int, step=None) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def pieces_ms(model, batch: int, steps: int) -> tuple[float, float]:
+    """Milliseconds per decode step of (the products alone: every linear layer once on `batch` rows, back to
+    back, through model.Linear; the attention alone: every layer's one query per row over PROMPT_LEN keys)."""
+    dev, cfg = model.lm_head.weight.device, model.cfg
+    dtype = model.lm_head.weight.dtype
+    layers = engine.layers_of(model)
+    xs = [torch.randn(batch, 1, m.in_features, device=dev, dtype=dtype) for m in layers]
+    q = torch.randn(batch, cfg.n_heads, 1, cfg.head_dim, device=dev, dtype=dtype)
+    kv = torch.randn(batch, cfg.n_kv_heads, PROMPT_LEN, cfg.head_dim, device=dev, dtype=dtype)
+
+    def products():
+        for m, x in zip(layers, xs):
+            m(x)
+
+    def attention():
+        for _ in range(cfg.n_layers):
+            torch.nn.functional.scaled_dot_product_attention(q, kv, kv, enable_gqa=cfg.n_kv_heads != cfg.n_heads)
+    with torch.no_grad():
+        t = timed_interleaved([products, attention], dev, max(3, steps // 2))
+    return 1e3 * t[0], 1e3 * t[1]
+
+
+def prefill_seconds(model, prompts: int, length: int) -> float:
+    """Seconds to prefill `prompts` distinct prompts of `length` tokens (best of 2): the prompt side of a
+    rollout or an evaluation batch, compute-bound."""
+    dev = model.lm_head.weight.device
+    ids = torch.randint(0, model.cfg.vocab_size, (prompts, length), device=dev)
+    with torch.no_grad():
+        return timed_interleaved([lambda: model(ids, cache=model.new_cache(prompts, length), last_only=True)],
+                                 dev, 2)[0]
+
+
 def part_steps(model, args, rows):
     dev = model.lm_head.weight.device
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights count once
@@ -92,7 +124,20 @@ def part_steps(model, args, rows):
                          "bw_share": round(n_bytes / t / 1e9 / bw, 3),
                          "gflops_share": round(B * n_flops / t / 1e9 / roof, 3)})
             print(json.dumps(rows[-1]), flush=True)
-        print(f"batch {B}: {before / after:.2f}x", flush=True)
+        products, attention = pieces_ms(model, B, args.steps)
+        rows[-1].update(products_ms=round(products, 2), attention_ms=round(attention, 2))
+        print(f"batch {B}: {before / after:.2f}x; {rows[-1]['path']}: products alone {products:.1f} ms "
+              f"({B * n_flops / products / 1e6:.0f} GFLOP/s, {n_bytes / products / 1e6:.1f} GB/s), attention alone "
+              f"over {PROMPT_LEN} keys {attention:.1f} ms", flush=True)
+    if not gpu:  # the prompt side: a GRPO step's 4 prompts of ~570 tokens
+        n, length = (2, 8) if args.smoke else (4, 570)
+        engine.unpack(model)
+        before = prefill_seconds(model, n, length)
+        engine.pack(model)
+        after = prefill_seconds(model, n, length)
+        flops = 2 * n * length * (sum(m.weight.numel() for m in engine.layers_of(model)) - model.lm_head.weight.numel())
+        print(f"prefill of {n} prompts x {length} tokens: F.linear {before:.2f} s ({flops / before / 1e9:.0f} GFLOP/s "
+              f"in the products), engine {after:.2f} s ({flops / after / 1e9:.0f} GFLOP/s)", flush=True)
     engine.pack(model)
 
 
@@ -110,6 +155,13 @@ def part_compile(model, args, rows, prompts):
         print(json.dumps(rows[-1]), flush=True)
     if graph:  # generate with the compiled step, replayed from CUDA graphs, as part hf runs it
         batch = (prompts * args.hf_batch)[:args.hf_batch]
+        compiled = generate(model, batch, 16, temperature=0, stop_ids=())
+        step_fn, model.step_fn = model.step_fn, None
+        eager = generate(model, batch, 16, temperature=0, stop_ids=(), cuda_graph=False)
+        model.step_fn = step_fn
+        same = sum(a == b for a, b in zip(compiled, eager))
+        print(f"greedy tokens, compiled step in a CUDA graph vs eager step: {same} of {len(batch)} rows equal over "
+              "16 tokens", flush=True)
         t = timed_interleaved([lambda: generate(model, batch, args.new_tokens, temperature=1.0, seed=0,
                                                 stop_ids=())], model.lm_head.weight.device, args.repeats)[0]
         print(f"generate at batch {len(batch)}, compiled step in a CUDA graph: "
