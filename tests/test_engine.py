@@ -136,3 +136,18 @@ def test_common_prefix_is_prefilled_once_with_the_same_results(tiny_checkpoints,
     want, lw = generate(net, prompts, 5, temperature=1.0, seed=1, stop_ids=(), return_logprobs=True)
     assert got == want
     torch.testing.assert_close(torch.tensor(lg), torch.tensor(lw), rtol=0, atol=1e-5)
+
+
+def test_compiled_decode_step_on_smollm2_gives_the_same_greedy_tokens(smollm2):
+    """The compiled step (custom-op products from the packed copies, inductor for the rest) on the real model:
+    8 prompts x 32 greedy tokens identical to the eager engine's (~50 s, most of it compiling)."""
+    packed, _, tok = smollm2
+    prompts = [tok.chat([{"role": "user", "content": q}]) for q in (
+        "What is the capital of France?", "Name three colours.", "Why is the sky blue?", "Write a haiku.",
+        "What did Caroline adopt?", "Give me a synonym for happy.", "How many legs has a spider?", "Hi!")]
+    want = generate(packed, prompts, 32, temperature=0)
+    M.compile_decode(packed)
+    try:
+        assert generate(packed, prompts, 32, temperature=0) == want
+    finally:
+        packed.step_fn = None
