@@ -137,6 +137,7 @@ def prefill(model, prompt_ids: list[list[int]], max_new_tokens: int, share_prefi
         shared = 0
     rests = [p[shared:] for p in unique]
     T = max(len(r) for r in rests)
+    check_cache_fits(model, len(prompt_ids), shared + T + max_new_tokens)
     ids = torch.zeros(len(unique), T, dtype=torch.long)
     real = torch.zeros(len(unique), T, dtype=torch.bool)
     for i, r in enumerate(rests):
@@ -153,6 +154,29 @@ def prefill(model, prompt_ids: list[list[int]], max_new_tokens: int, share_prefi
     if len(unique) != len(prompt_ids):
         cache.select_rows(rows)
     return logits[rows], cache
+
+
+def check_cache_fits(model, rows: int, slots: int) -> None:
+    """Refuse, with the numbers, a KV cache larger than the memory the device has free (instead of swapping
+    or an out-of-memory kill midway through a run): the batch flags are what to lower."""
+    cfg, p = model.cfg, model.lm_head.weight
+    need = 2 * cfg.n_layers * rows * cfg.n_kv_heads * slots * cfg.head_dim * p.element_size()  # keys + values
+    free = free_memory(p.device)
+    if free is not None and need > free:
+        raise MemoryError(f"a KV cache of {rows} rows x {slots} tokens needs {need / 2**30:.1f} GiB, and "
+                          f"{free / 2**30:.1f} GiB are free on {p.device}: lower the batch "
+                          "(train.py --rollout-batch / --val-batch, evaluate.py --batch)")
+
+
+def free_memory(device) -> int | None:
+    """Bytes free on `device` (CUDA: the driver's count; CPU: Linux's MemAvailable); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 SHARED_PREFIX_MIN = 16  # shorter common prefixes are run with each prompt (not worth a second forward call)

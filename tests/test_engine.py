@@ -155,3 +155,14 @@ def test_compiled_decode_step_on_smollm2_gives_the_same_greedy_tokens(smollm2):
         assert generate(packed, prompts, 32, temperature=0) == want
     finally:
         packed.step_fn = None
+
+
+def test_a_kv_cache_larger_than_free_memory_is_refused_with_its_size(tiny_checkpoints, monkeypatch):
+    import sampling
+    net, _ = M.load_model(tiny_checkpoints["llama"][0])
+    cfg = net.cfg
+    per_row = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4 * (4 + 6)  # 4 prompt + 6 new tokens, float32
+    monkeypatch.setattr(sampling, "free_memory", lambda device: 3 * per_row)
+    assert len(generate(net, [[1, 2, 3, 4]] * 3, 6, temperature=0, stop_ids=())) == 3  # exactly fits
+    with pytest.raises(MemoryError, match=r"4 rows x 10 tokens needs .* lower the batch"):
+        generate(net, [[1, 2, 3, 4]] * 4, 6, temperature=0, stop_ids=())
