@@ -15,9 +15,9 @@ inference copy is one tensor per linear layer, beside its parameter:
 On CPUs the fast layout is oneDNN's: `torch.ops.mkldnn._reorder_linear_weight` reorders a float32 weight
 into the blocked layout that `_linear_pointwise` streams at close to memory speed. torch's own float32
 `F.linear` goes through MKL, which takes slower code paths on AMD processors: on this project's 2-core EPYC
-a 1536x576 product read from memory takes ~316 us with MKL and ~155 us prepacked at one row (~340 vs
-~160 at 8 rows; `python bench/bench_engine.py` prints the whole decode step). torch.compile's `freezing`
-prepacks the same way, but treats weights as constants, so it cannot serve a policy that changes every step.
+a SmolLM2 decode step runs 1.3-1.8x faster from the packed copies (`python bench/bench_engine.py`,
+README "Speed"). torch.compile's `freezing` prepacks the same way, but treats weights as constants, so it
+cannot serve a policy that changes every step.
 
 A copy is current while its parameter has the same storage at the same version (every in-place write, the
 optimizer's included, bumps a tensor's version counter). A stale copy is never used: the layer falls back
