@@ -203,7 +203,7 @@ class Linear(nn.Linear):
         self.packed = None  # engine.py: the weight in the fastest kernel's layout, for decoding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = engine.linear(x, self) if self.packed is not None else None
+        y = engine.linear(x, self)  # None without a current packed copy, or with gradients
         if y is None:
             y = cpu16.linear(x, self.weight, self.bias)
         if self.lora_a is not None and self.lora_enabled:  # y + (alpha / r) * B A dropout(x)

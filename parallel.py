@@ -141,7 +141,7 @@ def prepare_models(policy, ref, critic, device, fsdp: bool):
     if fsdp:  # shard after loading whole weights; the optimizers are then built on the shards
         if world_size() == 1:
             raise SystemExit("--fsdp shards over several processes: start train.py with torchrun")
-        fsdp_shard(policy, policy.layers, ("logprobs",))
+        fsdp_shard(policy, policy.layers, ("logprobs", "decode_step"))  # the loss pass; generate's steps
         if ref is not None and ref is not policy:
             fsdp_shard(ref, ref.layers, ("logprobs",))
         if critic is not None:
@@ -160,8 +160,8 @@ def backward(loss: torch.Tensor) -> None:
 def fsdp_shard(module: torch.nn.Module, blocks, methods: tuple[str, ...]) -> None:
     """FSDP2: each block's parameters, then the rest's (the root: embeddings, norm, heads), sharded over the
     ranks and all-gathered just in time around each block's forward and backward. Entry points other than
-    forward are registered so they gather too: a block's shared-prompt step (Block.shared) and the root's
-    `methods` (the loss pass, the critic's values)."""
+    forward are registered so they gather too: a block's shared-prompt and decode steps (Block.shared,
+    Block.step) and the root's `methods` (the loss pass, generate's decode step, the critic's values)."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     engine.unpack(module)  # shards have no fast layout: decoding takes F.linear
@@ -170,7 +170,7 @@ def fsdp_shard(module: torch.nn.Module, blocks, methods: tuple[str, ...]) -> Non
         register_fsdp_forward_method(layer, "shared")
         register_fsdp_forward_method(layer, "step")  # a decode step (Transformer.decode_step)
     fully_shard(module)
-    for name in methods + (("decode_step",) if hasattr(module, "decode_step") else ()):
+    for name in methods:
         register_fsdp_forward_method(module, name)
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
 import sampling  # noqa: E402
 import model as M  # noqa: E402
-from bench_generate import QUESTIONS, RANDOM_CONFIGS, bandwidth_gbs, sync, timed_interleaved, to_hf  # noqa: E402
+from bench_generate import RANDOM_CONFIGS, bandwidth_gbs, bench_model, sync, timed_interleaved, to_hf  # noqa: E402
 from sampling import CudaGraphStep, generate  # noqa: E402
 
 PROMPT_LEN = 300  # tokens in the cache when a decode step is timed (an Answer Agent prompt of the cpu preset)
@@ -306,13 +306,7 @@ def main():
     parts = args.parts.split(",")
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    if args.random_config:
-        with torch.device(args.device):
-            model = engine.pack(M.Transformer(M.Config.from_hf(RANDOM_CONFIGS[args.random_config])).to(dtype).eval())
-        prompts = [list(range(1000 + 37 * i, 1000 + 37 * i + 24 + i)) for i in range(8)]
-    else:
-        model, tok = M.load_model(args.model, dtype=dtype, device=args.device)
-        prompts = [tok.chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+    model, prompts = bench_model(args.model, args.random_config, args.device, dtype)
     print(f"{args.device}, {args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
     rows = []
     if "steps" in parts:

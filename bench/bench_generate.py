@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import engine  # noqa: E402
 import model as M  # noqa: E402
 from checkpoint import hf_config  # noqa: E402
 from sampling import generate  # noqa: E402
@@ -87,6 +88,17 @@ def products_only_s(model, device, repeats):
     return timed(step, device, 5 * repeats)
 
 
+def bench_model(name: str, random_config: str | None, device, dtype):
+    """(model, 8 prompts): random weights of a real model's shape with token-id prompts, or the checkpoint
+    `name` with QUESTIONS as chat prompts. Packed for the rollout engine either way, as load_model packs."""
+    if random_config:
+        with torch.device(device):
+            model = M.Transformer(M.Config.from_hf(RANDOM_CONFIGS[random_config])).to(dtype).eval()
+        return engine.pack(model), [list(range(1000 + 37 * i, 1000 + 37 * i + 24 + i)) for i in range(8)]
+    model, tok = M.load_model(name, dtype=dtype, device=device)
+    return model, [tok.chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+
+
 def to_hf(ours: M.Transformer):
     """The same weights in transformers' model class (for --random-config, where no file exists)."""
     import transformers
@@ -124,15 +136,7 @@ def main():
     rows = []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        if args.random_config:
-            cfg = M.Config.from_hf(RANDOM_CONFIGS[args.random_config])
-            with torch.device(args.device):
-                ours = M.Transformer(cfg).to(dtype).eval()
-            vocab_ids = [list(range(1000 + 37 * i, 1000 + 37 * i + 24 + i)) for i in range(8)]
-            prompts = vocab_ids
-        else:
-            ours, tok = M.load_model(args.model, dtype=dtype, device=args.device)
-            prompts = [tok.chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+        ours, prompts = bench_model(args.model, args.random_config, args.device, dtype)
         hf = None
         if not args.skip_hf:  # the same dense weights in transformers' own model class
             hf = to_hf(ours)
