@@ -33,6 +33,7 @@ Read next: grpo.py and ppo.py (the losses), then train.py (the loop).
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -47,9 +48,9 @@ from data.locomo import Question
 from memory import FACT_SOURCES, FactRecord, HashEmbedder, MemoryBank, add_all_banks, make_embedder, speaker_memories
 from metrics import exact_match, f1
 from model import load_model
-from prompts import (answer_automaton, answer_messages, facts_automaton, facts_messages, manager_automaton,
-                     manager_messages, parse_answer, parse_facts, parse_manager)
-from sampling import generate
+from prompts import (answer_automaton, answer_messages, facts_automaton, facts_messages, manager_format_automaton,
+                     manager_messages, parse_answer, parse_facts, parse_manager_output)
+from sampling import continuation_logprobs, generate
 
 # The datasets, each a module with load_conversations(path), load_split(name, path) and CATEGORY_LABELS
 # (train.py and evaluate.py --data): LoCoMo, the memory gym whose right memory operations are known
@@ -118,6 +119,11 @@ class Task:
     val: list[Example]
     # score(example, texts) -> one dict per text: "reward" plus any numbers worth averaging in the log
     score: Callable[[Example, list[str]], list[dict]]
+    # score_many([(example, texts), ...]) -> score's lists, all at once (the manager batches its answerer)
+    score_many: Callable[[list[tuple]], list[list[dict]]] | None = None
+
+    def score_all(self, pairs: list[tuple]) -> list[list[dict]]:
+        return self.score_many(pairs) if self.score_many else [self.score(ex, texts) for ex, texts in pairs]
 
 
 def score_answer(text: str, gold: str, reward: str = "em", require_marker: bool = True) -> dict:
@@ -147,7 +153,7 @@ def answer_task(args, tok, base_model) -> Task:
             if conv.sample_id not in banks:
                 banks[conv.sample_id] = conversation_banks(conv, args.manager, manager, args.facts, base_model, tok,
                                                            embedder, args.manager_k, args.manager_max_new_tokens,
-                                                           guided=args.guided)
+                                                           guided=args.guided, fmt=args.manager_format)
             mems_a, mems_b = speaker_memories(conv, banks[conv.sample_id], q.question, args.memories_per_speaker)
             messages = answer_messages(q.question, conv.speaker_a, mems_a, conv.speaker_b, mems_b,
                                        distill=args.distill)
@@ -162,7 +168,8 @@ def answer_task(args, tok, base_model) -> Task:
 
 
 def conversation_banks(conv, builder: str, manager, fact_source: str, model, tok, embedder, k: int = 5,
-                       max_new_tokens: int = 256, stats: dict | None = None, guided: bool = False) -> dict:
+                       max_new_tokens: int = 256, stats: dict | None = None, guided: bool = False,
+                       fmt: str = "mem0") -> dict:
     """One bank per speaker: every fact ADDed ("add-all"), the oracle's operations applied ("oracle", the gym
     only), or the facts run through `manager` (a model) turn by turn."""
     if builder == "oracle":
@@ -172,7 +179,7 @@ def conversation_banks(conv, builder: str, manager, fact_source: str, model, tok
     facts = conversation_facts(conv, fact_source, model, tok, stats=stats, guided=guided)
     if manager is None:
         return add_all_banks(conv, facts, embedder)
-    return run_manager(conv, facts, manager, tok, embedder, k, max_new_tokens, stats, guided=guided)
+    return run_manager(conv, facts, manager, tok, embedder, k, max_new_tokens, stats, guided=guided, fmt=fmt)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,10 +200,12 @@ def related_memories(bank: MemoryBank, facts: list[str], k: int = 5) -> tuple[li
     return shown, {str(i): mid for i, mid in enumerate(seen)}
 
 
-def apply_output(bank: MemoryBank, text: str, id_map: dict[str, str], fact: FactRecord) -> tuple[MemoryBank, dict]:
-    """A copy of `bank` with the manager's output applied, and the counts (ADD ... invalid, parse_fail)."""
-    parsed = parse_manager(text)
-    edited = bank.copy()
+def apply_output(bank: MemoryBank, text: str, id_map: dict[str, str], facts: list[FactRecord],
+                 fmt: str = "mem0") -> tuple[MemoryBank, dict]:
+    """A copy of `bank` with the manager's output (for these facts, in format `fmt`) applied, and the counts
+    (ADD ... invalid, parse_fail, recovered)."""
+    parsed = parse_manager_output(text, [f.text for f in facts], fmt)
+    edited, fact = bank.copy(), facts[0]
     counts = edited.apply(parsed.value, id_map, speaker=fact.speaker, timestamp=fact.timestamp,
                           dia_ids=fact.dia_ids)
     counts["parse_fail"] = int(not parsed.ok)
@@ -255,7 +264,8 @@ def oracle_decision(conv, dia_id: str) -> tuple[str, frozenset]:
 
 
 def run_manager(conv, facts: list[FactRecord], model, tok, embedder=None, k: int = 5, max_new_tokens: int = 256,
-                stats: dict | None = None, progress: bool = True, guided: bool = False) -> dict[str, MemoryBank]:
+                stats: dict | None = None, progress: bool = True, guided: bool = False,
+                fmt: str = "mem0") -> dict[str, MemoryBank]:
     """Build one bank per speaker by running the manager greedily over the facts, turn by turn, in order.
 
     Malformed output is applied as far as it is valid and counted in stats (parse_fail, invalid, ops). On the
@@ -278,10 +288,10 @@ def run_manager(conv, facts: list[FactRecord], model, tok, embedder=None, k: int
                     bank.add(f.text, speaker=f.speaker, timestamp=f.timestamp, dia_ids=f.dia_ids)
                 stats["ADD"] = stats.get("ADD", 0) + len(mine)
                 continue
-            prompt = tok.chat(manager_messages(shown, [f.text for f in mine]))
-            fmt = guide(manager_automaton(len(shown) + len(mine)), model, tok, guided)  # shown ids, then fresh ones
-            out = generate(model, [prompt], max_new_tokens, temperature=0, guide=fmt)[0]
-            banks[speaker], counts = apply_output(bank, tok.decode(out), id_map, mine[0])
+            prompt = tok.chat(manager_messages(shown, [f.text for f in mine], fmt))
+            shape = guide(manager_format_automaton(fmt, len(shown), len(mine)), model, tok, guided)
+            out = generate(model, [prompt], max_new_tokens, temperature=0, guide=shape)[0]
+            banks[speaker], counts = apply_output(bank, tok.decode(out), id_map, mine, fmt)
             for key, v in counts.items():
                 stats[key] = stats.get(key, 0) + int(v)
             if turn.dia_id in conv.oracle:
@@ -297,9 +307,15 @@ def run_manager(conv, facts: list[FactRecord], model, tok, embedder=None, k: int
 
 
 def manager_examples(conv, questions, facts: list[FactRecord], tok, embedder, window: int = 24, k: int = 5,
-                     vocab_size: int | None = None):
+                     vocab_size: int | None = None, fmt: str = "mem0", ask: str = "probe"):
     """The RL states of one conversation (see section 3 above): Example objects; with a vocab_size (of the
-    policy's output layer) each carries its format's guide: ids up to the shown memories plus the facts."""
+    policy's output layer) each carries its format's guide (`fmt`), its ids limited to the shown memories.
+
+    ask (the gym): "probe" asks the turn's probe only; "shown" also asks, for each memory shown to the
+    manager, the question about what that memory records, answered as the world stands after the turn (its
+    latest probe, unless this turn is about the same attribute: then the probe is that question). So an
+    UPDATE or DELETE of the wrong memory loses an answer, and the reward sees every memory it could change.
+    """
     by_turn, turns = facts_by_turn(facts), conv.turns()
     linked = defaultdict(list)
     for q in questions:
@@ -307,12 +323,14 @@ def manager_examples(conv, questions, facts: list[FactRecord], tok, embedder, wi
             linked[dia_id].append(q)
     for dia_id, known in conv.oracle.items():  # the gym: each fact turn's probe instead
         if known["probe"]:
-            linked[dia_id] = [Question(**known["probe"], evidence=[dia_id], conv_id=conv.sample_id, index=-1)]
+            linked[dia_id] = [probe_question(conv, dia_id)]
     out = []
     live = add_all_banks(conv, [], embedder) if conv.oracle else None  # the gym: oracle banks, turn by turn
+    about = {speaker: {} for speaker in (conv.speaker_a, conv.speaker_b)}  # the gym: bank id -> latest probe
     for i, turn in enumerate(turns):
         if live is not None and i:
             apply_oracle(live, conv, turns[i - 1])
+            note_probes(about, conv, turns[i - 1])
         mine = [f for f in by_turn.get(turn.dia_id, []) if f.speaker == turn.speaker]
         if not linked.get(turn.dia_id) or not mine:
             continue
@@ -322,16 +340,44 @@ def manager_examples(conv, questions, facts: list[FactRecord], tok, embedder, wi
             earlier = turns[max(0, i - window) if window else 0:i]
             banks = add_all_banks(conv, [f for t in earlier for f in by_turn.get(t.dia_id, [])], embedder)
         shown, id_map = related_memories(banks[turn.speaker], [f.text for f in mine], k)
-        prompt = tok.chat(manager_messages(shown, [f.text for f in mine]))
+        asked = list(linked[turn.dia_id])
+        if live is not None and ask == "shown":
+            this_turn = {e["id"] for e in conv.oracle[turn.dia_id]["events"]}
+            for mid in id_map.values():
+                q = about[turn.speaker].get(mid)
+                if q is not None and mid not in this_turn and q.question not in {a.question for a in asked}:
+                    asked.append(q)
+        prompt = tok.chat(manager_messages(shown, [f.text for f in mine], fmt))
         meta = {"conv": conv, "banks": banks, "speaker": turn.speaker, "id_map": id_map, "facts": mine,
-                "questions": linked[turn.dia_id], "dia_id": turn.dia_id}
-        fmt = None if vocab_size is None else manager_automaton(len(shown) + len(mine)).guide(tok, vocab_size)
-        out.append(Example(prompt, "", meta, fmt))
+                "questions": asked, "dia_id": turn.dia_id}
+        shape = None if vocab_size is None else manager_format_automaton(fmt, len(shown), len(mine)).guide(tok, vocab_size)
+        out.append(Example(prompt, "", meta, shape))
     return out
+
+
+def probe_question(conv, dia_id: str) -> Question:
+    return Question(**conv.oracle[dia_id]["probe"], evidence=[dia_id], conv_id=conv.sample_id, index=-1)
+
+
+def note_probes(about: dict, conv, turn) -> None:
+    """After a gym turn: each memory it added or updated is asked about by its probe; a deleted one by none."""
+    known = conv.oracle.get(turn.dia_id)
+    if not known:
+        return
+    for e in known["events"]:
+        if e["event"] in ("ADD", "UPDATE") and known["probe"]:
+            about[turn.speaker][e["id"]] = probe_question(conv, turn.dia_id)
+        elif e["event"] == "DELETE":
+            about[turn.speaker].pop(e["id"], None)
+
+
+MANAGER_QUESTIONS = ("probe", "shown")
 
 
 def manager_task(args, tok, base_model):
     """train.py's Task for --agent manager: examples from the train and val conversations, and the reward."""
+    if args.reward == "prob" and args.distill:
+        raise ValueError("--reward prob scores the gold answer right after **Answer:**: use --no-distill")
     embedder = make_embedder(args.embedder, base_model, tok)
     dtype, dev = base_model.lm_head.weight.dtype, base_model.lm_head.weight.device
     answerer = load_model(args.answerer or args.model, dtype, dev)[0]  # its own copy: the policy will change
@@ -348,51 +394,101 @@ def manager_task(args, tok, base_model):
             conv = convs[conv_id]
             facts = conversation_facts(conv, args.facts, base_model, tok, guided=args.guided)
             out += manager_examples(conv, [q for q in qs if q.conv_id == conv_id], facts, tok, embedder,
-                                    args.window, args.manager_k, vocab_size)
+                                    args.window, args.manager_k, vocab_size, args.manager_format,
+                                    args.manager_questions)
         return out
+
+    def score_many(pairs):
+        return manager_score_many(pairs, answerer, tok, args, answer_guide)
 
     val = examples("val")
     if args.data == "gym":  # every kind of turn in any prefix (--val-limit), not the first session's introductions
         random.Random(0).shuffle(val)
-    return Task(examples("train"), val, lambda ex, texts: manager_score(ex, texts, answerer, tok, args, answer_guide))
+    return Task(examples("train"), val, lambda ex, texts: score_many([(ex, texts)])[0], score_many)
 
 
 def manager_score(example, texts: list[str], answerer, tok, args, answer_guide=None) -> list[dict]:
-    """Reward of each manager output: apply it to a copy of the bank, let the frozen answerer answer the
-    turn's linked questions greedily (k + k retrieval), mean EM (or F1); plus the event mix and bank size."""
-    meta, k = example.meta, args.memories_per_speaker
-    conv, questions = meta["conv"], meta["questions"]
-    results, prompts = [], []
-    for text in texts:
-        bank = meta["banks"][meta["speaker"]]
-        edited, counts = apply_output(bank, text, meta["id_map"], meta["facts"][0])
-        banks = {**meta["banks"], meta["speaker"]: edited}
-        results.append((counts, len(edited), decision(edited.log[len(bank.log):])))
-        if counts["recovered"]:
-            for q in questions:
-                mems_a, mems_b = speaker_memories(conv, banks, q.question, k)
-                msgs = answer_messages(q.question, conv.speaker_a, mems_a, conv.speaker_b, mems_b,
-                                       distill=args.distill)
-                prompts.append(tok.chat(msgs))
-    answers = []
-    for i in range(0, len(prompts), args.val_batch):
-        answers += generate(answerer, prompts[i:i + args.val_batch], args.answer_max_new_tokens, temperature=0,
-                            guide=answer_guide)
-    out, pos = [], 0
-    right = oracle_decision(conv, meta["dia_id"]) if conv.oracle else None
-    for counts, size, made in results:
-        n_events = sum(counts[op] for op in OPS) + counts["invalid"]
-        row = {"reward": 0.0, "em": 0.0, "f1": 0.0, "parse_fail": float(counts["parse_fail"])}
-        if counts["recovered"]:
-            scored = [score_answer(tok.decode(answers[pos + j]), q.answer, args.reward, args.require_marker)
-                      for j, q in enumerate(questions)]
-            pos += len(questions)
-            for key in ("reward", "em", "f1"):
-                row[key] = sum(s[key] for s in scored) / len(scored)
-        row.update({op.lower(): counts[op] / max(n_events, 1) for op in OPS})
-        row.update({"invalid_events": counts["invalid"] / max(n_events, 1), "bank_size": float(size)})
-        if right is not None:  # the gym: the decision against the oracle's (kind and the memory it changes)
-            row["op_acc"] = float(made == right)
-            row[f"op_acc_{right[0].lower()}"] = row["op_acc"]  # recall of that kind; means skip absent keys
-        out.append(row)
+    """manager_score_many for one prompt's outputs."""
+    return manager_score_many([(example, texts)], answerer, tok, args, answer_guide)[0]
+
+
+DECISIONS = ("ADD", "UPDATE", "DELETE", "NONE", "MIXED")
+
+
+def manager_score_many(pairs: list[tuple], answerer, tok, args, answer_guide=None) -> list[list[dict]]:
+    """Reward of each manager output, for (example, outputs) pairs: apply the output to a copy of the bank,
+    let the frozen answerer answer the turn's questions (k + k retrieval), reward = the mean over them of
+    its score: EM or F1 of its greedy answer, or (--reward prob) its probability of the gold answer, i.e.
+    the chance that it answers exactly that when sampling: outcome reward, without a coin flip per question.
+    Plus the event mix, the decision made (dec_*), the bank size, and on the gym the decision's accuracy.
+
+    A GRPO group repeats its decisions: outputs that leave the bank the same are scored once, and the
+    answerer's prompts of every pair go through it together (batches of --val-batch).
+    """
+    k, fmt = args.memories_per_speaker, args.manager_format
+    plan, needed = [], {}  # needed: (answer prompt, gold) -> its score, filled below
+    for example, texts in pairs:
+        meta = example.meta
+        conv, bank, seen, rows = meta["conv"], meta["banks"][meta["speaker"]], {}, []
+        for text in texts:
+            edited, counts = apply_output(bank, text, meta["id_map"], meta["facts"], fmt)
+            keys = []
+            if counts["recovered"]:
+                content = tuple((mid, m.text) for mid, m in edited.memories.items())
+                if content not in seen:
+                    banks = {**meta["banks"], meta["speaker"]: edited}
+                    seen[content] = [(answer_prompt(conv, banks, q.question, k, args.distill, tok), q.answer)
+                                     for q in meta["questions"]]
+                keys = seen[content]
+                needed.update(dict.fromkeys(keys))
+            rows.append((counts, len(edited), decision(edited.log[len(bank.log):]), keys))
+        plan.append((example, rows))
+    needed = answer_scores(list(needed), answerer, tok, args, answer_guide)
+    names = ("reward", "p_gold") if args.reward == "prob" else ("reward", "em", "f1")
+    out = []
+    for example, rows in plan:
+        conv = example.meta["conv"]
+        right = oracle_decision(conv, example.meta["dia_id"]) if conv.oracle else None
+        scored = []
+        for counts, size, made, keys in rows:
+            n_events = sum(counts[op] for op in OPS) + counts["invalid"]
+            row = dict.fromkeys(names, 0.0)  # an output from which no events came scores 0
+            for key in keys:  # the mean over the questions
+                for name in names:
+                    row[name] += needed[key][name] / len(keys)
+            row["parse_fail"] = float(counts["parse_fail"])
+            row.update({op.lower(): counts[op] / max(n_events, 1) for op in OPS})
+            row.update({"invalid_events": counts["invalid"] / max(n_events, 1), "bank_size": float(size)})
+            row.update({f"dec_{d.lower()}": float(made[0] == d) for d in DECISIONS})
+            if right is not None:  # the gym: the decision against the oracle's (kind and the memory it changes)
+                row["op_acc"] = float(made == right)
+                row[f"op_acc_{right[0].lower()}"] = row["op_acc"]  # recall of that kind; means skip absent keys
+            scored.append(row)
+        out.append(scored)
     return out
+
+
+def answer_prompt(conv, banks: dict, question: str, k: int, distill: bool, tok) -> tuple:
+    mems_a, mems_b = speaker_memories(conv, banks, question, k)
+    return tuple(tok.chat(answer_messages(question, conv.speaker_a, mems_a, conv.speaker_b, mems_b, distill=distill)))
+
+
+def answer_scores(keys: list[tuple], answerer, tok, args, answer_guide=None) -> dict:
+    """(answer prompt, gold) -> the frozen answerer's score: {"reward", "em", "f1"} of its greedy answer, or
+    with --reward prob {"reward", "p_gold"}: exp(log-prob of "**Answer:** <gold>" and then the end)."""
+    out, B = {}, args.val_batch
+    if args.reward == "prob":
+        for i in range(0, len(keys), B):
+            chunk = keys[i:i + B]
+            golds = [tok.encode(f"**Answer:** {gold}") for _, gold in chunk]
+            logps = continuation_logprobs(answerer, [list(p) for p, _ in chunk], golds, guide=answer_guide)
+            out.update({key: {"reward": math.exp(lp), "p_gold": math.exp(lp)} for key, lp in zip(chunk, logps)})
+        return out
+    prompts = list(dict.fromkeys(p for p, _ in keys))
+    answers = {}
+    for i in range(0, len(prompts), B):
+        chunk = prompts[i:i + B]
+        texts = generate(answerer, [list(p) for p in chunk], args.answer_max_new_tokens, temperature=0,
+                         guide=answer_guide)
+        answers.update(zip(chunk, (tok.decode(t) for t in texts)))
+    return {(p, gold): score_answer(answers[p], gold, args.reward, args.require_marker) for p, gold in keys}

@@ -62,7 +62,12 @@ def opt(part):
 
 
 class Automaton:
-    def __init__(self, pattern):
+    """forced_runs: where the pattern leaves no choice for the next bytes (a literal between two choices), the
+    guide allows one token only, the longest that spells a prefix of them (a fixed tokenisation of the forced
+    text): such a token has log-prob 0 and no gradient, and the policy's choices are the other positions."""
+
+    def __init__(self, pattern, forced_runs: bool = False):
+        self.forced_runs = forced_runs
         self.edges: list[list] = []  # NFA state -> [(frozenset of bytes, target)]
         self.eps: list[list] = []  # NFA state -> [target] (empty moves)
         start, self.final = self._build(pattern)
@@ -137,6 +142,22 @@ class Automaton:
             if state < 0:
                 return -1
         return state
+
+    def next_bytes(self, state: int) -> frozenset:
+        """The bytes that can follow in `state`."""
+        return frozenset().union(*(allowed for s in self.sets[state] for allowed, _ in self.edges[s]))
+
+    def forced(self, state: int, limit: int = 256) -> bytes:
+        """The bytes that must come next from `state` (empty where there is a choice, or the text may end)."""
+        run = bytearray()
+        while len(run) < limit and not self.accepting(state):
+            nxt = self.next_bytes(state)
+            if len(nxt) != 1:
+                break
+            (byte,) = nxt
+            run.append(byte)
+            state = self.step(state, byte)
+        return bytes(run)
 
     def accepting(self, state: int) -> bool:
         return state >= 0 and self.final in self.sets[state]
@@ -220,6 +241,12 @@ class Guide:
 
     def _compute(self, state: int) -> torch.Tensor:
         a, vocab, trans = self.automaton, self.vocab, self.automaton.trans
+        run = a.forced(state) if a.forced_runs else b""
+        if run:  # no choice here: the longest token that spells a prefix of the forced bytes, alone
+            fits = [i for i in vocab.by_first.get(run[0], []) if run.startswith(vocab.data[i])]
+            mask = torch.zeros(vocab.size, dtype=torch.bool)
+            mask[max(fits, key=lambda i: len(vocab.data[i]))] = True
+            return mask
         ok = []
         for first, ids in vocab.by_first.items():
             after_first = a.step(state, first)

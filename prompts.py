@@ -1,11 +1,13 @@
 """The three prompts of Memory-R1 (SPEC section 1) and parsers for their outputs that never raise.
 
     facts_messages(turn_text, date)             -> chat messages; the model answers {"facts": [...]}
-    manager_messages(memories, facts)           -> chat messages; the model answers {"memory": [events]}
+    manager_messages(memories, facts, fmt)      -> chat messages; the model answers {"memory": [events]}
+                                                   (fmt "mem0": Mem0's events; "ops": one decision per fact)
     answer_messages(question, a, mems_a, b, mems_b, distill=True)
                                                 -> chat messages; the model answers ... **Answer:** x
     parse_facts / parse_manager / parse_answer  -> Parsed(value, ok, error)
-    facts_automaton() / manager_automaton(n_ids) / answer_automaton(distill)
+    parse_manager_ops(text, facts)              -> Parsed(Mem0-style events): the "ops" format's decisions
+    facts_automaton() / manager_automaton(n_ids) / manager_ops_automaton(n_shown, n_facts) / answer_automaton(distill)
                                                 -> the formats as automata for guided decoding (grammar.py)
 
 The prompts follow Mem0's fact-extraction, update-memory and LoCoMo answer prompts in substance (the
@@ -58,6 +60,26 @@ Answer with JSON only, in this shape:
 List every existing memory with its id and event (NONE if unchanged), and new memories with new ids.
 For UPDATE, put the previous text in "old_memory". Write nothing outside the JSON."""
 
+# The "ops" format (the cpu preset's manager; SPEC section 9): decisions first, texts by reference. For each
+# new fact, in order, the manager names the memory the fact is about ("new" for none), then what to do with
+# it. Only a merge writes text; ADD stores the fact's own text and UPDATE replaces the memory with it. A
+# 135M model's free-written memories are rarely usable, and its prior names the right memory on most
+# changes (SPEC 9), so every choice it makes is a handful of tokens that outcome reward can rank.
+MANAGER_OPS_SYSTEM = """You are the manager of a memory. For each new fact, in order, say which existing memory
+it is about, then what to do:
+
+- "about": "new" when no memory is about the same thing; then "event": "ADD" stores the fact as a new memory.
+- "about": the id of the memory the fact is about, then one event:
+  - UPDATE: the fact changes that memory's value ("Alice lives in Paris" + "Alice moved to Rome"): the fact
+    replaces the memory.
+  - MERGE: the fact adds to a list in that memory ("Alice has a dog named Buddy" + "Alice got another dog
+    named Scout"): write the merged memory in "text" ("Alice has dogs named Buddy and Scout").
+  - DELETE: the fact says that memory is no longer true ("Alice sold her car, no car now"): it is removed.
+  - NONE: the memory already says the same thing: nothing changes.
+
+Answer with JSON only, one entry per fact, in this shape:
+{"memory": [{"fact": 0, "about": "new", "event": "ADD"}, {"fact": 1, "about": "2", "event": "UPDATE"}]}"""
+
 ANSWER_SYSTEM = """You are an intelligent memory assistant that answers questions from conversation memories.
 
 # CONTEXT
@@ -94,12 +116,21 @@ def facts_messages(turn_text: str, date: str = "", speaker: str = "") -> list[di
             {"role": "user", "content": f"Turn{when}{who} {turn_text}"}]
 
 
-def manager_messages(memories: list[dict], facts: list[str]) -> list[dict]:
+MANAGER_FORMATS = ("mem0", "ops")
+
+
+def manager_messages(memories: list[dict], facts: list[str], fmt: str = "mem0") -> list[dict]:
     """memories: [{"id": "0", "text": ...}] with ids already renamed to "0", "1", ... (Mem0's convention)."""
     shown = json.dumps([{"id": m["id"], "text": m["text"]} for m in memories], ensure_ascii=False)
-    user = (f"Existing memories:\n{shown}\n\nNew facts:\n{json.dumps(list(facts), ensure_ascii=False)}\n\n"
-            "Answer with the JSON only.")
-    return [{"role": "system", "content": MANAGER_SYSTEM}, {"role": "user", "content": user}]
+    if fmt == "ops":  # facts numbered, as the answer refers to them
+        listed = json.dumps([{"fact": i, "text": f} for i, f in enumerate(facts)], ensure_ascii=False)
+        system = MANAGER_OPS_SYSTEM
+    elif fmt == "mem0":
+        listed, system = json.dumps(list(facts), ensure_ascii=False), MANAGER_SYSTEM
+    else:
+        raise ValueError(f"unknown manager format {fmt!r} (choose from {', '.join(MANAGER_FORMATS)})")
+    user = f"Existing memories:\n{shown}\n\nNew facts:\n{listed}\n\nAnswer with the JSON only."
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 def format_memories(memories: list[dict]) -> str:
@@ -157,6 +188,26 @@ def manager_automaton(n_ids: int) -> Automaton:
                 WS, lit(","), json_key("event"), lit('"'), op, lit('"'),
                 opt(seq(WS, lit(","), json_key("old_memory"), STRING)), WS, lit("}"))
     return Automaton(seq(lit("{"), json_key("memory"), json_list(event), WS, lit("}"), WS))
+
+
+@functools.lru_cache
+def manager_ops_automaton(n_shown: int, n_facts: int) -> Automaton:
+    """{"memory": [ENTRY 0, ..., ENTRY n_facts-1]}, ENTRY i = {"fact": i, "about": ABOUT, "event": ...}: one
+    entry per fact, in order, with no optional whitespace, so everything but the choices is forced (one token
+    at a time, log-prob 0: Automaton's forced_runs). ABOUT is "new" (then ADD) or a shown id "0" ...
+    str(n_shown - 1) (then UPDATE, DELETE, NONE, or MERGE and a non-blank "text")."""
+    on_memory = alt(lit('UPDATE"}'), lit('DELETE"}'), lit('NONE"}'), seq(lit('MERGE", "text": '), NONBLANK_STRING,
+                                                                         lit("}")))
+    about = alt(lit('new", "event": "ADD"}'),
+                *[seq(lit(f'{i}", "event": "'), on_memory) for i in range(n_shown)])
+    entries = [seq(lit(f'{{"fact": {i}, "about": "'), about) for i in range(n_facts)]
+    body = [part for i, e in enumerate(entries) for part in ((lit(", "), e) if i else (e,))]
+    return Automaton(seq(lit('{"memory": ['), *body, lit("]}")), forced_runs=True)
+
+
+def manager_format_automaton(fmt: str, n_shown: int, n_facts: int) -> Automaton:
+    """The manager's output format for a prompt showing `n_shown` memories and `n_facts` facts."""
+    return manager_ops_automaton(n_shown, n_facts) if fmt == "ops" else manager_automaton(n_shown + n_facts)
 
 
 # Distillation keeps "the few memories that matter" (SPEC section 1); after this many lines the format allows
@@ -303,6 +354,41 @@ def parse_manager(text) -> Parsed:
     if bad:
         return Parsed(dicts, False, f"{bad} event(s) without a known event type")
     return Parsed(dicts, not note, note)
+
+
+def parse_manager_ops(text, facts: list[str]) -> Parsed:
+    """The "ops" format -> Parsed(Mem0-style events for MemoryBank.apply), texts filled in by reference.
+
+    {"fact": i, "about": "new", "event": "ADD"} -> ADD fact i's text; about id m: UPDATE -> UPDATE m to fact
+    i's text, MERGE -> UPDATE m to the written "text", DELETE -> DELETE m, NONE -> NONE m. An entry naming no
+    fact of the list, or an unknown event, is dropped and makes `ok` False; so does a missing fact.
+    """
+    entries, note = extract_list(text, "memory")
+    if entries is None:
+        return Parsed([], False, note)
+    events, bad, seen = [], 0, set()
+    for e in entries:
+        e = {k: drop_lone_surrogates(v) for k, v in e.items()} if isinstance(e, dict) else {}
+        i, about, op = e.get("fact"), str(e.get("about", "")), str(e.get("event", "")).strip().upper()
+        if not (isinstance(i, int) and 0 <= i < len(facts)) or op not in ("ADD", "UPDATE", "MERGE", "DELETE", "NONE"):
+            bad += 1
+            continue
+        seen.add(i)
+        if op == "ADD":
+            events.append({"id": "new", "text": facts[i], "event": "ADD"})
+        elif op == "MERGE":
+            events.append({"id": about, "text": e.get("text"), "event": "UPDATE"})
+        else:
+            events.append({"id": about, "text": facts[i], "event": op})
+    missing = len(set(range(len(facts))) - seen)
+    error = "; ".join(x for x in (note, bad and f"{bad} entry(ies) without a known fact and event",
+                                  missing and f"{missing} fact(s) without an entry") if x)
+    return Parsed(events, not error, error)
+
+
+def parse_manager_output(text, facts: list[str], fmt: str = "mem0") -> Parsed:
+    """Either format's output as Mem0-style events (MemoryBank.apply takes them)."""
+    return parse_manager_ops(text, facts) if fmt == "ops" else parse_manager(text)
 
 
 ANSWER_MARK = re.compile(r"\*\*\s*answer\s*:?\s*\*\*\s*:?", re.I)

@@ -120,6 +120,40 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
     return result if len(result) > 1 else tokens
 
 
+@torch.no_grad()
+def continuation_logprobs(model, prompt_ids: list[list[int]], continuations: list[list[int]], guide=None,
+                          end: bool = True) -> list[float]:
+    """Log-prob of a given continuation of each prompt under the model (temperature 1): the sum over its
+    tokens, plus with `end` that of stopping right after it (any stop id). Teacher forcing through the same
+    prefill (shared prefix, one run per distinct prompt) and decode steps as generate; `guide` as there, so a
+    token the format forbids makes the row -inf. The manager's reward uses it: exp(log-prob of the gold
+    answer) is the frozen answerer's chance of answering exactly that when it samples (agents.py)."""
+    B, L = len(prompt_ids), max(len(c) for c in continuations)
+    logits, cache = prefill(model, prompt_ids, L + 1)
+    guides = guide if isinstance(guide, list) else [guide] * B
+    states = [g.start if g is not None else None for g in guides]
+    total = torch.zeros(B, dtype=torch.float64)
+    stops = list(model.stop_ids)
+    for t in range(L + 1):
+        allowed = allowed_rows([g if s is None or s >= 0 else None for g, s in zip(guides, states)], states,
+                               logits.shape[-1], logits.device)
+        logp = torch.log_softmax(logits.float() if allowed is None else logits.float().masked_fill(~allowed, -torch.inf),
+                                 -1).cpu()  # [B, V]
+        for b, c in enumerate(continuations):
+            if states[b] is not None and states[b] < 0:
+                total[b] = -torch.inf  # the continuation left the format
+            elif t < len(c):
+                total[b] += logp[b, c[t]]
+                states[b] = guides[b].advance(states[b], c[t]) if guides[b] is not None else None
+            elif t == len(c) and end:
+                total[b] += torch.logsumexp(logp[b, stops], 0)
+        if t == L:
+            break
+        token = torch.tensor([c[t] if t < len(c) else stops[0] for c in continuations], device=logits.device)
+        logits = model.decode_step(token, cache)
+    return total.tolist()
+
+
 def prefill(model, prompt_ids: list[list[int]], max_new_tokens: int, share_prefix: bool = True):
     """Each distinct prompt run once into a KV cache with room for the new tokens, then repeated for its rows.
 

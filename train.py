@@ -55,12 +55,13 @@ from tqdm import tqdm
 import engine
 import lora
 import model as M
-from agents import Example, Task, answer_task, manager_task
+from agents import MANAGER_QUESTIONS, Example, Task, answer_task, manager_task
 from checkpoint import (checkpoint_to_resume, export_merged, load_trainable_state, load_training_state,
                         save_training_state, trim_metrics)
 from grammar import allowed_masks
 from grpo import compute_grpo_outcome_advantage, grpo_loss, zero_std_group_fraction
 from metrics import held_out_summary, standard_error
+from prompts import MANAGER_FORMATS
 from parallel import (all_sum, backward, barrier, clip_gradients, concat_over_ranks, gather_lists, init_distributed,
                       my_share, no_sync, prepare_models, this_rank, validation_share)
 from ppo import Critic, compute_gae_advantage_return, compute_token_rewards, compute_value_loss, masked_whiten
@@ -74,7 +75,8 @@ PRESETS = {
     # The paper's setting (SPEC section 1): global batch 128, 30+30 memories, lr 1e-6 / 1e-5.
     "paper": dict(data="locomo", questions_per_step=128, memories_per_speaker=30,
                   max_new_tokens={"answer": 256, "manager": 512}, answer_max_new_tokens=256, steps=50, val_every=10,
-                  val_limit=0, reward="em", require_marker=True, lr=1e-6, temperature=1.0, distill=True),
+                  val_limit=0, reward="em", require_marker=True, lr=1e-6, temperature=1.0, distill=True,
+                  manager_format="mem0"),
     # Minutes on a laptop CPU with SmolLM2-135M, on the memory gym (data/gym.py) whose short answers hinge on
     # what the memory holds. Each choice was made on the gym's train and val splits (README "The main
     # command"): the plain answer prompt (distillation doubles the tokens and halves the groups with any
@@ -82,7 +84,7 @@ PRESETS = {
     # tokens, F1 as the denser reward, lr 2e-5 so that 16 steps of 4 x 8 samples move the policy.
     "cpu": dict(data="gym", questions_per_step=4, memories_per_speaker=5, max_new_tokens={"answer": 16, "manager": 160},
                 answer_max_new_tokens=16, steps=16, val_every=8, val_limit=64, reward="f1", require_marker=False,
-                lr=2e-5, temperature=0.5, distill=False),
+                lr=2e-5, temperature=0.5, distill=False, manager_format="ops"),
 }
 
 
@@ -121,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--value-clip", type=float, default=0.5, help="PPO value clip epsilon (verl 0.5)")
     a("--gamma", type=float, default=1.0, help="GAE discount")
     a("--lam", type=float, default=1.0, help="GAE lambda")
-    a("--reward", choices=("em", "f1"), help="reward metric on the parsed answer (paper: em)")
+    a("--reward", choices=("em", "f1", "prob"), help="reward metric on the parsed answer (paper: em); the manager "
+      "also takes prob: the frozen answerer's probability of the gold answer (agents.manager_score_many)")
     a("--require-marker", action=argparse.BooleanOptionalAction,
       help="an output without **Answer:** scores 0 (paper) instead of having its first line scored")
     a("--data", choices=("gym", "locomo"),
@@ -139,7 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("manager agent (--agent manager)").add_argument
     g("--window", type=int, default=24, help="turns before the current one whose facts form the bank (0: all)")
     g("--manager-k", type=int, default=5, help="related memories shown to the manager per fact (Mem0: 5)")
-    g("--answerer", default=None, help="the frozen Answer Agent giving the reward (default: --model)")
+    g("--answerer", default=None, help="the frozen Answer Agent giving the reward (default: --model; the recipe: "
+      "the main command's runs/grpo-answer/checkpoint)")
+    g("--manager-format", choices=MANAGER_FORMATS, help="the manager's output: mem0 (Mem0's events, text first) or "
+      "ops (per fact: the memory it is about, then the operation; texts by reference; prompts.py)")
+    g("--manager-questions", choices=MANAGER_QUESTIONS, default="shown", help="the gym's reward questions: the "
+      "turn's probe, or also one per memory shown to the manager (agents.manager_examples)")
+    g("--dynamic-sampling", type=int, default=0, metavar="R", help="DAPO's dynamic sampling: drop groups whose "
+      "rewards are all equal and sample up to R more rounds of prompts to fill the step (0: off)")
     g("--answer-max-new-tokens", type=int, help="the answerer's response limit")
     g("--manager-max-new-tokens", type=int, default=256, help="response limit of the --manager that builds banks")
     a("--val-every", type=int, help="greedy validation every K steps (and before the first, and at the end)")
@@ -180,8 +190,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.set_defaults(**PRESETS[preset])
     args = ap.parse_args(argv)
     args.preset = preset
-    if isinstance(args.max_new_tokens, dict):  # not given: the preset's value for this agent
-        args.max_new_tokens = args.max_new_tokens[args.agent]
+    for name, value in vars(args).items():  # not given: the preset's value for this agent
+        if isinstance(value, dict) and set(value) == {"answer", "manager"}:
+            setattr(args, name, value[args.agent])
     args.out = args.out or f"runs/{args.algo}-{args.agent}"
     if args.algo == "grpo" and args.group_size < 2:
         ap.error("GRPO compares completions within a group: --group-size must be at least 2")
@@ -230,9 +241,12 @@ def pad(rows: list[list[float]], dtype=torch.float32) -> torch.Tensor:
 
 
 def step_examples(task: Task, step: int, args) -> list[Example]:
-    """The prompts of one step: a seeded shuffle per epoch over the training set, consumed in order."""
+    """The prompts of one step: a seeded shuffle per epoch over the training set, consumed in order. With
+    dynamic sampling each step owns a window of (1 + R) x questions_per_step prompts (rounds of its rollout),
+    so the prompts of a step depend on its number alone and a resumed run takes the same ones."""
     n, orders, out = len(task.train), {}, []
-    for i in range(step * args.questions_per_step, (step + 1) * args.questions_per_step):
+    size = args.questions_per_step * (1 + args.dynamic_sampling)
+    for i in range(step * size, (step + 1) * size):
         epoch, pos = divmod(i, n)
         if epoch not in orders:
             orders[epoch] = list(range(n))
@@ -249,22 +263,21 @@ def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, r
     `examples` are this rank's share of the step's prompts, the first being prompt number `offset` of the
     step: sampling seeds follow the global index, so the samples do not depend on the number of ranks.
     `ref` may be the policy itself (LoRA): its log-probs are then taken with the adapters disabled.
+    With --dynamic-sampling R (DAPO), `examples` holds 1 + R rounds of questions_per_step prompts: rounds are
+    sampled until questions_per_step groups with unequal rewards are found (a group of equal rewards has
+    zero advantage: it teaches nothing and only dilutes the step); a step that finds fewer is filled up with
+    equal-reward groups, so every step has the same size.
     """
-    G, dev = args.group_size, policy.lm_head.weight.device
-    groups = []
-    for i in range(0, len(examples), args.rollout_batch):
-        chunk = examples[i:i + args.rollout_batch]
-        prompts = [ex.prompt for ex in chunk for _ in range(G)]  # each prompt G times: prefilled once
-        tokens, logps, supports = generate(policy, prompts, args.max_new_tokens, args.temperature, args.top_p,
-                                           seed=args.seed * 1_000_003 + step * 1_009 + offset + i,
-                                           return_logprobs=True, sync_steps=args.fsdp,
-                                           guide=[ex.guide for ex in chunk for _ in range(G)], return_supports=True)
-        for j, ex in enumerate(chunk):
-            comps, lps, sup = tokens[j * G:(j + 1) * G], logps[j * G:(j + 1) * G], supports[j * G:(j + 1) * G]
-            scores = task.score(ex, [tok.decode(c) for c in comps])  # the outcome reward, and what to log
-            mask = pad([[1] * len(c) for c in comps], torch.bool).to(dev)
-            groups.append(Group(ex.prompt, comps, pad(lps).to(dev), mask, scores, guide=ex.guide,
-                                supports=sup if args.top_p < 1 else None, n_vocab=policy.lm_head.weight.shape[0]))
+    Q = args.questions_per_step if args.dynamic_sampling else len(examples)
+    groups, sampled = [], []
+    for r in range(0, len(examples), Q):
+        fresh = sample_groups(policy, tok, task, examples[r:r + Q], step, args, offset + r)
+        sampled += fresh
+        groups += [g for g in fresh if not args.dynamic_sampling or len({s["reward"] for s in g.scores}) > 1]
+        if len(groups) >= Q:
+            break
+    kept = {id(g) for g in groups}
+    groups = (groups + [g for g in sampled if id(g) not in kept])[:Q]  # informative groups first
     for g in groups:
         if ref is not None:  # the reference's distribution over the same tokens as the policy's
             with lora.adapters_disabled(ref):
@@ -276,7 +289,34 @@ def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, r
         grpo_advantages(groups, rewards, args)
     else:
         ppo_advantages(groups, rewards, args, args.beta if ref is not None else 0.0)
-    return groups, rollout_stats(groups, args, policy.stop_ids)
+    stats = rollout_stats(groups, args, policy.stop_ids)
+    if args.dynamic_sampling:  # what the rounds saw before the equal-reward groups were set aside
+        every = torch.tensor([s["reward"] for g in sampled for s in g.scores])
+        stats.update(sampled_groups=len(sampled), sampled_zero_std_groups=zero_std_group_fraction(every, args.group_size))
+    return groups, stats
+
+
+def sample_groups(policy, tok, task: Task, examples: list[Example], step: int, args, offset: int) -> list[Group]:
+    """G samples of each prompt (generate calls of --rollout-batch prompts), then every score at once."""
+    G, dev = args.group_size, policy.lm_head.weight.device
+    sampled = []
+    for i in range(0, len(examples), args.rollout_batch):
+        chunk = examples[i:i + args.rollout_batch]
+        prompts = [ex.prompt for ex in chunk for _ in range(G)]  # each prompt G times: prefilled once
+        tokens, logps, supports = generate(policy, prompts, args.max_new_tokens, args.temperature, args.top_p,
+                                           seed=args.seed * 1_000_003 + step * 1_009 + offset + i,
+                                           return_logprobs=True, sync_steps=args.fsdp,
+                                           guide=[ex.guide for ex in chunk for _ in range(G)], return_supports=True)
+        sampled += [(ex, tokens[j * G:(j + 1) * G], logps[j * G:(j + 1) * G], supports[j * G:(j + 1) * G])
+                    for j, ex in enumerate(chunk)]
+    # the outcome reward, and what to log: all prompts at once (the manager batches its frozen answerer)
+    scores = task.score_all([(ex, [tok.decode(c) for c in comps]) for ex, comps, _, _ in sampled])
+    groups = []
+    for (ex, comps, lps, sup), sc in zip(sampled, scores):
+        mask = pad([[1] * len(c) for c in comps], torch.bool).to(dev)
+        groups.append(Group(ex.prompt, comps, pad(lps).to(dev), mask, sc, guide=ex.guide,
+                            supports=sup if args.top_p < 1 else None, n_vocab=policy.lm_head.weight.shape[0]))
+    return groups
 
 
 def grpo_advantages(groups: list[Group], rewards: torch.Tensor, args) -> None:
@@ -445,8 +485,7 @@ def validate(policy, tok, task: Task, args) -> dict:
         chunk = mine[i:i + args.val_batch]
         outs = generate(policy, [ex.prompt for ex in chunk], args.max_new_tokens, temperature=0,
                         sync_steps=args.fsdp, guide=[ex.guide for ex in chunk])
-        for ex, out in zip(chunk, outs):
-            scores += task.score(ex, [tok.decode(out)])
+        scores += [rows[0] for rows in task.score_all([(ex, [tok.decode(out)]) for ex, out in zip(chunk, outs)])]
     every = gather_lists({"scores": scores[:n_real]})["scores"]
     out = mean_scores(every, "val_")
     for key in ("reward", "em"):  # the noise of the held-out figures: standard error of the mean over prompts
@@ -511,6 +550,8 @@ def run(args, task: Task | None = None) -> dict:
     main = rank == 0  # rank 0 logs, shows progress and writes checkpoints
     if args.questions_per_step % world:
         raise SystemExit(f"--questions-per-step {args.questions_per_step} must be a multiple of the {world} ranks")
+    if args.dynamic_sampling and world > 1:
+        raise SystemExit("--dynamic-sampling runs in one process (the ranks would keep different groups)")
     ckpt = checkpoint_to_resume(out, args.resume, args.model)
     dev = torch.device(args.device)
     base, tok = M.load_model(args.model, getattr(torch, args.dtype), dev)

@@ -69,14 +69,14 @@ def test_add_update_and_delete_edit_a_copy_of_the_bank(conversation, tiny_checkp
 
     merged, counts = agents.apply_output(bank, reply(event("0", "Melanie adopted two dogs, Buddy and Scout",
                                                              "UPDATE", "Melanie adopted a dog named Buddy")),
-                                          id_map, ex3.meta["facts"][0])
+                                          id_map, ex3.meta["facts"])
     assert [m.text for m in merged.memories.values()] == ["Melanie adopted two dogs, Buddy and Scout"]
     assert counts["UPDATE"] == 1 and counts["parse_fail"] == 0
     assert [m.text for m in bank.memories.values()] == ["Melanie adopted a dog named Buddy"]  # untouched
 
     added, counts = agents.apply_output(bank, reply(event("0", "Melanie adopted a dog named Buddy", "NONE"),
                                                      event("1", "Melanie adopted a dog named Scout", "ADD")),
-                                         id_map, ex3.meta["facts"][0])
+                                         id_map, ex3.meta["facts"])
     assert len(added) == 2 and counts["ADD"] == 1 and counts["NONE"] == 1
     new = [m for m in added.memories.values() if "Scout" in m.text][0]
     assert new.dia_ids == ["D1:3"] and new.speaker == "Melanie" and new.timestamp == DATE
@@ -85,15 +85,15 @@ def test_add_update_and_delete_edit_a_copy_of_the_bank(conversation, tiny_checkp
     boston = next(shown for shown, real in map5.items() if bank5.memories[real].text == "Melanie lives in Boston")
     fixed, counts = agents.apply_output(bank5, reply(event(boston, "Melanie lives in Boston", "DELETE"),
                                                       event("9", "Melanie lives in Denver", "ADD")),
-                                         map5, ex5.meta["facts"][0])
+                                         map5, ex5.meta["facts"])
     assert "Melanie lives in Boston" not in [m.text for m in fixed.memories.values()]
     assert "Melanie lives in Denver" in [m.text for m in fixed.memories.values()] and len(fixed) == 3
 
     for junk in ("I think we should add it", "", None):
-        same, counts = agents.apply_output(bank5, junk, map5, ex5.meta["facts"][0])
+        same, counts = agents.apply_output(bank5, junk, map5, ex5.meta["facts"])
         assert counts["parse_fail"] == 1 and not counts["recovered"] and len(same) == len(bank5)
     cut_off = '{"memory": [{"id": "5", "text": "x", "event": "UPDATE"}, {"id": "0", "te'
-    cut, counts = agents.apply_output(bank5, cut_off, map5, ex5.meta["facts"][0])
+    cut, counts = agents.apply_output(bank5, cut_off, map5, ex5.meta["facts"])
     # both events are invalid (an unknown id; an event cut off before its type) and nothing changes
     assert counts["invalid"] == 2 and counts["parse_fail"] == 1 and counts["recovered"] and len(cut) == len(bank5)
 
@@ -103,7 +103,7 @@ def test_reward_is_the_frozen_answerers_score_on_the_edited_bank(conversation, s
     conv, facts, questions = conversation
     answerer, tok = M.load_model(smollm2_path)
     args = train.parse_args(["--agent", "manager", "--preset", "cpu", "--reward", "f1", "--answer-max-new-tokens",
-                             "24", "--memories-per-speaker", "3"])
+                             "24", "--memories-per-speaker", "3", "--manager-format", "mem0"])
     ex3 = agents.manager_examples(conv, questions, facts, tok, HashEmbedder())[1]
     merge = reply(event("0", "Melanie adopted two dogs, Buddy and Scout", "UPDATE"))
     rows = agents.manager_score(ex3, [merge, "no json here"], answerer, tok, args)
@@ -121,7 +121,8 @@ def test_reward_is_the_frozen_answerers_score_on_the_edited_bank(conversation, s
     assert rows[0]["reward"] == pytest.approx(want[0]["reward"]) and rows[0]["f1"] == pytest.approx(want[0]["f1"])
     assert rows[0]["update"] == 1.0 and rows[0]["bank_size"] == 1.0 and rows[0]["parse_fail"] == 0.0
     assert rows[1] == {"reward": 0.0, "em": 0.0, "f1": 0.0, "parse_fail": 1.0, "add": 0.0, "update": 0.0,
-                       "delete": 0.0, "none": 0.0, "invalid_events": 0.0, "bank_size": 1.0}
+                       "delete": 0.0, "none": 0.0, "invalid_events": 0.0, "bank_size": 1.0, "dec_add": 0.0,
+                       "dec_update": 0.0, "dec_delete": 0.0, "dec_none": 1.0, "dec_mixed": 0.0}
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])

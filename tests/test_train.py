@@ -228,3 +228,37 @@ def test_the_run_ends_with_held_out_figures_and_their_standard_errors(tmp_path):
     assert "validation on 64 held-out prompts" in text
     assert "reward step 0: 0.100 +- 0.020   step 2: 0.450 +- 0.050   change +0.350" in text
     assert "em     step 0: 0.000 +- 0.000   step 2: 0.250 +- 0.054   change +0.250" in text
+
+
+def test_dynamic_sampling_fills_the_step_and_resumes_exactly(tiny_checkpoints, tmp_path, monkeypatch):
+    """--dynamic-sampling: groups whose rewards are all equal (here: every prompt of the first half of WORDS
+    scores a constant) are set aside and more prompts sampled, every step keeps questions_per_step groups,
+    and a killed run resumes on the very prompts and samples of an unbroken one."""
+    ckpt = tiny_checkpoints["llama"][0]
+    _, tok = M.load_model(ckpt)
+    task = repeat_task(tok)
+    flat = set(WORDS[:4])
+    score = task.score
+    task.score = lambda ex, texts: [{"reward": 0.5} for _ in texts] if ex.gold in flat else score(ex, texts)
+    seen = []
+    real_update = train.update
+    common = ("--lr", 2e-3, "--max-new-tokens", 5, "--group-size", 4, "--questions-per-step", 2, "--beta", 0,
+              "--val-every", 2, "--save-every", 2, "--dynamic-sampling", 2)
+
+    def spy(policy, opt, groups, *a, **k):
+        seen.append([g.scores[0]["reward"] == 0.5 and len({s["reward"] for s in g.scores}) == 1 for g in groups])
+        return real_update(policy, opt, groups, *a, **k)
+
+    monkeypatch.setattr(train, "update", spy)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train.run(flags(ckpt, straight, "--steps", 4, *common), task)
+    train.run(flags(ckpt, killed, "--steps", 2, *common), task)
+    train.run(flags(ckpt, killed, "--steps", 4, "--resume", *common), task)
+    assert all(len(step) == 2 for step in seen)  # the step's size, whatever was set aside
+    assert sum(map(sum, seen[:4])) < sum(len(s) for s in seen[:4]) / 2  # flat groups mostly replaced
+    a, b = read_metrics(straight), read_metrics(killed)
+    drop = {"seconds", "rollout_s", "update_s", "sync_s"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in b]
+    assert all(r["sampled_groups"] >= 2 for r in a[1:])
+    assert len(train.step_examples(task, 1, flags(ckpt, "unused", *common))) == 6  # (1 + 2 rounds) x 2 prompts

@@ -1,0 +1,153 @@
+"""The "ops" manager format (prompts.py: decisions first, texts by reference) and the reward it is trained on
+(agents.manager_score_many on the gym), with the real SmolLM2's tokenizer and model."""
+
+import random
+
+import pytest
+import torch
+
+import agents
+import model as M
+import prompts as P
+import train
+from data import gym
+from memory import FactRecord, HashEmbedder, MemoryBank
+
+FACTS = ["Bruno sold the BMW and now drives a Subaru", "Bruno got another dog named Scout"]
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    return M.load_model(smollm2_path)
+
+
+def test_the_automaton_takes_shown_ids_and_facts_in_order_only():
+    a = P.manager_ops_automaton(2, 2)
+    good = ('{"memory": [{"fact": 0, "about": "1", "event": "UPDATE"}, '
+            '{"fact": 1, "about": "0", "event": "MERGE", "text": "Bruno has dogs named Rocky and Scout"}]}')
+    assert a.matches(good.encode())
+    for bad in (good.replace('"about": "1"', '"about": "2"'),  # only ids "0" and "1" were shown
+                good.replace('"fact": 1', '"fact": 2'),  # a fact index out of range
+                good.replace('"fact": 0', '"fact": 1', 1),  # facts out of order
+                good.replace(', {"fact": 1, "about": "0", "event": "MERGE", "text": "Bruno has dogs named Rocky and '
+                             'Scout"}', ""),  # a fact left out
+                good.replace('"about": "1", "event": "UPDATE"', '"about": "new", "event": "UPDATE"'),  # new: ADD only
+                good.replace('"about": "1", "event": "UPDATE"', '"about": "1", "event": "ADD"'),  # a memory: no ADD
+                good.replace('"MERGE", "text": "Bruno has dogs named Rocky and Scout"', '"MERGE", "text": " "')):
+        assert not a.matches(bad.encode()), bad
+    assert not P.manager_ops_automaton(0, 1).matches(b'{"memory": [{"fact": 0, "about": "0", "event": "NONE"}]}')
+    assert P.manager_ops_automaton(0, 1).matches(b'{"memory": [{"fact": 0, "about": "new", "event": "ADD"}]}')
+
+
+def test_hand_written_outputs_map_to_bank_events():
+    bank = MemoryBank()
+    bmw, dog, car = (bank.add(t) for t in ("Bruno drives a BMW", "Bruno has a dog named Rocky", "Bruno owns a car"))
+    id_map = {"0": bmw, "1": dog, "2": car}
+    text = ('{"memory": [{"fact": 0, "about": "0", "event": "UPDATE"}, '
+            '{"fact": 1, "about": "1", "event": "MERGE", "text": "Bruno has dogs named Rocky and Scout"}]}')
+    parsed = P.parse_manager_ops(text, FACTS)
+    assert parsed.ok and parsed.value == [
+        {"id": "0", "text": FACTS[0], "event": "UPDATE"},  # by reference: the fact's own text
+        {"id": "1", "text": "Bruno has dogs named Rocky and Scout", "event": "UPDATE"}]  # the merge as written
+    facts = [FactRecord("Bruno", f, ["D2:1"], "8 May 2023") for f in FACTS]
+    edited, counts = agents.apply_output(bank, text, id_map, facts, "ops")
+    assert [m.text for m in edited.memories.values()] == [FACTS[0], "Bruno has dogs named Rocky and Scout",
+                                                          "Bruno owns a car"]
+    assert counts["UPDATE"] == 2 and counts["invalid"] == 0 and not counts["parse_fail"]
+    add_del = '{"memory": [{"fact": 0, "about": "2", "event": "DELETE"}, {"fact": 1, "about": "new", "event": "ADD"}]}'
+    edited, counts = agents.apply_output(bank, add_del, id_map, facts, "ops")
+    assert [m.text for m in edited.memories.values()] == ["Bruno drives a BMW", "Bruno has a dog named Rocky", FACTS[1]]
+    assert edited.memories[list(edited.memories)[-1]].dia_ids == ["D2:1"]  # ADD copies the fact, with its turn
+    none = '{"memory": [{"fact": 0, "about": "0", "event": "NONE"}, {"fact": 1, "about": "1", "event": "NONE"}]}'
+    same, counts = agents.apply_output(bank, none, id_map, facts, "ops")
+    assert counts["NONE"] == 2 and agents.decision(same.log[len(bank.log):]) == ("NONE", frozenset())
+    # malformed output is counted, never a crash: a fact out of range, an unknown event, a missing fact
+    bad = P.parse_manager_ops('{"memory": [{"fact": 5, "about": "0", "event": "UPDATE"}, '
+                              '{"fact": 0, "about": "0", "event": "SHRED"}]}', FACTS)
+    assert not bad.ok and bad.value == [] and "2 entry(ies)" in bad.error and "2 fact(s) without" in bad.error
+    assert not P.parse_manager_ops("no json", FACTS).ok
+
+
+def test_guided_samples_parse_and_apply_and_forced_tokens_are_alone(smollm2):
+    """Random walks over SmolLM2's vocabulary through the format's guide: every finished text parses and applies
+    without an invalid event; wherever the format leaves no choice exactly one token is allowed."""
+    net, tok = smollm2
+    n_shown, facts = 3, FACTS
+    g = P.manager_ops_automaton(n_shown, len(facts)).guide(tok, net.lm_head.weight.shape[0])
+    bank = MemoryBank()
+    id_map = {str(i): bank.add(f"memory {i}") for i in range(n_shown)}
+    rng = random.Random(0)
+    records = [FactRecord("Bruno", f, ["D2:1"], "") for f in facts]
+    choices = 0
+    for _ in range(40):
+        state, tokens = g.start, []
+        while True:
+            mask = g.allowed(state)
+            if g.automaton.forced(state):
+                assert int(mask.sum()) == 1
+            allowed = mask.nonzero()[:, 0].tolist()
+            choices += len(allowed) > 1
+            # favour short tokens inside a merge text, so that the walk ends
+            token = rng.choice([t for t in allowed if t in tok.stop_ids] or allowed) if rng.random() < 0.3 \
+                else rng.choice(allowed)
+            if token in tok.stop_ids:
+                break
+            tokens.append(token)
+            state = g.advance(state, token)
+            assert state >= 0
+        text = tok.decode(tokens)
+        parsed = P.parse_manager_ops(text, facts)
+        assert parsed.ok, text
+        _, counts = agents.apply_output(bank, text, id_map, records, "ops")
+        assert counts["invalid"] == 0 and sum(counts[op] for op in agents.OPS) == len(facts), text
+    assert choices > 40  # the walks did choose: the about and event slots, merge texts
+
+
+def gym_state(kind: str, ask: str, tok):
+    """The first val state of the gym whose oracle decision is `kind`, two memories with probes shown."""
+    conv = next(c for c in gym.load_conversations(splits=("val",)))
+    facts = agents.conversation_facts(conv, "observation")
+    for ex in agents.manager_examples(conv, [], facts, tok, HashEmbedder(), k=2, fmt="ops", ask=ask):
+        if agents.oracle_decision(conv, ex.meta["dia_id"])[0] == kind and len(ex.meta["id_map"]) == 2:
+            return ex
+    raise AssertionError(f"no {kind} state")
+
+
+def test_shown_memories_are_asked_about(smollm2):
+    """ask="shown": besides the probe, one question per shown memory about what it records, answered as the
+    world stands after the turn; a memory this turn changes is asked about by the probe alone."""
+    _, tok = smollm2
+    ex = gym_state("ADD", "shown", tok)
+    probe_only = gym_state("ADD", "probe", tok)
+    assert [q.question for q in probe_only.meta["questions"]] == [ex.meta["questions"][0].question]
+    bank = ex.meta["banks"][ex.meta["speaker"]]
+    asked = ex.meta["questions"][1:]
+    assert 1 <= len(asked) <= 2 and len({q.question for q in ex.meta["questions"]}) == len(ex.meta["questions"])
+    shown_texts = [bank.memories[real].text for real in ex.meta["id_map"].values()]
+    for q in asked:  # each answer is what one of the shown memories says (the gym's gold = its memory's words)
+        assert any(part in text for text in shown_texts for part in q.answer.split(" and ")), (q, shown_texts)
+    upd = gym_state("UPDATE", "shown", tok)
+    target = next(e["id"] for e in upd.meta["conv"].oracle[upd.meta["dia_id"]]["events"])
+    assert target in upd.meta["id_map"].values()  # the memory to change was shown: the probe asks about it
+    assert upd.meta["questions"][0].answer in upd.meta["facts"][0].text  # the new value, not the stale one
+    assert len(upd.meta["questions"]) <= 2  # the probe, and the other shown memory's question if it has one
+
+
+def test_the_reward_ranks_the_oracle_above_none_and_a_wrong_update(smollm2):
+    """With the real SmolLM2 as the frozen answerer and the probability reward, on a gym state that needs an
+    ADD: storing the fact beats leaving the bank alone (the probe) and beats overwriting another shown memory
+    with it (that memory's question). A reward that ignored the shown memories' questions could not tell the
+    last two apart: the margin below is several times what the probe alone gives (checked with ask="probe")."""
+    net, tok = smollm2
+    args = train.parse_args(["--agent", "manager", "--preset", "cpu", "--reward", "prob", "--memories-per-speaker",
+                             "1", "--no-distill"])
+    guide = agents.guide(P.answer_automaton(False), net, tok, True)
+    ex = gym_state("ADD", "shown", tok)
+    other = next(iter(ex.meta["id_map"]))
+    outputs = ['{"memory": [{"fact": 0, "about": "new", "event": "ADD"}]}',
+               f'{{"memory": [{{"fact": 0, "about": "{other}", "event": "NONE"}}]}}',
+               f'{{"memory": [{{"fact": 0, "about": "{other}", "event": "UPDATE"}}]}}']
+    oracle, none, wrong = agents.manager_score_many([(ex, outputs)], net, tok, args, guide)[0]
+    assert oracle["dec_add"] == 1.0 and oracle["op_acc"] == 1.0 and wrong["op_acc"] == 0.0
+    assert oracle["reward"] > none["reward"] + 0.05
+    assert oracle["reward"] > wrong["reward"] + 0.05
