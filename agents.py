@@ -33,10 +33,13 @@ Read next: grpo.py and ppo.py (the losses), then train.py (the loop).
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from tqdm import tqdm
@@ -153,7 +156,8 @@ def answer_task(args, tok, base_model) -> Task:
             if conv.sample_id not in banks:
                 banks[conv.sample_id] = conversation_banks(conv, args.manager, manager, args.facts, base_model, tok,
                                                            embedder, args.manager_k, args.manager_max_new_tokens,
-                                                           guided=args.guided, fmt=args.manager_format)
+                                                           guided=args.guided,
+                                                           fmt=manager_format_of(args.manager, args.manager_format))
             mems_a, mems_b = speaker_memories(conv, banks[conv.sample_id], q.question, args.memories_per_speaker)
             messages = answer_messages(q.question, conv.speaker_a, mems_a, conv.speaker_b, mems_b,
                                        distill=args.distill)
@@ -165,6 +169,16 @@ def answer_task(args, tok, base_model) -> Task:
         return [score_answer(t, example.gold, args.reward, args.require_marker) for t in texts]
 
     return Task(examples("train"), examples("val"), score)
+
+
+def manager_format_of(manager: str, default: str = "mem0") -> str:
+    """The output format a manager checkpoint was trained in (its trainer_state.json records train.py's flags),
+    else `default`: a manager can only be run in the format it learned."""
+    state = Path(manager) / "trainer_state.json"
+    try:
+        return json.loads(state.read_text())["args"].get("manager_format") or default
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return default
 
 
 def conversation_banks(conv, builder: str, manager, fact_source: str, model, tok, embedder, k: int = 5,
@@ -372,6 +386,21 @@ def note_probes(about: dict, conv, turn) -> None:
 
 
 MANAGER_QUESTIONS = ("probe", "shown")
+MAIN_ANSWERER = Path("runs/grpo-answer/checkpoint")  # where the main command (train.py --algo grpo) leaves it
+
+
+def frozen_answerer(args) -> str:
+    """The Answer Agent that scores the manager: --answerer, else the main command's trained one where it is,
+    else --model. The base SmolLM2 answers almost nothing right, whatever the bank (SPEC section 9): the
+    manager's recipe trains the answerer first (paper: the agents co-adapt)."""
+    if args.answerer:
+        return args.answerer
+    if MAIN_ANSWERER.is_dir() and args.data == "gym":
+        print(f"frozen answerer: {MAIN_ANSWERER} (the main command's; --answerer to choose another)", file=sys.stderr)
+        return str(MAIN_ANSWERER)
+    print(f"frozen answerer: {args.model} (untrained: run python train.py --algo grpo first, or pass --answerer)",
+          file=sys.stderr)
+    return args.model
 
 
 def manager_task(args, tok, base_model):
@@ -380,7 +409,7 @@ def manager_task(args, tok, base_model):
         raise ValueError("--reward prob scores the gold answer right after **Answer:**: use --no-distill")
     embedder = make_embedder(args.embedder, base_model, tok)
     dtype, dev = base_model.lm_head.weight.dtype, base_model.lm_head.weight.device
-    answerer = load_model(args.answerer or args.model, dtype, dev)[0]  # its own copy: the policy will change
+    answerer = load_model(frozen_answerer(args), dtype, dev)[0]  # its own copy: the policy will change
     answerer.requires_grad_(False)
     dataset = DATASETS[args.data]
     convs = {c.sample_id: c for c in dataset.load_conversations()}
@@ -475,13 +504,15 @@ def answer_prompt(conv, banks: dict, question: str, k: int, distill: bool, tok) 
 
 def answer_scores(keys: list[tuple], answerer, tok, args, answer_guide=None) -> dict:
     """(answer prompt, gold) -> the frozen answerer's score: {"reward", "em", "f1"} of its greedy answer, or
-    with --reward prob {"reward", "p_gold"}: exp(log-prob of "**Answer:** <gold>" and then the end)."""
+    with --reward prob {"reward", "p_gold"}: exp(log-prob of "**Answer:** <gold>" and then the end), at
+    --reward-temperature."""
     out, B = {}, args.val_batch
     if args.reward == "prob":
         for i in range(0, len(keys), B):
             chunk = keys[i:i + B]
             golds = [tok.encode(f"**Answer:** {gold}") for _, gold in chunk]
-            logps = continuation_logprobs(answerer, [list(p) for p, _ in chunk], golds, guide=answer_guide)
+            logps = continuation_logprobs(answerer, [list(p) for p, _ in chunk], golds, guide=answer_guide,
+                                          temperature=args.reward_temperature)
             out.update({key: {"reward": math.exp(lp), "p_gold": math.exp(lp)} for key, lp in zip(chunk, logps)})
         return out
     prompts = list(dict.fromkeys(p for p, _ in keys))

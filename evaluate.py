@@ -27,12 +27,12 @@ import torch
 from tqdm import tqdm
 
 import model as M
-from agents import DATASETS, conversation_banks, guide
+from agents import DATASETS, conversation_banks, guide, manager_format_of
 from data.locomo import DataError
 from memory import MemoryBank, make_embedder, speaker_memories
 from metrics import (JudgeError, add_judge_flags, bleu1, evidence_recall, exact_match, f1, locomo_f1,
                      make_judge, standard_error)
-from prompts import answer_automaton, answer_messages, parse_answer
+from prompts import MANAGER_FORMATS, answer_automaton, answer_messages, parse_answer
 from sampling import generate
 
 # --------------------------------------------------------------------------------------------------
@@ -48,7 +48,7 @@ BASELINES = {
 }
 # Settings a resumed run must share with the run that wrote the folder (--limit and the judge may change).
 RUN_KEYS = ("data", "data_file", "model", "manager", "facts", "split", "k", "distill", "max_new_tokens", "embedder",
-            "manager_k", "dtype", "manager_max_new_tokens", "guided")
+            "manager_k", "dtype", "manager_max_new_tokens", "guided", "manager_format")
 SCORES = ("f1", "bleu1", "locomo_f1", "em", "judge", "recall")
 
 
@@ -72,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--k", type=int, default=30, help="memories retrieved from each speaker's bank (paper: 30)")
     a("--manager-k", type=int, default=5, help="related memories the manager sees per fact (Mem0: 5)")
     a("--manager-max-new-tokens", type=int, default=256, help="the manager's response limit")
-    a("--embedder", choices=("hash", "model"), default="hash", help="retrieval embeddings")
+    a("--manager-format", choices=MANAGER_FORMATS, default=None, help="the manager's output format (prompts.py; "
+      "default: the one its checkpoint was trained in, else mem0)")
+    a("--embedder", default="hash", help="retrieval embeddings: hash, minilm, model, or a sentence-transformers "
+      "folder / hub id (memory.make_embedder)")
     a("--max-new-tokens", type=int, default=128, help="answer length limit (distillation lists memories first)")
     a("--batch", type=int, default=64, help="questions per generate call (64: the fastest per token measured "
       "here, README \"Speed\")")
@@ -94,6 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.manager = args.manager or "add-all"
+    args.manager_format = args.manager_format or manager_format_of(args.manager)
     args.facts = args.facts or ("turn" if args.data == "longmemeval" else "observation")
     args.distill = True if args.distill is None else args.distill
     if args.limit < 0 or args.k < 1 or args.batch < 1 or args.max_new_tokens < 1:
@@ -196,7 +200,7 @@ def saved_banks(conv, args, folder: Path, answerer, tok, manager, embedder, stat
     if all(f.exists() for f in files.values()):
         return {s: MemoryBank.load(f, embedder) for s, f in files.items()}
     banks = conversation_banks(conv, args.manager, manager, args.facts, answerer, tok, embedder, args.manager_k,
-                               args.manager_max_new_tokens, stats, guided=args.guided)
+                               args.manager_max_new_tokens, stats, guided=args.guided, fmt=args.manager_format)
     where.mkdir(parents=True, exist_ok=True)
     for s, f in files.items():
         banks[s].save(f)

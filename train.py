@@ -76,15 +76,22 @@ PRESETS = {
     "paper": dict(data="locomo", questions_per_step=128, memories_per_speaker=30,
                   max_new_tokens={"answer": 256, "manager": 512}, answer_max_new_tokens=256, steps=50, val_every=10,
                   val_limit=0, reward="em", require_marker=True, lr=1e-6, temperature=1.0, distill=True,
-                  manager_format="mem0"),
+                  manager_format="mem0", embedder="minilm"),
     # Minutes on a laptop CPU with SmolLM2-135M, on the memory gym (data/gym.py) whose short answers hinge on
     # what the memory holds. Each choice was made on the gym's train and val splits (README "The main
     # command"): the plain answer prompt (distillation doubles the tokens and halves the groups with any
     # signal), temperature 0.5 (at 1.0 a 135M model samples gibberish: mean F1 0.09 against 0.20), 16 answer
     # tokens, F1 as the denser reward, lr 2e-5 so that 16 steps of 4 x 8 samples move the policy.
-    "cpu": dict(data="gym", questions_per_step=4, memories_per_speaker=5, max_new_tokens={"answer": 16, "manager": 160},
-                answer_max_new_tokens=16, steps=16, val_every=8, val_limit=64, reward="f1", require_marker=False,
-                lr=2e-5, temperature=0.5, distill=False, manager_format="ops"),
+    # The manager (--agent manager) has its own column where it differs, chosen on the gym's train and val
+    # splits with bench/manager_rewards.py (README "The Memory Manager"): the "ops" format (a decision is a
+    # few tokens), temperature 1 for those, the answerer's probability of the gold as the reward, k memories
+    # per speaker for the frozen answerer, 2 memories shown to the manager, DAPO's dynamic sampling.
+    "cpu": dict(data="gym", questions_per_step=4, memories_per_speaker={"answer": 5, "manager": 2},
+                max_new_tokens={"answer": 16, "manager": 64}, answer_max_new_tokens=16, steps=16, val_every=8,
+                val_limit={"answer": 64, "manager": 48}, reward={"answer": "f1", "manager": "prob"},
+                require_marker=False, lr={"answer": 2e-5, "manager": 5e-6}, temperature={"answer": 0.5, "manager": 1.0},
+                reward_temperature=0.3, checkpointing={"answer": True, "manager": False},
+                distill=False, manager_format="ops", manager_k=2, embedder={"answer": "hash", "manager": "minilm"}, dynamic_sampling={"answer": 0, "manager": 2}),
 }
 
 
@@ -134,20 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
     a("--manager", default="add-all",
       help="answer agent's banks: add-all (ADD every fact), a manager checkpoint run over the facts, or oracle "
       "(the gym's correct operations applied)")
-    a("--embedder", choices=("hash", "model"), default="hash",
-      help="retrieval embeddings: hashed n-grams (offline) or the base model's mean-pooled states")
+    a("--embedder", help="retrieval embeddings: minilm (all-MiniLM-L6-v2, offline: minilm.py), hash (hashed "
+      "n-grams, no model), model (the base model's mean-pooled states), or a sentence-transformers folder / hub id")
     a("--memories-per-speaker", type=int, help="memories retrieved from each speaker's bank (paper: 30)")
     a("--distill", action=argparse.BooleanOptionalAction,
       help="memory distillation in the answer prompt (paper), or the plain prompt (--no-distill)")
     g = ap.add_argument_group("manager agent (--agent manager)").add_argument
     g("--window", type=int, default=24, help="turns before the current one whose facts form the bank (0: all)")
     g("--manager-k", type=int, default=5, help="related memories shown to the manager per fact (Mem0: 5)")
-    g("--answerer", default=None, help="the frozen Answer Agent giving the reward (default: --model; the recipe: "
-      "the main command's runs/grpo-answer/checkpoint)")
+    g("--answerer", default=None, help="the frozen Answer Agent giving the reward (default on the gym: the main "
+      "command's runs/grpo-answer/checkpoint where it exists, else --model)")
     g("--manager-format", choices=MANAGER_FORMATS, help="the manager's output: mem0 (Mem0's events, text first) or "
       "ops (per fact: the memory it is about, then the operation; texts by reference; prompts.py)")
     g("--manager-questions", choices=MANAGER_QUESTIONS, default="shown", help="the gym's reward questions: the "
       "turn's probe, or also one per memory shown to the manager (agents.manager_examples)")
+    g("--reward-temperature", type=float, default=1.0, help="--reward prob: the answerer's temperature for the "
+      "gold's probability (1: as it samples; towards 0: whether its greedy answer is the gold)")
     g("--dynamic-sampling", type=int, default=0, metavar="R", help="DAPO's dynamic sampling: drop groups whose "
       "rewards are all equal and sample up to R more rounds of prompts to fill the step (0: off)")
     g("--answer-max-new-tokens", type=int, help="the answerer's response limit")
@@ -201,6 +210,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "answer_max_new_tokens"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.reward == "prob" and args.agent != "manager":
+        ap.error("--reward prob scores a manager by its frozen answerer's probability of the gold: --agent manager")
     args.lora_targets = [t for t in args.lora_targets.split(",") if t]
     if args.lora_rank < 0 or args.micro_batch < 0 or set(args.lora_targets) - set(lora.LORA_TARGETS):
         ap.error(f"--lora-rank and --micro-batch must be >= 0; --lora-targets among {','.join(lora.LORA_TARGETS)}")
@@ -293,6 +304,8 @@ def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, r
     if args.dynamic_sampling:  # what the rounds saw before the equal-reward groups were set aside
         every = torch.tensor([s["reward"] for g in sampled for s in g.scores])
         stats.update(sampled_groups=len(sampled), sampled_zero_std_groups=zero_std_group_fraction(every, args.group_size))
+        mix = mean_scores([s for g in sampled for s in g.scores])  # the manager's decisions, before any was dropped
+        stats.update({f"sampled_{k}": v for k, v in mix.items() if k.startswith("dec_")})
     return groups, stats
 
 

@@ -87,7 +87,7 @@ def main() -> None:
     pairs = [(ex, list(c.values())) for ex, (_, c) in zip(states, written)]
     scored = task.score_all(pairs)
     table = {kind: {name: [] for name in CANDIDATES} for kind in KINDS}
-    margins, unwritable = {kind: [] for kind in KINDS}, 0
+    margins, wins, unwritable = {kind: [] for kind in KINDS}, {kind: [] for kind in KINDS}, 0
     for (kind, cands), rows in zip(written, scored):
         reward = {name: row["reward"] for name, row in zip(cands, rows)}
         for name, r in reward.items():
@@ -98,11 +98,12 @@ def main() -> None:
         rivals = [r for name, r in reward.items() if name not in ("oracle", SAME_AS_ORACLE.get(kind))]
         if rivals:
             margins[kind].append(reward["oracle"] - max(rivals))
-    print(f"reward {args.reward}, answerer k {args.memories_per_speaker}, questions {args.manager_questions}, "
+            wins[kind].append(float(reward["oracle"] > max(rivals)))
+    print(f"reward {args.reward} (temperature {args.reward_temperature}), answerer k {args.memories_per_speaker}, questions {args.manager_questions}, "
           f"manager k {args.manager_k}, {a.split} split, {len(states)} states ({unwritable} with the memory to "
           f"change not shown), {time.perf_counter() - t0:.0f} s")
-    print("| oracle kind (turns) | " + " | ".join(CANDIDATES) + " | oracle - best wrong (paired) |")
-    print("|---" * (len(CANDIDATES) + 2) + "|")
+    print("| oracle kind (turns) | " + " | ".join(CANDIDATES) + " | oracle - best wrong (paired) | oracle strictly best |")
+    print("|---" * (len(CANDIDATES) + 3) + "|")
     for kind in KINDS:
         n = len(table[kind]["add"])
         if not n:
@@ -110,7 +111,8 @@ def main() -> None:
         cells = [f"{sum(v) / len(v):.3f} ± {standard_error(v):.3f}" if v else "–" for v in table[kind].values()]
         m = margins[kind]
         margin = f"{sum(m) / len(m):+.3f} ± {standard_error(m):.3f}" if m else "–"
-        print(f"| {kind} ({n}) | " + " | ".join(cells) + f" | {margin} |")
+        best = f"{sum(wins[kind]) / len(wins[kind]):.2f}" if wins[kind] else "–"
+        print(f"| {kind} ({n}) | " + " | ".join(cells) + f" | {margin} | {best} |")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def test_every_bench_script_is_covered():
     scripts = {p.name for p in (ROOT / "bench").glob("*.py")}
     assert scripts == {"bench_16bit.py", "bench_engine.py", "bench_generate.py", "bench_grpo_step.py", "bench_guided.py",
                        "bench_loss_pass.py", "bench_memory.py", "bench_scale.py", "estimate_7b.py",
-                       "evidence_recall.py", "sample_rewards.py"}
+                       "evidence_recall.py", "manager_rewards.py", "sample_rewards.py"}
 
 
 @pytest.mark.parametrize("script, model, expect", [
@@ -39,6 +39,7 @@ def test_every_bench_script_is_covered():
     ("estimate_7b.py", None, "per step on one GPU"),
     ("evidence_recall.py", None, "overall: recall@60"),
     ("sample_rewards.py", "llama", "groups with signal"),
+    ("manager_rewards.py", "llama", "| oracle kind (turns) |"),
 ])
 def test_bench_script_smoke(script, model, expect, tiny_checkpoints):
     out = run_bench(script, *(["--model", tiny_checkpoints[model][0]] if model else []))

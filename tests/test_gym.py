@@ -140,9 +140,11 @@ def test_training_runs_on_the_gym_and_resumes(agent, tiny_checkpoints, tmp_path)
     from safetensors.torch import load_file
 
     ckpt = tiny_checkpoints["qwen2"][0]
-    common = ["--agent", agent, "--preset", "cpu", "--model", ckpt, "--max-new-tokens", 8, "--group-size", 2,
+    # the manager's guided output is ~60 one-byte tokens in the tiny vocabulary: room for it to finish
+    common = ["--agent", agent, "--preset", "cpu", "--model", ckpt, "--max-new-tokens", 8 if agent == "answer" else 72,
+              "--group-size", 2,
               "--questions-per-step", 1, "--answer-max-new-tokens", 3, "--memories-per-speaker", 1, "--manager-k", 1,
-              "--val-limit", 2, "--val-every", 1, "--save-every", 1, "--lr", 1e-3]
+              "--val-limit", 2, "--val-every", 1, "--save-every", 1, "--lr", 1e-3, "--answerer", ckpt]
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     for out, steps, extra in ((killed, 1, []), (killed, 2, ["--resume"]), (straight, 2, [])):
         args = train.parse_args([str(x) for x in common + ["--out", out, "--steps", steps, *extra]])
@@ -155,6 +157,10 @@ def test_training_runs_on_the_gym_and_resumes(agent, tiny_checkpoints, tmp_path)
     if agent == "manager":
         assert "op_acc" in rows[1] and "val_op_acc" in rows[2]
         assert any(k.startswith("op_acc_") for k in rows[1])
+        # the cpu preset's manager: the ops format (guided: every output parses), the probability reward,
+        # the sampled decision mix and the groups dynamic sampling looked at
+        assert rows[1]["parse_fail"] == 0.0 and "p_gold" in rows[1] and "sampled_groups" in rows[1]
+        assert sum(rows[1][f"dec_{d}"] for d in ("add", "update", "delete", "none", "mixed")) == pytest.approx(1.0)
 
 
 def test_evaluate_on_the_gym_with_oracle_banks_and_a_manager(tiny_checkpoints, tmp_path, capsys):
