@@ -218,7 +218,8 @@ def apply_output(bank: MemoryBank, text: str, id_map: dict[str, str], facts: lis
                  fmt: str = "mem0") -> tuple[MemoryBank, dict]:
     """A copy of `bank` with the manager's output (for these facts, in format `fmt`) applied, and the counts
     (ADD ... invalid, parse_fail, recovered)."""
-    parsed = parse_manager_output(text, [f.text for f in facts], fmt)
+    shown = [{"id": s, "text": bank.memories[real].text} for s, real in id_map.items() if real in bank.memories]
+    parsed = parse_manager_output(text, [f.text for f in facts], fmt, shown)
     edited, fact = bank.copy(), facts[0]
     counts = edited.apply(parsed.value, id_map, speaker=fact.speaker, timestamp=fact.timestamp,
                           dia_ids=fact.dia_ids)
@@ -286,13 +287,49 @@ def run_manager(conv, facts: list[FactRecord], model, tok, embedder=None, k: int
     gym, each decision is compared with the oracle's kind of operation for the turn (the banks differ, so ids
     are not compared): stats["decisions"][oracle kind][manager's kind] counts them.
     """
+    return run_managers([conv], [facts], model, tok, embedder, k, max_new_tokens, stats, progress, guided, fmt)[0]
+
+
+def run_managers(convs: list, facts: list[list[FactRecord]], model, tok, embedder=None, k: int = 5,
+                 max_new_tokens: int = 256, stats: dict | None = None, progress: bool = True, guided: bool = False,
+                 fmt: str = "mem0") -> list[dict[str, MemoryBank]]:
+    """run_manager for several conversations at once: each conversation's calls are sequential (each edits the
+    bank the next one reads), but the conversations are independent, so their n-th calls share one batch."""
     stats = stats if stats is not None else {}
+    runs = [manager_calls(c, f, model, tok, embedder, k, stats, guided, fmt) for c, f in zip(convs, facts)]
+    banks, asks = [None] * len(runs), {}
+    for i, run in enumerate(runs):
+        advance(run, i, None, asks, banks)
+    total = sum(len(facts_by_turn(f)) for f in facts)
+    with tqdm(total=total, desc="manager calls", disable=not progress, leave=False) as bar:
+        while asks:
+            order = list(asks)
+            outs = generate(model, [asks[i][0] for i in order], max_new_tokens, temperature=0,
+                            guide=[asks[i][1] for i in order])
+            for i, out in zip(order, outs):
+                advance(runs[i], i, tok.decode(out), asks, banks)
+            bar.update(len(order))
+    return banks
+
+
+def advance(run, i: int, output, asks: dict, banks: list) -> None:
+    """Send a conversation's last output to its manager_calls generator: it asks its next call or finishes."""
+    try:
+        asks[i] = next(run) if output is None else run.send(output)
+    except StopIteration as done:
+        asks.pop(i, None)
+        banks[i] = done.value
+
+
+def manager_calls(conv, facts: list[FactRecord], model, tok, embedder, k: int, stats: dict, guided: bool, fmt: str):
+    """One conversation's manager run as a generator: it yields (prompt, guide) for each call, receives the
+    manager's output text, applies it, and finally returns the banks (run_managers batches the calls)."""
     banks = add_all_banks(conv, [], embedder or HashEmbedder())  # one empty bank per speaker
     grouped = facts_by_turn(facts)
     by_turn = [(t, grouped[t.dia_id]) for t in conv.turns() if t.dia_id in grouped]
     # facts without an evidence id naming a turn of the conversation (one in LoCoMo) have no place in the order
     stats["orphan_facts"] = stats.get("orphan_facts", 0) + len(facts) - sum(len(fs) for _, fs in by_turn)
-    for turn, turn_facts in tqdm(by_turn, desc=f"manager {conv.sample_id}", disable=not progress, leave=False):
+    for turn, turn_facts in by_turn:
         for speaker in dict.fromkeys(f.speaker for f in turn_facts if f.speaker in banks):
             mine = [f for f in turn_facts if f.speaker == speaker]
             bank = banks[speaker]
@@ -303,9 +340,9 @@ def run_manager(conv, facts: list[FactRecord], model, tok, embedder=None, k: int
                 stats["ADD"] = stats.get("ADD", 0) + len(mine)
                 continue
             prompt = tok.chat(manager_messages(shown, [f.text for f in mine], fmt))
-            shape = guide(manager_format_automaton(fmt, len(shown), len(mine)), model, tok, guided)
-            out = generate(model, [prompt], max_new_tokens, temperature=0, guide=shape)[0]
-            banks[speaker], counts = apply_output(bank, tok.decode(out), id_map, mine, fmt)
+            shape = guide(manager_format_automaton(fmt, shown, len(mine)), model, tok, guided)
+            output = yield prompt, shape
+            banks[speaker], counts = apply_output(bank, output, id_map, mine, fmt)
             for key, v in counts.items():
                 stats[key] = stats.get(key, 0) + int(v)
             if turn.dia_id in conv.oracle:
@@ -364,7 +401,7 @@ def manager_examples(conv, questions, facts: list[FactRecord], tok, embedder, wi
         prompt = tok.chat(manager_messages(shown, [f.text for f in mine], fmt))
         meta = {"conv": conv, "banks": banks, "speaker": turn.speaker, "id_map": id_map, "facts": mine,
                 "questions": asked, "dia_id": turn.dia_id}
-        shape = None if vocab_size is None else manager_format_automaton(fmt, len(shown), len(mine)).guide(tok, vocab_size)
+        shape = None if vocab_size is None else manager_format_automaton(fmt, shown, len(mine)).guide(tok, vocab_size)
         out.append(Example(prompt, "", meta, shape))
     return out
 

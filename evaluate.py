@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 import model as M
-from agents import DATASETS, conversation_banks, guide, manager_format_of
+from agents import DATASETS, conversation_banks, conversation_facts, guide, manager_format_of, run_managers
 from data.locomo import DataError
 from memory import MemoryBank, make_embedder, speaker_memories
 from metrics import (JudgeError, add_judge_flags, bleu1, evidence_recall, exact_match, f1, locomo_f1,
@@ -192,19 +192,26 @@ def read_predictions(path: Path) -> dict:
     return done
 
 
-def saved_banks(conv, args, folder: Path, answerer, tok, manager, embedder, stats: dict) -> dict:
-    """The conversation's two banks (agents.conversation_banks), from folder/banks/<conv>/ when a previous run
-    finished them."""
+def bank_files(conv, folder: Path) -> dict:
     where = folder / "banks" / conv.sample_id
-    files = {conv.speaker_a: where / "speaker_a.json", conv.speaker_b: where / "speaker_b.json"}
-    if all(f.exists() for f in files.values()):
-        return {s: MemoryBank.load(f, embedder) for s, f in files.items()}
-    banks = conversation_banks(conv, args.manager, manager, args.facts, answerer, tok, embedder, args.manager_k,
-                               args.manager_max_new_tokens, stats, guided=args.guided, fmt=args.manager_format)
-    where.mkdir(parents=True, exist_ok=True)
-    for s, f in files.items():
-        banks[s].save(f)
-    return banks
+    return {conv.speaker_a: where / "speaker_a.json", conv.speaker_b: where / "speaker_b.json"}
+
+
+def build_banks(convs: list, args, folder: Path, answerer, tok, manager, embedder, stats: dict) -> None:
+    """The conversations' banks (agents.conversation_banks), saved to folder/banks/<conv>/ so that a resumed run
+    reads them back. A manager model runs over every conversation at once (agents.run_managers: one batch
+    per turn index instead of one call per turn)."""
+    if manager is not None:
+        facts = [conversation_facts(c, args.facts, answerer, tok, stats=stats, guided=args.guided) for c in convs]
+        built = run_managers(convs, facts, manager, tok, embedder, args.manager_k, args.manager_max_new_tokens,
+                             stats, guided=args.guided, fmt=args.manager_format)
+    else:
+        built = [conversation_banks(c, args.manager, None, args.facts, answerer, tok, embedder, stats=stats,
+                                    guided=args.guided) for c in convs]
+    for conv, banks in zip(convs, built):
+        for speaker, f in bank_files(conv, folder).items():
+            f.parent.mkdir(parents=True, exist_ok=True)
+            banks[speaker].save(f)
 
 
 def run(args) -> dict:
@@ -227,11 +234,15 @@ def run(args) -> dict:
     pred_file = out / "predictions.jsonl"
     done = read_predictions(pred_file)
     stats, t0 = {}, time.perf_counter()
-    for conv_id in tqdm(list(dict.fromkeys(q.conv_id for q in questions)), desc="conversations"):
-        todo = [q for q in questions if q.conv_id == conv_id and (q.conv_id, q.index) not in done]
-        if todo:
-            banks = saved_banks(convs[conv_id], args, out, answerer, tok, manager, embedder, stats)
-            answer_questions(convs[conv_id], todo, banks, answerer, tok, args, judge, done, pred_file)
+    conv_ids = list(dict.fromkeys(q.conv_id for q in questions))
+    todo = {c: [q for q in questions if q.conv_id == c and (q.conv_id, q.index) not in done] for c in conv_ids}
+    missing = [convs[c] for c in conv_ids if todo[c] and not all(f.exists() for f in bank_files(convs[c], out).values())]
+    if missing:
+        build_banks(missing, args, out, answerer, tok, manager, embedder, stats)
+    for conv_id in tqdm(conv_ids, desc="conversations"):
+        if todo[conv_id]:
+            banks = {s: MemoryBank.load(f, embedder) for s, f in bank_files(convs[conv_id], out).items()}
+            answer_questions(convs[conv_id], todo[conv_id], banks, answerer, tok, args, judge, done, pred_file)
     rows = [done[(q.conv_id, q.index)] for q in questions]
     if judge is not None:  # rows of an earlier run without the judge
         for row in rows:

@@ -65,20 +65,20 @@ For UPDATE, put the previous text in "old_memory". Write nothing outside the JSO
 # it. Only a merge writes text; ADD stores the fact's own text and UPDATE replaces the memory with it. A
 # 135M model's free-written memories are rarely usable, and its prior names the right memory on most
 # changes (SPEC 9), so every choice it makes is a handful of tokens that outcome reward can rank.
-MANAGER_OPS_SYSTEM = """You are the manager of a memory. For each new fact, in order, say which existing memory
-it is about, then what to do:
+MANAGER_OPS_SYSTEM = """You are the manager of a memory. For each new fact, in order, first copy the existing
+memory it is about, or write "new" when no memory is about the same thing, then say what to do:
 
-- "about": "new" when no memory is about the same thing; then "event": "ADD" stores the fact as a new memory.
-- "about": the id of the memory the fact is about, then one event:
+- "about": the text of the memory about the same person and the same thing as the fact, then one event:
   - UPDATE: the fact changes that memory's value ("Alice lives in Paris" + "Alice moved to Rome"): the fact
     replaces the memory.
   - MERGE: the fact adds to a list in that memory ("Alice has a dog named Buddy" + "Alice got another dog
     named Scout"): write the merged memory in "text" ("Alice has dogs named Buddy and Scout").
   - DELETE: the fact says that memory is no longer true ("Alice sold her car, no car now"): it is removed.
   - NONE: the memory already says the same thing: nothing changes.
+- "about": "new" when no memory is about the same thing; then "event": "ADD" stores the fact as a new memory.
 
 Answer with JSON only, one entry per fact, in this shape:
-{"memory": [{"fact": 0, "about": "new", "event": "ADD"}, {"fact": 1, "about": "2", "event": "UPDATE"}]}"""
+{"memory": [{"fact": 0, "about": "Alice lives in Paris", "event": "UPDATE"}, {"fact": 1, "about": "new", "event": "ADD"}]}"""
 
 ANSWER_SYSTEM = """You are an intelligent memory assistant that answers questions from conversation memories.
 
@@ -190,24 +190,28 @@ def manager_automaton(n_ids: int) -> Automaton:
     return Automaton(seq(lit("{"), json_key("memory"), json_list(event), WS, lit("}"), WS))
 
 
-@functools.lru_cache
-def manager_ops_automaton(n_shown: int, n_facts: int) -> Automaton:
+@functools.lru_cache(maxsize=1024)  # one per distinct set of shown memories
+def manager_ops_automaton(shown: tuple[str, ...], n_facts: int) -> Automaton:
     """{"memory": [ENTRY 0, ..., ENTRY n_facts-1]}, ENTRY i = {"fact": i, "about": ABOUT, "event": ...}: one
     entry per fact, in order, with no optional whitespace, so everything but the choices is forced (one token
-    at a time, log-prob 0: Automaton's forced_runs). ABOUT is "new" (then ADD) or a shown id "0" ...
-    str(n_shown - 1) (then UPDATE, DELETE, NONE, or MERGE and a non-blank "text")."""
+    at a time, log-prob 0: Automaton's forced_runs). ABOUT is "new" (then ADD) or the text of one of the
+    `shown` memories, copied (then UPDATE, DELETE, NONE, or MERGE and a non-blank "text"): naming a memory by
+    its words is a copy a small model does well, where an id is an arbitrary number (measured: README)."""
     on_memory = alt(lit('UPDATE"}'), lit('DELETE"}'), lit('NONE"}'), seq(lit('MERGE", "text": '), NONBLANK_STRING,
                                                                          lit("}")))
     about = alt(lit('new", "event": "ADD"}'),
-                *[seq(lit(f'{i}", "event": "'), on_memory) for i in range(n_shown)])
+                *[seq(lit(json.dumps(text, ensure_ascii=False)[1:-1] + '", "event": "'), on_memory)
+                  for text in dict.fromkeys(shown)])
     entries = [seq(lit(f'{{"fact": {i}, "about": "'), about) for i in range(n_facts)]
     body = [part for i, e in enumerate(entries) for part in ((lit(", "), e) if i else (e,))]
     return Automaton(seq(lit('{"memory": ['), *body, lit("]}")), forced_runs=True)
 
 
-def manager_format_automaton(fmt: str, n_shown: int, n_facts: int) -> Automaton:
-    """The manager's output format for a prompt showing `n_shown` memories and `n_facts` facts."""
-    return manager_ops_automaton(n_shown, n_facts) if fmt == "ops" else manager_automaton(n_shown + n_facts)
+def manager_format_automaton(fmt: str, shown: list[dict], n_facts: int) -> Automaton:
+    """The manager's output format for a prompt showing the memories `shown` ({"id", "text"}) and `n_facts` facts."""
+    if fmt == "ops":
+        return manager_ops_automaton(tuple(m["text"] for m in shown), n_facts)
+    return manager_automaton(len(shown) + n_facts)
 
 
 # Distillation keeps "the few memories that matter" (SPEC section 1); after this many lines the format allows
@@ -356,20 +360,23 @@ def parse_manager(text) -> Parsed:
     return Parsed(dicts, not note, note)
 
 
-def parse_manager_ops(text, facts: list[str]) -> Parsed:
+def parse_manager_ops(text, facts: list[str], shown: list[dict] = ()) -> Parsed:
     """The "ops" format -> Parsed(Mem0-style events for MemoryBank.apply), texts filled in by reference.
 
-    {"fact": i, "about": "new", "event": "ADD"} -> ADD fact i's text; about id m: UPDATE -> UPDATE m to fact
-    i's text, MERGE -> UPDATE m to the written "text", DELETE -> DELETE m, NONE -> NONE m. An entry naming no
-    fact of the list, or an unknown event, is dropped and makes `ok` False; so does a missing fact.
+    {"fact": i, "about": "new", "event": "ADD"} -> ADD fact i's text; about memory m (its text, as the format
+    writes it, or its id): UPDATE -> UPDATE m to fact i's text, MERGE -> UPDATE m to the written "text", DELETE
+    -> DELETE m, NONE -> NONE m. An entry naming no fact of the list, or an unknown event, is dropped and makes
+    `ok` False; so does a missing fact.
     """
+    id_of = {m["text"]: m["id"] for m in shown}
     entries, note = extract_list(text, "memory")
     if entries is None:
         return Parsed([], False, note)
     events, bad, seen = [], 0, set()
     for e in entries:
         e = {k: drop_lone_surrogates(v) for k, v in e.items()} if isinstance(e, dict) else {}
-        i, about, op = e.get("fact"), str(e.get("about", "")), str(e.get("event", "")).strip().upper()
+        i, op = e.get("fact"), str(e.get("event", "")).strip().upper()
+        about = id_of.get(e.get("about"), str(e.get("about", "")))
         if not (isinstance(i, int) and 0 <= i < len(facts)) or op not in ("ADD", "UPDATE", "MERGE", "DELETE", "NONE"):
             bad += 1
             continue
@@ -386,9 +393,9 @@ def parse_manager_ops(text, facts: list[str]) -> Parsed:
     return Parsed(events, not error, error)
 
 
-def parse_manager_output(text, facts: list[str], fmt: str = "mem0") -> Parsed:
+def parse_manager_output(text, facts: list[str], fmt: str = "mem0", shown: list[dict] = ()) -> Parsed:
     """Either format's output as Mem0-style events (MemoryBank.apply takes them)."""
-    return parse_manager_ops(text, facts) if fmt == "ops" else parse_manager(text)
+    return parse_manager_ops(text, facts, shown) if fmt == "ops" else parse_manager(text)
 
 
 ANSWER_MARK = re.compile(r"\*\*\s*answer\s*:?\s*\*\*\s*:?", re.I)

@@ -91,7 +91,7 @@ PRESETS = {
                 val_limit={"answer": 64, "manager": 48}, reward={"answer": "f1", "manager": "prob"},
                 require_marker=False, lr={"answer": 2e-5, "manager": 5e-6}, temperature={"answer": 0.5, "manager": 1.0},
                 reward_temperature=0.3, checkpointing={"answer": True, "manager": False},
-                distill=False, manager_format="ops", manager_k=2, embedder={"answer": "hash", "manager": "minilm"}, dynamic_sampling={"answer": 0, "manager": 2}),
+                distill=False, manager_format="ops", manager_k=2, embedder={"answer": "hash", "manager": "minilm"}, dynamic_sampling={"answer": 0, "manager": 1}),
 }
 
 

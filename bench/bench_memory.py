@@ -1,6 +1,7 @@
 """Memory bank speed: add N memories one by one, then time top-k cosine search.
 
     python bench/bench_memory.py              # 100,000 memories, top-60, default hashed n-gram embedder
+    python bench/bench_memory.py --embedder minilm --n 10000    # all-MiniLM-L6-v2 (minilm.py)
     python bench/bench_memory.py --smoke      # 1,000 memories, 10 searches (the test suite runs it)
 
 Prints the time to add (embedding included, and the bank's own share with precomputed vectors) and the
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from memory import HashEmbedder, MemoryBank  # noqa: E402
+from memory import EMBEDDERS, MemoryBank, make_embedder  # noqa: E402
 
 WORDS = ("dog cat paint race beach camp book music school friend pottery adopt sister trip concert garden "
          "hike job move city lake mountain guitar violin class support group parade family dinner").split()
@@ -27,13 +28,14 @@ def main():
     ap.add_argument("--n", type=int, default=100_000, help="memories to add")
     ap.add_argument("--k", type=int, default=60, help="memories per search")
     ap.add_argument("--queries", type=int, default=200, help="searches to time")
+    ap.add_argument("--embedder", choices=EMBEDDERS[:2], default="hash", help="memory.make_embedder's kind")
     ap.add_argument("--smoke", action="store_true", help="the smallest setting: 1,000 memories, 10 searches")
     args = ap.parse_args()
     if args.smoke:
         args.n, args.queries = 1000, 10
     rng = np.random.default_rng(0)
     texts = [f"{rng.choice(WORDS)} " + " ".join(rng.choice(WORDS, 7)) + f" #{i}" for i in range(args.n)]
-    embedder = HashEmbedder()
+    embedder = make_embedder(args.embedder)
 
     t0 = time.perf_counter()
     vectors = embedder(texts)
@@ -53,7 +55,7 @@ def main():
         times.append(time.perf_counter() - t0)
     assert len(hits) == args.k
     times.sort()
-    print(f"memories: {len(bank):,}  dim: {embedder.dim}")
+    print(f"memories: {len(bank):,}  embedder: {embedder.name}  dim: {embedder.dim}")
     print(f"embed {args.n:,} texts: {t_embed:.1f} s ({1e6 * t_embed / args.n:.0f} us each)")
     print(f"add {args.n:,} one by one (vectors given): {t_add:.2f} s ({1e6 * t_add / args.n:.1f} us each)")
     print(f"top-{args.k} search: median {1e3 * statistics.median(times):.2f} ms, "

@@ -131,7 +131,8 @@ def test_manager_training_writes_metrics_and_checkpoint_and_resumes(algo, tiny_c
     every step still completes, counts the failures and checkpoints; a run killed after step 1 and resumed
     ends bit for bit where an unbroken run does."""
     ckpt = tiny_checkpoints["qwen2"][0]
-    common = ["--agent", "manager", "--data", "locomo", "--algo", algo, "--model", ckpt, "--max-new-tokens", 12,
+    common = ["--agent", "manager", "--data", "locomo", "--manager-format", "mem0", "--reward", "em", "--embedder", "hash",
+              "--algo", algo, "--model", ckpt, "--max-new-tokens", 12,
               "--answer-max-new-tokens", 3, "--group-size", 2, "--questions-per-step", 1, "--lr", 1e-3,
               "--memories-per-speaker", 1, "--window", 4, "--val-limit", 1, "--save-every", 1, "--val-every", 1]
     killed, straight = tmp_path / "killed", tmp_path / "straight"

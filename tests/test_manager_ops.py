@@ -21,31 +21,37 @@ def smollm2(smollm2_path):
     return M.load_model(smollm2_path)
 
 
-def test_the_automaton_takes_shown_ids_and_facts_in_order_only():
-    a = P.manager_ops_automaton(2, 2)
-    good = ('{"memory": [{"fact": 0, "about": "1", "event": "UPDATE"}, '
-            '{"fact": 1, "about": "0", "event": "MERGE", "text": "Bruno has dogs named Rocky and Scout"}]}')
+SHOWN = ("Bruno drives a BMW", "Bruno has a dog named Rocky")
+
+
+def test_the_automaton_takes_shown_memories_and_facts_in_order_only():
+    a = P.manager_ops_automaton(SHOWN, 2)
+    good = ('{"memory": [{"fact": 0, "about": "Bruno drives a BMW", "event": "UPDATE"}, {"fact": 1, "about": '
+            '"Bruno has a dog named Rocky", "event": "MERGE", "text": "Bruno has dogs named Rocky and Scout"}]}')
     assert a.matches(good.encode())
-    for bad in (good.replace('"about": "1"', '"about": "2"'),  # only ids "0" and "1" were shown
+    for bad in (good.replace('"Bruno drives a BMW"', '"Bruno drives a Fiat"'),  # only the shown memories
+                good.replace('"Bruno drives a BMW"', '"0"'),  # named by its words, not an id
                 good.replace('"fact": 1', '"fact": 2'),  # a fact index out of range
                 good.replace('"fact": 0', '"fact": 1', 1),  # facts out of order
-                good.replace(', {"fact": 1, "about": "0", "event": "MERGE", "text": "Bruno has dogs named Rocky and '
-                             'Scout"}', ""),  # a fact left out
-                good.replace('"about": "1", "event": "UPDATE"', '"about": "new", "event": "UPDATE"'),  # new: ADD only
-                good.replace('"about": "1", "event": "UPDATE"', '"about": "1", "event": "ADD"'),  # a memory: no ADD
+                good[:good.index(', {"fact": 1')] + "]}",  # a fact left out
+                good.replace('"Bruno drives a BMW", "event": "UPDATE"', '"new", "event": "UPDATE"'),  # new: ADD only
+                good.replace('"Bruno drives a BMW", "event": "UPDATE"', '"Bruno drives a BMW", "event": "ADD"'),
                 good.replace('"MERGE", "text": "Bruno has dogs named Rocky and Scout"', '"MERGE", "text": " "')):
         assert not a.matches(bad.encode()), bad
-    assert not P.manager_ops_automaton(0, 1).matches(b'{"memory": [{"fact": 0, "about": "0", "event": "NONE"}]}')
-    assert P.manager_ops_automaton(0, 1).matches(b'{"memory": [{"fact": 0, "about": "new", "event": "ADD"}]}')
+    assert not P.manager_ops_automaton((), 1).matches(b'{"memory": [{"fact": 0, "about": "x", "event": "NONE"}]}')
+    assert P.manager_ops_automaton((), 1).matches(b'{"memory": [{"fact": 0, "about": "new", "event": "ADD"}]}')
+    quoted = P.manager_ops_automaton(('Bruno says "hi"',), 1)  # a memory's text is copied as a JSON string
+    assert quoted.matches(b'{"memory": [{"fact": 0, "about": "Bruno says \\"hi\\"", "event": "NONE"}]}')
 
 
 def test_hand_written_outputs_map_to_bank_events():
     bank = MemoryBank()
     bmw, dog, car = (bank.add(t) for t in ("Bruno drives a BMW", "Bruno has a dog named Rocky", "Bruno owns a car"))
     id_map = {"0": bmw, "1": dog, "2": car}
-    text = ('{"memory": [{"fact": 0, "about": "0", "event": "UPDATE"}, '
-            '{"fact": 1, "about": "1", "event": "MERGE", "text": "Bruno has dogs named Rocky and Scout"}]}')
-    parsed = P.parse_manager_ops(text, FACTS)
+    text = ('{"memory": [{"fact": 0, "about": "Bruno drives a BMW", "event": "UPDATE"}, {"fact": 1, "about": '
+            '"Bruno has a dog named Rocky", "event": "MERGE", "text": "Bruno has dogs named Rocky and Scout"}]}')
+    shown = [{"id": s, "text": bank.memories[real].text} for s, real in id_map.items()]
+    parsed = P.parse_manager_ops(text, FACTS, shown)
     assert parsed.ok and parsed.value == [
         {"id": "0", "text": FACTS[0], "event": "UPDATE"},  # by reference: the fact's own text
         {"id": "1", "text": "Bruno has dogs named Rocky and Scout", "event": "UPDATE"}]  # the merge as written
@@ -54,11 +60,12 @@ def test_hand_written_outputs_map_to_bank_events():
     assert [m.text for m in edited.memories.values()] == [FACTS[0], "Bruno has dogs named Rocky and Scout",
                                                           "Bruno owns a car"]
     assert counts["UPDATE"] == 2 and counts["invalid"] == 0 and not counts["parse_fail"]
-    add_del = '{"memory": [{"fact": 0, "about": "2", "event": "DELETE"}, {"fact": 1, "about": "new", "event": "ADD"}]}'
+    add_del = ('{"memory": [{"fact": 0, "about": "Bruno owns a car", "event": "DELETE"}, '
+               '{"fact": 1, "about": "new", "event": "ADD"}]}')
     edited, counts = agents.apply_output(bank, add_del, id_map, facts, "ops")
     assert [m.text for m in edited.memories.values()] == ["Bruno drives a BMW", "Bruno has a dog named Rocky", FACTS[1]]
     assert edited.memories[list(edited.memories)[-1]].dia_ids == ["D2:1"]  # ADD copies the fact, with its turn
-    none = '{"memory": [{"fact": 0, "about": "0", "event": "NONE"}, {"fact": 1, "about": "1", "event": "NONE"}]}'
+    none = '{"memory": [{"fact": 0, "about": "0", "event": "NONE"}, {"fact": 1, "about": "1", "event": "NONE"}]}'  # ids too
     same, counts = agents.apply_output(bank, none, id_map, facts, "ops")
     assert counts["NONE"] == 2 and agents.decision(same.log[len(bank.log):]) == ("NONE", frozenset())
     # malformed output is counted, never a crash: a fact out of range, an unknown event, a missing fact
@@ -72,10 +79,10 @@ def test_guided_samples_parse_and_apply_and_forced_tokens_are_alone(smollm2):
     """Random walks over SmolLM2's vocabulary through the format's guide: every finished text parses and applies
     without an invalid event; wherever the format leaves no choice exactly one token is allowed."""
     net, tok = smollm2
-    n_shown, facts = 3, FACTS
-    g = P.manager_ops_automaton(n_shown, len(facts)).guide(tok, net.lm_head.weight.shape[0])
+    facts, texts = FACTS, ("memory zero", "memory one", "Bruno drives a BMW")
+    g = P.manager_ops_automaton(texts, len(facts)).guide(tok, net.lm_head.weight.shape[0])
     bank = MemoryBank()
-    id_map = {str(i): bank.add(f"memory {i}") for i in range(n_shown)}
+    id_map = {str(i): bank.add(t) for i, t in enumerate(texts)}
     rng = random.Random(0)
     records = [FactRecord("Bruno", f, ["D2:1"], "") for f in facts]
     choices = 0
@@ -96,7 +103,7 @@ def test_guided_samples_parse_and_apply_and_forced_tokens_are_alone(smollm2):
             state = g.advance(state, token)
             assert state >= 0
         text = tok.decode(tokens)
-        parsed = P.parse_manager_ops(text, facts)
+        parsed = P.parse_manager_ops(text, facts, [{"id": i, "text": t} for i, t in enumerate(texts)])
         assert parsed.ok, text
         _, counts = agents.apply_output(bank, text, id_map, records, "ops")
         assert counts["invalid"] == 0 and sum(counts[op] for op in agents.OPS) == len(facts), text
@@ -143,7 +150,7 @@ def test_the_reward_ranks_the_oracle_above_none_and_a_wrong_update(smollm2):
                              "1", "--no-distill"])
     guide = agents.guide(P.answer_automaton(False), net, tok, True)
     ex = gym_state("ADD", "shown", tok)
-    other = next(iter(ex.meta["id_map"]))
+    other = next(iter(ex.meta["id_map"]))  # a shown memory's id (the parser takes ids as well as texts)
     outputs = ['{"memory": [{"fact": 0, "about": "new", "event": "ADD"}]}',
                f'{{"memory": [{{"fact": 0, "about": "{other}", "event": "NONE"}}]}}',
                f'{{"memory": [{{"fact": 0, "about": "{other}", "event": "UPDATE"}}]}}']
@@ -151,3 +158,24 @@ def test_the_reward_ranks_the_oracle_above_none_and_a_wrong_update(smollm2):
     assert oracle["dec_add"] == 1.0 and oracle["op_acc"] == 1.0 and wrong["op_acc"] == 0.0
     assert oracle["reward"] > none["reward"] + 0.05
     assert oracle["reward"] > wrong["reward"] + 0.05
+
+
+def test_managers_batched_over_conversations_build_the_same_banks(tiny_checkpoints):
+    """run_managers runs the n-th calls of several conversations in one batch; each conversation's banks and
+    the decision table must be what one run_manager call per conversation gives."""
+    net, tok = M.load_model(tiny_checkpoints["llama"][0])
+    convs = gym.load_conversations(splits=("val",))[:2]
+    facts = [agents.conversation_facts(c, "observation")[:8] for c in convs]
+    stats, one_stats = {}, {}
+    together = agents.run_managers(convs, facts, net, tok, k=2, max_new_tokens=200, guided=True, fmt="ops",
+                                   stats=stats, progress=False)
+    alone = []
+    for c, f in zip(convs, facts):
+        alone.append(agents.run_manager(c, f, net, tok, k=2, max_new_tokens=200, guided=True, fmt="ops",
+                                        stats=one_stats, progress=False))
+    for a, b in zip(together, alone):
+        for speaker in a:
+            assert [(m.id, m.text) for m in a[speaker].memories.values()] == \
+                   [(m.id, m.text) for m in b[speaker].memories.values()]
+    assert stats["decisions"] == one_stats["decisions"] and stats["parse_fail"] == one_stats["parse_fail"] == 0
+    assert sum(len(b) for banks in together for b in banks.values()) > len(convs) * 2  # it did write memories
