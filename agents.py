@@ -454,6 +454,12 @@ def manager_task(args, tok, base_model):
     answer_guide = guide(answer_automaton(args.distill), answerer, tok, args.guided)
 
     def examples(split):
+        if split == "train" and args.data == "gym" and args.gym_train_attributes:  # a curriculum: another level
+            level = gym.Level(attributes=tuple(args.gym_train_attributes.split(",")))
+            return [ex for sample in gym.generate_split("train", level) for conv in [locomo.parse_conversation(sample)]
+                    for ex in manager_examples(conv, [], conversation_facts(conv, args.facts), tok, embedder,
+                                               args.window, args.manager_k, vocab_size, args.manager_format,
+                                               args.manager_questions)]
         qs = dataset.load_split(split)
         out = []
         for conv_id in dict.fromkeys(q.conv_id for q in qs):
