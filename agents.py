@@ -25,9 +25,12 @@ completions (one dict per completion, "reward" first). evaluate.py runs the same
      retrieval), reward = mean EM (flag: F1). Output from which no event list can be recovered scores 0
      and counts as a parse failure; recovered but malformed output is applied as far as it is valid.
    On the gym (data/gym.py) the right operations are known, so the environment uses them: every fact turn
-   is an example, its state the oracle banks of the preceding turns, its question the turn's probe (the
-   attribute's current value: "Where does Alice live now?" right after she moved), and each output's
-   decision is scored against the oracle's (op_acc, and per kind: a measure no LoCoMo run can give).
+   is an example, its state the oracle banks of the preceding turns, its questions the turn's probe (the
+   attribute's current value: "Where does Alice live now?" right after she moved) and one per memory the
+   manager is shown (--manager-questions shown), and each output's decision is scored against the
+   oracle's (op_acc, and per kind: a measure no LoCoMo run can give). The cpu preset's reward is the
+   answerer's probability of the gold answers (--reward prob), its output format "ops" (prompts.py);
+   what each choice does to the ranking of operations is in docs/manager.md.
 Read next: grpo.py and ppo.py (the losses), then train.py (the loop).
 """
 
