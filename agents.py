@@ -221,7 +221,8 @@ def apply_output(bank: MemoryBank, text: str, id_map: dict[str, str], facts: lis
                  fmt: str = "mem0") -> tuple[MemoryBank, dict]:
     """A copy of `bank` with the manager's output (for these facts, in format `fmt`) applied, and the counts
     (ADD ... invalid, parse_fail, recovered)."""
-    shown = [{"id": s, "text": bank.memories[real].text} for s, real in id_map.items() if real in bank.memories]
+    shown = [{"id": s, "text": bank.memories[real].text} for s, real in id_map.items()
+             if real in bank.memories] if fmt == "ops" else []  # the ops format names memories by their text
     parsed = parse_manager_output(text, [f.text for f in facts], fmt, shown)
     edited, fact = bank.copy(), facts[0]
     counts = edited.apply(parsed.value, id_map, speaker=fact.speaker, timestamp=fact.timestamp,
@@ -459,10 +460,11 @@ def manager_task(args, tok, base_model):
     def examples(split):
         if split == "train" and args.data == "gym" and args.gym_train_attributes:  # a curriculum: another level
             level = gym.Level(attributes=tuple(args.gym_train_attributes.split(",")))
-            return [ex for sample in gym.generate_split("train", level) for conv in [locomo.parse_conversation(sample)]
-                    for ex in manager_examples(conv, [], conversation_facts(conv, args.facts), tok, embedder,
-                                               args.window, args.manager_k, vocab_size, args.manager_format,
-                                               args.manager_questions)]
+            out = []
+            for conv in map(locomo.parse_conversation, gym.generate_split("train", level)):
+                out += manager_examples(conv, [], conversation_facts(conv, args.facts), tok, embedder, args.window,
+                                        args.manager_k, vocab_size, args.manager_format, args.manager_questions)
+            return out
         qs = dataset.load_split(split)
         out = []
         for conv_id in dict.fromkeys(q.conv_id for q in qs):
