@@ -16,7 +16,7 @@ On CPUs the fast layout is oneDNN's: `torch.ops.mkldnn._reorder_linear_weight` r
 into the blocked layout that `_linear_pointwise` streams at close to memory speed. torch's own float32
 `F.linear` goes through MKL, which takes slower code paths on AMD processors: on this project's 2-core EPYC
 a SmolLM2 decode step runs 1.3-1.8x faster from the packed copies (`python bench/bench_engine.py`,
-README "Speed"). torch.compile's `freezing` prepacks the same way, but treats weights as constants, so it
+docs/speed.md). torch.compile's `freezing` prepacks the same way, but treats weights as constants, so it
 cannot serve a policy that changes every step.
 
 A copy is current while its parameter has the same storage at the same version (every in-place write, the

@@ -10,7 +10,7 @@ construction unless --no-guided: grammar.py), scores them (metrics.py), and
 writes DIR/report.json, DIR/predictions.jsonl, DIR/banks/. A killed run resumes where it stopped: finished
 banks and answered questions are read back from DIR. On the gym a manager's decisions are also compared
 with the oracle's (a confusion table by kind of operation, in report.json's bank_stats).
-This is the last file; the reading order is in README.md, "Files".
+Then plot.py (the curves); the reading order is in README.md, "The files, in reading order".
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ import torch
 from tqdm import tqdm
 
 import model as M
-from agents import DATASETS, conversation_banks, conversation_facts, guide, manager_format_of, run_managers
+from agents import DATASETS, conversation_banks, conversation_facts, manager_format_of
 from data.locomo import DataError
+from grammar import guide_for
+from manager import run_managers
 from memory import MemoryBank, make_embedder, speaker_memories
 from metrics import (JudgeError, add_judge_flags, bleu1, evidence_recall, exact_match, f1, locomo_f1,
                      make_judge, standard_error)
@@ -78,10 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
       "folder / hub id (memory.make_embedder)")
     a("--max-new-tokens", type=int, default=128, help="answer length limit (distillation lists memories first)")
     a("--batch", type=int, default=64, help="questions per generate call (64: the fastest per token measured "
-      "here, README \"Speed\")")
+      "here, docs/speed.md)")
     a("--dtype", choices=("float32", "bfloat16"), default="float32")
     a("--compile", action="store_true", help="torch.compile the decode step (on a GPU, also replayed from a CUDA "
-      "graph): pays on GPUs, not on CPUs (README \"Speed\")")
+      "graph): pays on GPUs, not on CPUs (docs/speed.md)")
     a("--guided", action=argparse.BooleanOptionalAction, default=True,
       help="guided decoding: the manager's, the facts' and the answers' formats by construction (prompts.py)")
     a("--device", default=None, help="torch device (default cuda when available)")
@@ -199,7 +201,7 @@ def bank_files(conv, folder: Path) -> dict:
 
 def build_banks(convs: list, args, folder: Path, answerer, tok, manager, embedder, stats: dict) -> None:
     """The conversations' banks (agents.conversation_banks), saved to folder/banks/<conv>/ so that a resumed run
-    reads them back. A manager model runs over every conversation at once (agents.run_managers: one batch
+    reads them back. A manager model runs over every conversation at once (manager.run_managers: one batch
     per turn index instead of one call per turn)."""
     if manager is not None:
         facts = [conversation_facts(c, args.facts, answerer, tok, stats=stats, guided=args.guided) for c in convs]
@@ -222,7 +224,7 @@ def run(args) -> dict:
     answerer, tok = M.load_model(args.model, getattr(torch, args.dtype), device)
     manager = (None if args.manager in ("add-all", "oracle") else answerer if args.manager == "base" else
                M.load_model(args.manager, getattr(torch, args.dtype), device)[0])
-    if args.compile:  # one compiled decode step per model (README "Speed": it pays on GPUs, not on CPUs)
+    if args.compile:  # one compiled decode step per model (docs/speed.md: it pays on GPUs, not on CPUs)
         for m in {id(m): m for m in (answerer, manager) if m is not None}.values():
             M.compile_decode(m)
     embedder = make_embedder(args.embedder, answerer, tok)
@@ -282,7 +284,7 @@ def answer_questions(conv, todo, banks, answerer, tok, args, judge, done: dict, 
         prompts = [tok.chat(answer_messages(q.question, conv.speaker_a, ra, conv.speaker_b, rb, args.distill))
                    for q, (ra, rb) in zip(chunk, retrieved)]
         outs = generate(answerer, prompts, args.max_new_tokens, temperature=0,
-                        guide=guide(answer_automaton(args.distill), answerer, tok, args.guided))
+                        guide=guide_for(answer_automaton(args.distill), answerer, tok, args.guided))
         with pred_file.open("a") as f:
             for q, (ra, rb), o in zip(chunk, retrieved, outs):
                 row = score_prediction(q, tok.decode(o), ra + rb, judge, args.data == "locomo")

@@ -27,12 +27,12 @@ PRESETS = {
                   val_limit=0, reward="em", require_marker=True, lr=1e-6, temperature=1.0, distill=True,
                   manager_format="mem0", embedder="minilm"),
     # Minutes on a laptop CPU with SmolLM2-135M, on the memory gym (data/gym.py) whose short answers hinge on
-    # what the memory holds. Each choice was made on the gym's train and val splits (README "The main
-    # command"): the plain answer prompt (distillation doubles the tokens and halves the groups with any
+    # what the memory holds. Each choice was made on the gym's train and val splits (docs/results.md, "How the
+    # cpu preset was chosen"): the plain answer prompt (distillation doubles the tokens and halves the groups with any
     # signal), temperature 0.5 (at 1.0 a 135M model samples gibberish: mean F1 0.09 against 0.20), 16 answer
     # tokens, F1 as the denser reward, lr 2e-5 so that 16 steps of 4 x 8 samples move the policy.
     # The manager (--agent manager) has its own column where it differs, chosen on the gym's train and val
-    # splits with bench/manager_rewards.py (README "The Memory Manager"): the "ops" format (a decision is a
+    # splits with bench/manager_rewards.py (docs/manager.md): the "ops" format (a decision is a
     # few tokens), temperature 1 for those, the answerer's probability of the gold as the reward, k memories
     # per speaker for the frozen answerer, 2 memories shown to the manager, DAPO's dynamic sampling.
     "cpu": dict(data="gym", questions_per_step=4, memories_per_speaker={"answer": 5, "manager": 2},
@@ -117,7 +117,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     a("--val-every", type=int, help="greedy validation every K steps (and before the first, and at the end)")
     a("--val-limit", type=int, help="validation questions, in file order (0: all 81)")
     # 64 rows per generate call: the fastest per token of the batch sizes bench/bench_engine.py measures on
-    # this project's CPU (README "Speed"); their KV cache, 64 x ~600 tokens, is ~1.8 GB for SmolLM2.
+    # this project's CPU (docs/speed.md); their KV cache, 64 x ~600 tokens, is ~1.8 GB for SmolLM2.
     a("--val-batch", type=int, default=64, help="validation prompts per generate call")
     a("--rollout-batch", type=int, default=8, help="questions per generate call during rollout (x G rows)")
     a("--save-every", type=int, default=10, help="checkpoint every K steps (and at the end)")

@@ -289,9 +289,14 @@ class Guide:
         return torch.stack([self.allowed(s) for s in self.states(tokens)])
 
 
+def guide_for(automaton: Automaton, model, tok, guided: bool = True) -> Guide | None:
+    """The format's guide over this model's vocabulary, or None when decoding is free (guided=False)."""
+    return automaton.guide(tok, model.lm_head.weight.shape[0]) if guided else None
+
+
 def allowed_masks(completions: list[list[int]], vocab_size: int, guide: Guide | None = None,
                   supports: list[list] | None = None) -> torch.Tensor | None:
-    """[G, T, V] bool for the loss pass (model.completion_logprobs): at each position of each completion,
+    """[G, T, V] bool for the loss pass (losspass.completion_logprobs): at each position of each completion,
     the tokens it was sampled from. The guide's set is re-derived from the completion's own prefix (a
     function of it); top-p's nucleus cannot be, so generate(return_supports=True) recorded it. Padding
     positions allow everything (their log-probs are masked out later). None when there is neither."""

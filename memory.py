@@ -8,8 +8,8 @@
 
 Banks are built from FactRecords (agents.conversation_facts reads them from a conversation) by
 `add_all_banks` (one bank per speaker, every fact ADDed: the no-manager baseline) or by the Memory Manager
-(agents.run_manager, through `MemoryBank.apply`). The embedders: a real sentence encoder (minilm.py), a
-hashed n-gram one that needs no model, the chat model's own states. Read next: metrics.py.
+(manager.run_manager, through `MemoryBank.apply`). The embedders: a real sentence encoder (minilm.py), a
+hashed n-gram one that needs no model, the chat model's own states. Read next: manager.py.
 
 Search is one matrix-vector product over the live rows plus a partial sort, so top-60 over 100,000
 memories stays in milliseconds (bench/bench_memory.py). Rows grow by doubling, so adding one memory at a

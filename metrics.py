@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from nltk.stem import PorterStemmer  # the stemmer LoCoMo's own F1 uses (README: dependencies)
+from nltk.stem import PorterStemmer  # the stemmer LoCoMo's own F1 uses (README, "Dependencies")
 
 from model import load_model
 from sampling import generate

@@ -1,17 +1,16 @@
-"""LLaMA-3.x / Qwen-2.5 / Qwen-3 decoder in plain PyTorch: config, transformer, KV cache, loss pass, loading.
+"""LLaMA-3.x / Qwen-2.5 / Qwen-3 decoder in plain PyTorch: config, transformer, KV cache, loading.
 
 Read top to bottom:
   1. Config          - read from a checkpoint's config.json (SPEC section 6; never hard-coded)
   2. RoPE, RMSNorm   - computed in float32, rotate-half layout as in Hugging Face checkpoints
   3. Transformer     - model(input_ids [B, T]) -> logits [B, T, V]; left padding; a preallocated KV cache;
                        decode_step, one token per row with static shapes (compile_decode compiles it)
-  4. Loss pass       - completion_logprobs: G completions of one prompt, the prompt run once (GRPO/PPO)
-  5. Loading         - a local HF folder, a hub id (huggingface_hub), a .gguf file, a LoRA adapter folder
-Below it, and imported here: tokenizer.py (chat formats, stop ids), cpu16.py (16-bit speed paths on CPUs
+  4. Loading         - a local HF folder, a hub id (huggingface_hub), a .gguf file, a LoRA adapter folder
+Below it, and imported here: losspass.py (the loss pass of GRPO/PPO: G completions of one prompt, the prompt
+run once; read it next), tokenizer.py (chat formats, stop ids), cpu16.py (16-bit speed paths on CPUs
 without bf16 units) and engine.py (decoding from weights prepacked for the CPU's fast kernels): skip both on a
-first read; lora.py (adapters), hf_loader.py and gguf_loader.py (reading
-checkpoint files). Read next: grammar.py (guided decoding), then sampling.py (generate;
-`python sampling.py --prompt ...` chats once).
+first read; lora.py (adapters), hf_loader.py and gguf_loader.py (reading checkpoint files).
+Then: grammar.py (guided decoding), sampling.py (generate; `python sampling.py --prompt ...` chats once).
 checkpoint.py writes what load_model reads.
 """
 
@@ -25,11 +24,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 import cpu16
 import engine
 import lora
+import losspass
 from gguf_loader import OFFLINE_SMOLLM2, GGUFError, read_gguf, resolve_alias  # noqa: F401 (a name load_model takes)
 from hf_loader import ModelLoadError, download_from_hub, read_hf_folder
 from tokenizer import Tokenizer
@@ -369,8 +368,12 @@ class Transformer(nn.Module):
 
     def logprobs(self, prompt_ids: list[int], completions: list[list[int]], temperature: float = 1.0,
                  checkpoint: bool = True, allowed: torch.Tensor | None = None):
-        """completion_logprobs as a method: the loss pass, which FSDP2 can hook like forward (parallel.py)."""
-        return completion_logprobs(self, prompt_ids, completions, temperature, checkpoint, allowed)
+        """The loss pass (losspass.completion_logprobs) as a method, which FSDP2 can hook like forward."""
+        return losspass.completion_logprobs(self, prompt_ids, completions, temperature, checkpoint, allowed)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's cos and signed sin for positions [B, T] (the loss pass builds its own positions)."""
+        return rope_cos_sin(self.inv_freq, positions)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.lm_head.weight
@@ -393,88 +396,13 @@ def compile_decode(model: Transformer, **kwargs) -> Transformer:
     """torch.compile the decode step (step_logits): its shapes are static, so one compilation serves every
     position of a generation (dynamic=True: also every cache length and batch after a first recompile).
     On CPUs the packed products stay opaque calls (engine.py); on GPUs generate also replays the step from a
-    CUDA graph. What it costs and when it pays: README "Speed"."""
+    CUDA graph. What it costs and when it pays: docs/speed.md."""
     model.step_fn = torch.compile(model.step_logits, dynamic=True, **kwargs)
     return model
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. The loss pass of GRPO/PPO: G completions of one prompt, the prompt run once
-# --------------------------------------------------------------------------------------------------
-
-
-def completion_hidden(model, prompt_ids: list[int], completions: list[list[int]], checkpoint: bool = True):
-    """Final hidden states that predict each completion token, with gradients; the prompt runs once.
-
-    The prompt goes through the model once and the G completions attend to its keys and values, instead of
-    G copies of the prompt going through forward and backward: for Memory-R1's long prompts and short
-    answers that is several times fewer tokens. With `checkpoint` (activation checkpointing), each block
-    keeps only its inputs for the backward pass and recomputes the rest there: about one more forward,
-    for a fraction of the memory.
-    Returns (h [G, T, dim], tokens [G, T], mask [G, T]) with T the longest completion, right-padded; h[:, t]
-    is the state before token t; mask comes from the lengths, never from pad ids.
-    """
-    if not prompt_ids or not completions or any(len(c) == 0 for c in completions):
-        raise ValueError("the loss pass needs a non-empty prompt and non-empty completions")
-    G, T, P = len(completions), max(len(c) for c in completions), len(prompt_ids)
-    dev = model.lm_head.weight.device
-    tokens = torch.zeros(G, T, dtype=torch.long, device=dev)
-    mask = torch.zeros(G, T, dtype=torch.bool, device=dev)
-    for i, c in enumerate(completions):
-        tokens[i, :len(c)] = torch.tensor(c, device=dev)
-        mask[i, :len(c)] = True
-    rope_p = rope_cos_sin(model.inv_freq, torch.arange(P, device=dev)[None])  # [1, 1, P, D] each
-    rope_c = rope_cos_sin(model.inv_freq, P + torch.arange(T, device=dev).expand(G, T))  # [G, 1, T, D]
-    causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril() & mask[:, None, :]  # [G, T, T]
-    causal |= torch.eye(T, dtype=torch.bool, device=dev)  # a padding query sees itself: no empty rows
-    mask_c = torch.cat([torch.ones(G, T, P, dtype=torch.bool, device=dev), causal], dim=2)[:, None]
-
-    xp = model.tok_emb(torch.tensor([prompt_ids], device=dev))  # [1, P, dim]
-    xc = model.tok_emb(tokens)  # [G, T, dim]
-    for layer in model.layers:
-        if checkpoint and torch.is_grad_enabled():
-            xp, xc = torch.utils.checkpoint.checkpoint(layer.shared, xp, xc, rope_p, rope_c, mask_c,
-                                                       use_reentrant=False)
-        else:
-            xp, xc = layer.shared(xp, xc, rope_p, rope_c, mask_c)  # Block.shared
-    # position t is predicted from the hidden state before it: the prompt's last, then the completion's
-    h = torch.cat([xp[:, -1:].expand(G, 1, -1), xc[:, :-1]], dim=1)  # [G, T, dim]
-    return model.norm(h), tokens, mask
-
-
-def token_logprobs(model, h: torch.Tensor, tokens: torch.Tensor, temperature: float, allowed=None) -> torch.Tensor:
-    """log softmax(lm_head(h) / temperature) at `tokens`: [G, T, dim] -> [G, T]; over `allowed` [G, T, V] only."""
-    logits = model.lm_head(h).float()  # [G, T, V]
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    logp = torch.log_softmax(logits / temperature, dim=-1)
-    return logp.gather(-1, tokens[..., None])[..., 0]
-
-
-def completion_logprobs(model, prompt_ids: list[int], completions: list[list[int]], temperature: float = 1.0,
-                        checkpoint: bool = True, allowed: torch.Tensor | None = None):
-    """Log-probs of G completions of one prompt, with gradients: the loss pass of GRPO/PPO.
-
-    Runs the prompt once (completion_hidden). Logits are divided by the sampling temperature (SPEC
-    section 5). `allowed` [G, T, V] bool: the tokens each position was sampled from (guided decoding's
-    format, top-p's nucleus; grammar.allowed_masks), so that the ratio to the sampler's log-probs is 1 before
-    any update and a forced token has log-prob 0 and no gradient. With `checkpoint`, the [G, T, vocab]
-    logits are recomputed in the backward pass instead of kept. Returns (logp [G, T], mask [G, T]),
-    right-padded, logp 0 on padding.
-    """
-    h, tokens, mask = completion_hidden(model, prompt_ids, completions, checkpoint)
-    if allowed is not None:
-        allowed = allowed.to(h.device)
-    if checkpoint and torch.is_grad_enabled():
-        logp = torch.utils.checkpoint.checkpoint(token_logprobs, model, h, tokens, temperature, allowed,
-                                                 use_reentrant=False)
-    else:
-        logp = token_logprobs(model, h, tokens, temperature, allowed)
-    return logp * mask, mask
-
-
-# --------------------------------------------------------------------------------------------------
-# 5. Loading: the weight-name map; files are read by hf_loader.py and gguf_loader.py, adapters by lora.py
+# 4. Loading: the weight-name map; files are read by hf_loader.py and gguf_loader.py, adapters by lora.py
 # --------------------------------------------------------------------------------------------------
 
 # (our module, Hugging Face module, GGUF module) in layer {i}, then outside the layers; each has a .weight

@@ -96,7 +96,7 @@ def save_curves(metrics: Path, dest: Path | None = None) -> str:
     metrics = Path(metrics)
     dest = dest or metrics.with_name("curves.png")
     try:
-        draw(read_metrics(metrics), str(metrics.parent), dest)
+        draw(read_metrics(metrics), metrics.parent.name, dest)
     except ImportError:
         return f"curves: matplotlib is not installed; {HINT.format(path=metrics)}"
     return f"curves: {dest}"

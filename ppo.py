@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from model import completion_hidden
+from losspass import completion_hidden
 
 
 class Critic(nn.Module):
@@ -43,7 +43,7 @@ class Critic(nn.Module):
 
     def completion_values(self, prompt_ids: list[int], completions: list[list[int]],
                           checkpoint: bool = True) -> torch.Tensor:
-        """Values of G completions of one prompt, [G, T], the prompt run once (model.completion_hidden).
+        """Values of G completions of one prompt, [G, T], the prompt run once (losspass.completion_hidden).
 
         V[:, t] is read from the state before response token t was generated (as verl does), so GAE's
         delta_t = r_t + gamma V_{t+1} - V_t compares the states around token t. 0 on padding.

@@ -196,7 +196,7 @@ def manager_ops_automaton(shown: tuple[str, ...], n_facts: int) -> Automaton:
     entry per fact, in order, with no optional whitespace, so everything but the choices is forced (one token
     at a time, log-prob 0: Automaton's forced_runs). ABOUT is "new" (then ADD) or the text of one of the
     `shown` memories, copied (then UPDATE, DELETE, NONE, or MERGE and a non-blank "text"): naming a memory by
-    its words is a copy a small model does well, where an id is an arbitrary number (measured: README)."""
+    its words is a copy a small model does well, where an id is an arbitrary number (measured: docs/manager.md)."""
     on_memory = alt(lit('UPDATE"}'), lit('DELETE"}'), lit('NONE"}'), seq(lit('MERGE", "text": '), NONBLANK_STRING,
                                                                          lit("}")))
     about = alt(lit('new", "event": "ADD"}'),
@@ -216,7 +216,7 @@ def manager_format_automaton(fmt: str, shown: list[dict], n_facts: int) -> Autom
 
 # Distillation keeps "the few memories that matter" (SPEC section 1); after this many lines the format allows
 # only **Answer:**. Unbounded, a small model copies memory after memory and never answers: SmolLM2 greedy,
-# 5 + 5 memories, 64 new tokens (the cpu preset and the README's evaluation rows): 81 of 81 val answers cut
+# 5 + 5 memories, 64 new tokens (the cpu preset and docs/results.md's evaluation rows): 81 of 81 val answers cut
 # off before **Answer:**; at most 2 lines, 16 of the first 16; at most 1, none (each line copies a dated
 # memory, ~18 tokens). A larger model and budget can take more.
 MAX_SELECTED = 1

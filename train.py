@@ -18,7 +18,7 @@ One training step (paper Alg. 2 for the Answer Agent, Alg. 1 for the manager; SP
     2. signal    GRPO: group-normalised advantages, a frozen reference for the beta * k3 KL term;
                  PPO: per-token KL penalty in the reward, a critic's values, GAE advantages and returns
     3. update    epochs x minibatches over the rollout; each prompt's group is one micro-batch whose
-                 loss pass runs the prompt once (model.completion_logprobs); gradients accumulate
+                 loss pass runs the prompt once (losspass.completion_logprobs); gradients accumulate
                  over a minibatch, then clip and AdamW; then the rollout engine's copy of the
                  weights (engine.py) is synced, as verl syncs the actor into vLLM
     4. log       one JSON line per step in OUT/metrics.jsonl; greedy validation every `val_every` steps

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as M  # noqa: E402
 import prompts as P  # noqa: E402
-from agents import guide  # noqa: E402
+from grammar import guide_for  # noqa: E402
 from sampling import allowed_rows, generate  # noqa: E402
 
 MEMORIES = [{"id": str(i), "text": t} for i, t in enumerate(
@@ -73,7 +73,7 @@ def main():
     print("|---|---|---|---|---|---|")
     for B in map(int, args.batches.split(",")):
         automaton._guides.clear()  # cold: no mask computed yet for this vocabulary
-        g = guide(automaton, net, tok, True)
+        g = guide_for(automaton, net, tok, True)
         t0 = time.perf_counter()
         rows = generate(net, [prompt] * B, args.new_tokens, seed=0, stop_ids=(), guide=g)
         cold = time.perf_counter() - t0

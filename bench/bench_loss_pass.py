@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import losspass  # noqa: E402
 import model as M  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def main():
         answers = [torch.randint(100, top, (args.answer_tokens,), generator=g).tolist() for _ in range(args.group)]
 
         def shared():
-            logp, mask = M.completion_logprobs(net, prompt, answers)
+            logp, mask = losspass.completion_logprobs(net, prompt, answers)
             logp.sum().backward()
 
         def plain():

@@ -9,7 +9,7 @@ Builds the agent's task exactly as train.py does (train.parse_args with --flags,
 agents.manager_task), samples G completions of `--questions` training prompts (a seeded choice) with the
 task's guide, and prints the mean reward, the share of groups whose rewards are not all equal (GRPO learns
 only from those), the mean completion length and the means of every score. This is how the cpu preset's
-temperature, prompt and length were chosen (README "Training"); it reads training prompts only.
+temperature, prompt and length were chosen (docs/results.md, "How the `cpu` preset was chosen"); it reads training prompts only.
 """
 
 import argparse

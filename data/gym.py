@@ -31,7 +31,7 @@ them (agents.py). The files are LoCoMo's JSON schema plus an "oracle" key, so da
 
 Splits by seed range (train 0-, val 10000-, test 20000-). The test split is read from a frozen file
 (gym_test.json, sha256 below) so results stay comparable when the generator changes; regenerate it with
-`python -m data.gym --write-test` only together with a new SHA256 and a note in README.md.
+`python -m data.gym --write-test` only together with a new SHA256 and a note in docs/results.md.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ CATEGORY_LABELS = {1: "unchanged", 2: "changed", 3: "set", 4: "date", 5: "retrac
 
 @dataclass
 class Level:
-    """Difficulty knobs; the default is the level the README's runs use (set on train and val)."""
+    """Difficulty knobs; the default is the level the runs in docs/results.md use (set on train and val)."""
     conversations: dict = None  # split -> number of conversations
     attributes: tuple = None  # what each speaker has, from SINGLE + SETS (default: all seven)
     sessions: int = 4  # session 1 introduces every attribute; the later ones change them

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import agents
+import manager
 import model as M
 import train
 from data.locomo import Conversation, Question, Session, Turn
@@ -67,14 +68,14 @@ def test_add_update_and_delete_edit_a_copy_of_the_bank(conversation, tiny_checkp
     bank, id_map = ex3.meta["banks"]["Melanie"], ex3.meta["id_map"]
     assert id_map == {"0": "0"}  # one memory shown, Buddy
 
-    merged, counts = agents.apply_output(bank, reply(event("0", "Melanie adopted two dogs, Buddy and Scout",
+    merged, counts = manager.apply_output(bank, reply(event("0", "Melanie adopted two dogs, Buddy and Scout",
                                                              "UPDATE", "Melanie adopted a dog named Buddy")),
                                           id_map, ex3.meta["facts"])
     assert [m.text for m in merged.memories.values()] == ["Melanie adopted two dogs, Buddy and Scout"]
     assert counts["UPDATE"] == 1 and counts["parse_fail"] == 0
     assert [m.text for m in bank.memories.values()] == ["Melanie adopted a dog named Buddy"]  # untouched
 
-    added, counts = agents.apply_output(bank, reply(event("0", "Melanie adopted a dog named Buddy", "NONE"),
+    added, counts = manager.apply_output(bank, reply(event("0", "Melanie adopted a dog named Buddy", "NONE"),
                                                      event("1", "Melanie adopted a dog named Scout", "ADD")),
                                          id_map, ex3.meta["facts"])
     assert len(added) == 2 and counts["ADD"] == 1 and counts["NONE"] == 1
@@ -83,17 +84,17 @@ def test_add_update_and_delete_edit_a_copy_of_the_bank(conversation, tiny_checkp
 
     bank5, map5 = ex5.meta["banks"]["Melanie"], ex5.meta["id_map"]
     boston = next(shown for shown, real in map5.items() if bank5.memories[real].text == "Melanie lives in Boston")
-    fixed, counts = agents.apply_output(bank5, reply(event(boston, "Melanie lives in Boston", "DELETE"),
+    fixed, counts = manager.apply_output(bank5, reply(event(boston, "Melanie lives in Boston", "DELETE"),
                                                       event("9", "Melanie lives in Denver", "ADD")),
                                          map5, ex5.meta["facts"])
     assert "Melanie lives in Boston" not in [m.text for m in fixed.memories.values()]
     assert "Melanie lives in Denver" in [m.text for m in fixed.memories.values()] and len(fixed) == 3
 
     for junk in ("I think we should add it", "", None):
-        same, counts = agents.apply_output(bank5, junk, map5, ex5.meta["facts"])
+        same, counts = manager.apply_output(bank5, junk, map5, ex5.meta["facts"])
         assert counts["parse_fail"] == 1 and not counts["recovered"] and len(same) == len(bank5)
     cut_off = '{"memory": [{"id": "5", "text": "x", "event": "UPDATE"}, {"id": "0", "te'
-    cut, counts = agents.apply_output(bank5, cut_off, map5, ex5.meta["facts"])
+    cut, counts = manager.apply_output(bank5, cut_off, map5, ex5.meta["facts"])
     # both events are invalid (an unknown id; an event cut off before its type) and nothing changes
     assert counts["invalid"] == 2 and counts["parse_fail"] == 1 and counts["recovered"] and len(cut) == len(bank5)
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import engine
+import losspass
 import model as M
 from sampling import generate
 
@@ -69,7 +70,7 @@ def test_engine_greedy_tokens_and_logprobs_equal_eager(smollm2):
     tokens, logps = generate(packed, prompts, 32, temperature=1.0, seed=0, return_logprobs=True)
     with torch.no_grad():
         for p, t, lp in zip(prompts, tokens, logps):
-            want, _ = M.completion_logprobs(plain, p, [t], temperature=1.0)
+            want, _ = losspass.completion_logprobs(plain, p, [t], temperature=1.0)
             assert (torch.tensor(lp) - want[0]).abs().max() <= 1e-4
 
 
@@ -79,7 +80,7 @@ def test_engine_follows_an_optimizer_step(tiny_checkpoints):
     net, _ = M.load_model(tiny_checkpoints["llama"][0])
     ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
-    logp, mask = M.completion_logprobs(net, [1, 2, 3], [[4, 5, 6], [7, 8]])
+    logp, mask = losspass.completion_logprobs(net, [1, 2, 3], [[4, 5, 6], [7, 8]])
     (-(logp * mask).sum()).backward()
     opt.step()
     layers = engine.layers_of(net)

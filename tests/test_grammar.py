@@ -7,9 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import losspass
 import model as M
 import prompts as P
-from agents import guide
+from grammar import guide_for
 from grammar import Automaton, allowed_masks, byte_in, lit, seq, star
 from sampling import generate
 
@@ -55,7 +56,7 @@ def test_every_accepted_text_parses_ok():
 
 def test_tokens_across_boundaries_escapes_unicode_and_the_end(smollm2):
     net, tok = smollm2
-    g = guide(P.facts_automaton(), net, tok, True)
+    g = guide_for(P.facts_automaton(), net, tok, True)
     a = g.automaton
     inside = a.walk(g.start, b'{"facts": ["Melanie')  # inside the first string
     allowed = g.allowed(inside)
@@ -77,7 +78,7 @@ def test_random_walks_over_allowed_tokens_never_dead_end(smollm2, seed, fmt):
     net, tok = smollm2
     automaton = {"facts": P.facts_automaton(), "manager": P.manager_automaton(4),
                  "answer": P.answer_automaton(True), "plain": P.answer_automaton(False)}[fmt]
-    g = guide(automaton, net, tok, True)
+    g = guide_for(automaton, net, tok, True)
     gen, state = torch.Generator().manual_seed(seed), g.start
     for _ in range(60):
         allowed = g.allowed(state)  # raises if a state allows nothing
@@ -111,7 +112,7 @@ def test_sampled_outputs_always_parse(fmt, which, smollm2, tiny_checkpoints):
     net, tok = smollm2 if which == "smollm2" else M.load_model(tiny_checkpoints["qwen2"][0])
     messages, automaton, parse, max_new = FORMATS[fmt]
     outs = generate(net, [tok.chat(messages)] * 200, max_new, temperature=1.0, seed=1,
-                    guide=guide(automaton, net, tok, True))
+                    guide=guide_for(automaton, net, tok, True))
     ended = [o for o in outs if o[-1] in tok.stop_ids]
     for o in ended:
         assert parse(tok.decode(o)).ok, tok.decode(o)
@@ -125,19 +126,19 @@ def test_loss_pass_reproduces_the_samplers_log_probs(tiny_checkpoints, top_p):
     """Ratio 1 before any update: the loss pass renormalises over the tokens each position was sampled from
     (the format's, and top-p's nucleus); a token the format forces has log-prob exactly 0 and no gradient."""
     net, tok = M.load_model(tiny_checkpoints["llama"][0])
-    g = guide(P.answer_automaton(True), net, tok, True)
+    g = guide_for(P.answer_automaton(True), net, tok, True)
     prompt = tok.chat([{"role": "user", "content": "Who?"}])
     tokens, logps, supports = generate(net, [prompt] * 6, 48, temperature=0.8, top_p=top_p, seed=3, guide=g,
                                        return_logprobs=True, return_supports=True)
     allowed = allowed_masks(tokens, net.lm_head.weight.shape[0], g, supports if top_p < 1 else None)
-    logp, mask = M.completion_logprobs(net, prompt, tokens, temperature=0.8, allowed=allowed)
+    logp, mask = losspass.completion_logprobs(net, prompt, tokens, temperature=0.8, allowed=allowed)
     for i, (c, lp) in enumerate(zip(tokens, logps)):
         assert torch.allclose(logp[i, :len(c)], torch.tensor(lp), atol=1e-5)
     n_forced = len("**Memories selected as relevant:**\n".encode())  # one byte token each in this vocabulary
     assert torch.equal(logp[:, :n_forced], torch.zeros(6, n_forced))
     logp.sum().backward()  # no NaN from the masked-out logits, and nothing flows back from forced tokens
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
-    unguided, _ = M.completion_logprobs(net, prompt, tokens, temperature=0.8)
+    unguided, _ = losspass.completion_logprobs(net, prompt, tokens, temperature=0.8)
     assert (unguided[:, :n_forced] < -1e-3).all()  # without the mask the forced tokens were merely likely
 
 
@@ -160,7 +161,7 @@ def test_rollout_groups_carry_the_sampling_support_to_the_loss_pass(tiny_checkpo
 
     ckpt = tiny_checkpoints["llama"][0]
     net, tok = M.load_model(ckpt)
-    fmt = guide(P.answer_automaton(False), net, tok, True)
+    fmt = guide_for(P.answer_automaton(False), net, tok, True)
     example = agents.Example(tok.chat([{"role": "user", "content": "Who?"}]), "x", {}, fmt)
     task = agents.Task([example], [], lambda ex, texts: [{"reward": float(len(t) % 2)} for t in texts])
     args = train.parse_args(["--model", str(ckpt), "--preset", "cpu", "--top-p", top_p, "--group-size", "4",

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import agents
+import manager
 from data import gym, locomo
 
 SPLITS = ("train", "val", "test")
@@ -82,7 +83,7 @@ def test_oracle_banks_answer_every_question_and_hold_no_stale_fact(conversations
     n = 0
     for split in SPLITS:
         for conv in conversations[split]:
-            state = read_back(agents.oracle_banks(conv))
+            state = read_back(manager.oracle_banks(conv))
             for qa in conv.qa:
                 person = next(p for p in (conv.speaker_a, conv.speaker_b) if p in qa["question"])
                 attr = next(a for a, q in {**gym.QUESTION}.items() if q.format(p=person) == qa["question"]) \
@@ -103,7 +104,7 @@ def test_oracle_events_of_each_turn_are_valid_on_the_bank_before_it(conversation
     conv = conversations["train"][0]
     kinds = set()
     for dia_id, known in conv.oracle.items():
-        bank = agents.oracle_banks(conv, before=dia_id)[known["speaker"]]
+        bank = manager.oracle_banks(conv, before=dia_id)[known["speaker"]]
         for e in known["events"]:
             kinds.add(e["event"])
             if e["event"] != "ADD":
@@ -115,17 +116,17 @@ def test_oracle_events_of_each_turn_are_valid_on_the_bank_before_it(conversation
 
 def test_decisions_are_classified_as_the_oracle_would(conversations):
     log = [{"op": "DELETE", "id": "3"}, {"op": "ADD", "id": "9"}]
-    assert agents.decision(log) == ("UPDATE", frozenset({"3"}))  # a replacement is an update
-    assert agents.decision(log[:1]) == ("DELETE", frozenset({"3"}))
-    assert agents.decision(log[1:]) == ("ADD", frozenset())
-    assert agents.decision([]) == ("NONE", frozenset())
-    assert agents.decision([{"op": "UPDATE", "id": "1"}, {"op": "ADD", "id": "2"}])[0] == "MIXED"
+    assert manager.decision(log) == ("UPDATE", frozenset({"3"}))  # a replacement is an update
+    assert manager.decision(log[:1]) == ("DELETE", frozenset({"3"}))
+    assert manager.decision(log[1:]) == ("ADD", frozenset())
+    assert manager.decision([]) == ("NONE", frozenset())
+    assert manager.decision([{"op": "UPDATE", "id": "1"}, {"op": "ADD", "id": "2"}])[0] == "MIXED"
     conv = conversations["train"][0]
     for dia_id, known in conv.oracle.items():
-        bank = agents.oracle_banks(conv, before=dia_id)[known["speaker"]]
+        bank = manager.oracle_banks(conv, before=dia_id)[known["speaker"]]
         start = len(bank.log)
         bank.apply(known["events"])
-        assert agents.decision(bank.log[start:]) == agents.oracle_decision(conv, dia_id)
+        assert manager.decision(bank.log[start:]) == manager.oracle_decision(conv, dia_id)
 
 
 def read_metrics(out):
@@ -175,13 +176,13 @@ def test_evaluate_on_the_gym_with_oracle_banks_and_a_manager(tiny_checkpoints, t
     assert report["overall"]["count"] == 4 and report["overall"]["recall"] == 1.0  # k=20: each bank whole
     assert "| 2 changed |" in capsys.readouterr().out
     calls = {}
-    real = agents.generate
-    agents.generate = lambda *a, **k: calls.setdefault("n", []).append(1) or real(*a, **k)
+    real = manager.generate
+    manager.generate = lambda *a, **k: calls.setdefault("n", []).append(1) or real(*a, **k)
     try:
         report = E.run(E.parse_args(common + ["--manager", "base", "--manager-max-new-tokens", "4",
                                               "--out", str(tmp_path / "base")]))
     finally:
-        agents.generate = real
+        manager.generate = real
     table = report["bank_stats"]["decisions"]
     assert sum(sum(row.values()) for row in table.values()) == len(calls["n"]) > 10
     assert set(table) <= {"ADD", "UPDATE", "DELETE", "NONE"}

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import agents
+import manager
+from grammar import guide_for
 import model as M
 import prompts as P
 import train
@@ -58,18 +60,18 @@ def test_hand_written_outputs_map_to_bank_events():
         {"id": "0", "text": FACTS[0], "event": "UPDATE"},  # by reference: the fact's own text
         {"id": "1", "text": "Bruno has dogs named Rocky and Scout", "event": "UPDATE"}]  # the merge as written
     facts = [FactRecord("Bruno", f, ["D2:1"], "8 May 2023") for f in FACTS]
-    edited, counts = agents.apply_output(bank, text, id_map, facts, "ops")
+    edited, counts = manager.apply_output(bank, text, id_map, facts, "ops")
     assert [m.text for m in edited.memories.values()] == [FACTS[0], "Bruno has dogs named Rocky and Scout",
                                                           "Bruno owns a car"]
     assert counts["UPDATE"] == 2 and counts["invalid"] == 0 and not counts["parse_fail"]
     add_del = ('{"memory": [{"fact": 0, "about": "Bruno owns a car", "event": "DELETE"}, '
                '{"fact": 1, "about": "new", "event": "ADD"}]}')
-    edited, counts = agents.apply_output(bank, add_del, id_map, facts, "ops")
+    edited, counts = manager.apply_output(bank, add_del, id_map, facts, "ops")
     assert [m.text for m in edited.memories.values()] == ["Bruno drives a BMW", "Bruno has a dog named Rocky", FACTS[1]]
     assert edited.memories[list(edited.memories)[-1]].dia_ids == ["D2:1"]  # ADD copies the fact, with its turn
     none = '{"memory": [{"fact": 0, "about": "0", "event": "NONE"}, {"fact": 1, "about": "1", "event": "NONE"}]}'  # ids too
-    same, counts = agents.apply_output(bank, none, id_map, facts, "ops")
-    assert counts["NONE"] == 2 and agents.decision(same.log[len(bank.log):]) == ("NONE", frozenset())
+    same, counts = manager.apply_output(bank, none, id_map, facts, "ops")
+    assert counts["NONE"] == 2 and manager.decision(same.log[len(bank.log):]) == ("NONE", frozenset())
     # malformed output is counted, never a crash: a fact out of range, an unknown event, a missing fact
     bad = P.parse_manager_ops('{"memory": [{"fact": 5, "about": "0", "event": "UPDATE"}, '
                               '{"fact": 0, "about": "0", "event": "SHRED"}]}', FACTS)
@@ -107,12 +109,12 @@ def test_guided_samples_parse_and_apply_and_forced_tokens_are_alone(smollm2):
         text = tok.decode(tokens)
         parsed = P.parse_manager_ops(text, facts, [{"id": i, "text": t} for i, t in enumerate(texts)])
         assert parsed.ok, text
-        _, counts = agents.apply_output(bank, text, id_map, records, "ops")
+        _, counts = manager.apply_output(bank, text, id_map, records, "ops")
         # one event per fact; the only invalid one: a memory named again after an earlier entry deleted it
         named = [e["id"] for e in parsed.value if e["event"] != "ADD"]
         deleted_then_named = parsed.value[0]["event"] == "DELETE" and named.count(named[0]) == 2 if named else False
         assert counts["invalid"] == int(deleted_then_named), text
-        assert sum(counts[op] for op in agents.OPS) + counts["invalid"] == len(facts), text
+        assert sum(counts[op] for op in manager.OPS) + counts["invalid"] == len(facts), text
     assert choices > 40  # the walks did choose: the about and event slots, merge texts
 
 
@@ -126,7 +128,7 @@ def gym_state(kind: str, ask: str, tok, embedder):
     conv = next(c for c in gym.load_conversations(splits=("val",)))
     facts = agents.conversation_facts(conv, "observation")
     for ex in agents.manager_examples(conv, [], facts, tok, embedder, k=2, fmt="ops", ask=ask):
-        if agents.oracle_decision(conv, ex.meta["dia_id"])[0] == kind and len(ex.meta["id_map"]) == 2:
+        if manager.oracle_decision(conv, ex.meta["dia_id"])[0] == kind and len(ex.meta["id_map"]) == 2:
             return ex
     raise AssertionError(f"no {kind} state")
 
@@ -162,7 +164,7 @@ def test_the_reward_ranks_the_oracle_above_none_and_a_wrong_update(smollm2, mini
     # probability reward needs the trained answerer, SPEC section 9), while F1 credits "Bruno lives in Paris."
     args = train.parse_args(["--agent", "manager", "--preset", "cpu", "--reward", "f1", "--answer-max-new-tokens", "16"])
     assert args.memories_per_speaker == 2 and not args.distill
-    guide = agents.guide(P.answer_automaton(False), net, tok, True)
+    guide = guide_for(P.answer_automaton(False), net, tok, True)
     conv = Conversation("conv-hand", "Bruno", "Alice", [], [], [])
     banks = {"Bruno": MemoryBank(minilm), "Alice": MemoryBank(minilm)}
     for text in ("Bruno lives in Paris", "Bruno enjoys chess"):
@@ -193,11 +195,11 @@ def test_managers_batched_over_conversations_build_the_same_banks(tiny_checkpoin
     convs = gym.load_conversations(splits=("val",))[:2]
     facts = [agents.conversation_facts(c, "observation")[:8] for c in convs]
     stats, one_stats = {}, {}
-    together = agents.run_managers(convs, facts, net, tok, k=2, max_new_tokens=200, guided=True, fmt="ops",
+    together = manager.run_managers(convs, facts, net, tok, k=2, max_new_tokens=200, guided=True, fmt="ops",
                                    stats=stats, progress=False)
     alone = []
     for c, f in zip(convs, facts):
-        alone.append(agents.run_manager(c, f, net, tok, k=2, max_new_tokens=200, guided=True, fmt="ops",
+        alone.append(manager.run_manager(c, f, net, tok, k=2, max_new_tokens=200, guided=True, fmt="ops",
                                         stats=one_stats, progress=False))
     for a, b in zip(together, alone):
         for speaker in a:

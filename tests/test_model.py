@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import cpu16
+import losspass
 import model as M
 from checkpoint import save_checkpoint
 from conftest import VARIANTS
@@ -392,7 +393,7 @@ def test_shared_prompt_logprobs_and_gradients_equal_the_plain_pass(tiny_checkpoi
     completions = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15, 16, 17, 18, 19], [20]]
     weights = torch.randn(4, 7, generator=torch.Generator().manual_seed(0))  # stand-in advantages
 
-    logp, mask = M.completion_logprobs(ours, prompt, completions, temperature=0.7, checkpoint=checkpoint)
+    logp, mask = losspass.completion_logprobs(ours, prompt, completions, temperature=0.7, checkpoint=checkpoint)
     assert mask.sum(1).tolist() == [5, 2, 7, 1]
     (logp * weights).sum().backward()
     shared = {n: p.grad.clone() for n, p in ours.named_parameters()}

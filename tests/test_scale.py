@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import engine
 import lora
+import losspass
 import model as M
 import train
 import sampling
@@ -122,10 +123,10 @@ def test_micro_batches_give_the_same_update(tiny_checkpoints, tmp_path):
 def test_compiled_blocks_compute_the_same_log_probs(tiny_checkpoints):
     model, _ = M.load_model(tiny_checkpoints["qwen3"][0])
     prompt, comps = [5, 6, 7, 8], [[9, 10, 11], [12, 13]]
-    want, _ = M.completion_logprobs(model, prompt, comps)
+    want, _ = losspass.completion_logprobs(model, prompt, comps)
     want_tokens = generate(model, [prompt], 6, temperature=0, stop_ids=())
     M.compile_blocks(model, backend="aot_eager", dynamic=True)  # inductor needs a C compiler; GPUs use it
-    got, _ = M.completion_logprobs(model, prompt, comps)
+    got, _ = losspass.completion_logprobs(model, prompt, comps)
     assert (got - want).abs().max() < 1e-5
     assert generate(model, [prompt], 6, temperature=0, stop_ids=()) == want_tokens
 

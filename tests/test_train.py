@@ -95,6 +95,7 @@ def test_grpo_raises_the_reward_of_a_computable_task(tiny_checkpoints, tmp_path)
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert len(rewards) == 30
     assert last > 3 * first and last > first + 0.2, rewards
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # every run draws its curves
 
 
 def test_grpo_resume_continues_exactly_where_the_run_stopped(tiny_checkpoints, tmp_path):

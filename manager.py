@@ -1,0 +1,178 @@
+"""The Memory Manager run over a conversation: each turn's facts and the memories they relate to go into the
+update-memory prompt, and the events the manager answers edit the speaker's bank (SPEC section 1, Alg. 1).
+
+    banks = run_manager(conv, facts, model, tok, embedder)       # one MemoryBank per speaker
+    banks = run_managers(convs, facts, model, tok, embedder)     # many conversations, their calls batched
+
+For each fact of a turn, the top-k related memories of the speaker's bank (deduplicated, ids renamed "0",
+"1", ... as Mem0 does) are shown; the manager answers in its format (prompts.py: Mem0's {"memory": [events]},
+or "ops", the decision first); the events are applied to a copy of the bank (memory.MemoryBank.apply).
+Malformed output is applied as far as it is valid and counted, never a crash.
+On the gym (data/gym.py) the right operations are known: oracle_banks applies them, and `decision` names
+what a list of applied operations did (ADD, UPDATE, DELETE, NONE), so a manager's choice can be compared
+with the oracle's.
+Used by agents.py (the RL environment and the Answer Agent's banks) and evaluate.py. Read next: metrics.py.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from tqdm import tqdm
+
+from grammar import guide_for
+from memory import FactRecord, HashEmbedder, MemoryBank, add_all_banks
+from prompts import manager_format_automaton, manager_messages, parse_manager_output
+from sampling import generate
+
+
+OPS = ("ADD", "UPDATE", "DELETE", "NONE")
+
+
+def related_memories(bank: MemoryBank, facts: list[str], k: int = 5) -> tuple[list[dict], dict[str, str]]:
+    """Top-k memories per fact, deduplicated in order, renamed "0", "1", ...; returns (shown, id_map)."""
+    seen = {}
+    for fact in facts:
+        for m in bank.search(fact, k):
+            seen.setdefault(m["id"], m["text"])
+    shown = [{"id": str(i), "text": text} for i, text in enumerate(seen.values())]
+    return shown, {str(i): mid for i, mid in enumerate(seen)}
+
+
+def apply_output(bank: MemoryBank, text: str, id_map: dict[str, str], facts: list[FactRecord],
+                 fmt: str = "mem0") -> tuple[MemoryBank, dict]:
+    """A copy of `bank` with the manager's output (for these facts, in format `fmt`) applied, and the counts
+    (ADD ... invalid, parse_fail, recovered)."""
+    shown = [{"id": s, "text": bank.memories[real].text} for s, real in id_map.items()
+             if real in bank.memories] if fmt == "ops" else []  # the ops format names memories by their text
+    parsed = parse_manager_output(text, [f.text for f in facts], fmt, shown)
+    edited, fact = bank.copy(), facts[0]
+    counts = edited.apply(parsed.value, id_map, speaker=fact.speaker, timestamp=fact.timestamp,
+                          dia_ids=fact.dia_ids)
+    counts["parse_fail"] = int(not parsed.ok)
+    counts["recovered"] = bool(parsed.value) or parsed.ok  # False: nothing usable came out
+    return edited, counts
+
+
+def facts_by_turn(facts: list[FactRecord]) -> dict[str, list[FactRecord]]:
+    """dia_id of a fact's first evidence turn -> its facts, in order."""
+    out = defaultdict(list)
+    for f in facts:
+        if f.dia_ids:
+            out[f.dia_ids[0]].append(f)
+    return out
+
+
+def oracle_banks(conv, embedder=None, before: str | None = None) -> dict[str, MemoryBank]:
+    """The gym's banks with the correct events of every fact turn applied in order (up to turn `before`)."""
+    banks = add_all_banks(conv, [], embedder or HashEmbedder())
+    for turn in conv.turns():
+        if turn.dia_id == before:
+            break
+        apply_oracle(banks, conv, turn)
+    return banks
+
+
+def apply_oracle(banks: dict[str, MemoryBank], conv, turn) -> None:
+    """The oracle's events of one turn (none for small talk) applied to its speaker's bank, in place."""
+    if turn.dia_id in conv.oracle:
+        date = next(s.date_text for s in conv.sessions if s.index == turn.session)
+        banks[turn.speaker].apply(conv.oracle[turn.dia_id]["events"], speaker=turn.speaker, timestamp=date,
+                                  dia_ids=[turn.dia_id])
+
+
+def decision(log: list[dict]) -> tuple[str, frozenset]:
+    """What a list of applied operations (MemoryBank.log entries) does, as one of ADD, UPDATE, DELETE, NONE
+    (or MIXED) and the bank ids it changes. DELETE m plus ADD counts as UPDATE m: the memory is replaced."""
+    ops = {"ADD": set(), "UPDATE": set(), "DELETE": set()}
+    for entry in log:
+        ops[entry["op"]].add(entry["id"])
+    touched = frozenset(ops["UPDATE"] | ops["DELETE"])
+    if not any(ops.values()):
+        return "NONE", frozenset()
+    if not touched:
+        return "ADD", frozenset()
+    if ops["UPDATE"] and not ops["DELETE"] and not ops["ADD"]:
+        return "UPDATE", touched
+    if ops["DELETE"] and not ops["UPDATE"]:
+        return ("UPDATE" if ops["ADD"] else "DELETE"), touched
+    return "MIXED", touched
+
+
+def oracle_decision(conv, dia_id: str) -> tuple[str, frozenset]:
+    """The decision of the oracle's events for a fact turn of the gym, in the terms of `decision`."""
+    return decision([{"op": e["event"], "id": e["id"]} for e in conv.oracle[dia_id]["events"] if e["event"] != "NONE"])
+
+
+def run_manager(conv, facts: list[FactRecord], model, tok, embedder=None, k: int = 5, max_new_tokens: int = 256,
+                stats: dict | None = None, progress: bool = True, guided: bool = False,
+                fmt: str = "mem0") -> dict[str, MemoryBank]:
+    """Build one bank per speaker by running the manager greedily over the facts, turn by turn, in order.
+
+    Malformed output is applied as far as it is valid and counted in stats (parse_fail, invalid, ops). On the
+    gym, each decision is compared with the oracle's kind of operation for the turn (the banks differ, so ids
+    are not compared): stats["decisions"][oracle kind][manager's kind] counts them.
+    """
+    return run_managers([conv], [facts], model, tok, embedder, k, max_new_tokens, stats, progress, guided, fmt)[0]
+
+
+def run_managers(convs: list, facts: list[list[FactRecord]], model, tok, embedder=None, k: int = 5,
+                 max_new_tokens: int = 256, stats: dict | None = None, progress: bool = True, guided: bool = False,
+                 fmt: str = "mem0") -> list[dict[str, MemoryBank]]:
+    """run_manager for several conversations at once: each conversation's calls are sequential (each edits the
+    bank the next one reads), but the conversations are independent, so their n-th calls share one batch."""
+    stats = stats if stats is not None else {}
+    runs = [manager_calls(c, f, model, tok, embedder, k, stats, guided, fmt) for c, f in zip(convs, facts)]
+    banks, asks = [None] * len(runs), {}
+    for i, run in enumerate(runs):
+        advance(run, i, None, asks, banks)
+    total = sum(len(facts_by_turn(f)) for f in facts)
+    with tqdm(total=total, desc="manager calls", disable=not progress, leave=False) as bar:
+        while asks:
+            order = list(asks)
+            outs = generate(model, [asks[i][0] for i in order], max_new_tokens, temperature=0,
+                            guide=[asks[i][1] for i in order])
+            for i, out in zip(order, outs):
+                advance(runs[i], i, tok.decode(out), asks, banks)
+            bar.update(len(order))
+    return banks
+
+
+def advance(run, i: int, output, asks: dict, banks: list) -> None:
+    """Send a conversation's last output to its manager_calls generator: it asks its next call or finishes."""
+    try:
+        asks[i] = next(run) if output is None else run.send(output)
+    except StopIteration as done:
+        asks.pop(i, None)
+        banks[i] = done.value
+
+
+def manager_calls(conv, facts: list[FactRecord], model, tok, embedder, k: int, stats: dict, guided: bool, fmt: str):
+    """One conversation's manager run as a generator: it yields (prompt, guide) for each call, receives the
+    manager's output text, applies it, and finally returns the banks (run_managers batches the calls)."""
+    banks = add_all_banks(conv, [], embedder or HashEmbedder())  # one empty bank per speaker
+    grouped = facts_by_turn(facts)
+    by_turn = [(t, grouped[t.dia_id]) for t in conv.turns() if t.dia_id in grouped]
+    # facts without an evidence id naming a turn of the conversation (one in LoCoMo) have no place in the order
+    stats["orphan_facts"] = stats.get("orphan_facts", 0) + len(facts) - sum(len(fs) for _, fs in by_turn)
+    for turn, turn_facts in by_turn:
+        for speaker in dict.fromkeys(f.speaker for f in turn_facts if f.speaker in banks):
+            mine = [f for f in turn_facts if f.speaker == speaker]
+            bank = banks[speaker]
+            shown, id_map = related_memories(bank, [f.text for f in mine], k)
+            if not shown:  # an empty bank: nothing to compare with, every fact is new (Mem0 does the same)
+                for f in mine:
+                    bank.add(f.text, speaker=f.speaker, timestamp=f.timestamp, dia_ids=f.dia_ids)
+                stats["ADD"] = stats.get("ADD", 0) + len(mine)
+                continue
+            prompt = tok.chat(manager_messages(shown, [f.text for f in mine], fmt))
+            shape = guide_for(manager_format_automaton(fmt, shown, len(mine)), model, tok, guided)
+            output = yield prompt, shape
+            banks[speaker], counts = apply_output(bank, output, id_map, mine, fmt)
+            for key, v in counts.items():
+                stats[key] = stats.get(key, 0) + int(v)
+            if turn.dia_id in conv.oracle:
+                right, made = oracle_decision(conv, turn.dia_id)[0], decision(banks[speaker].log[len(bank.log):])[0]
+                table = stats.setdefault("decisions", {}).setdefault(right, {})
+                table[made] = table.get(made, 0) + 1
+    return banks
