@@ -263,6 +263,37 @@ def note_probes(about: dict, conv, turn) -> None:
             about[turn.speaker].pop(e["id"], None)
 
 
+ORACLE_KINDS = ("ADD", "UPDATE change", "UPDATE merge", "DELETE", "NONE")
+
+
+def oracle_kind(example) -> str:
+    """A gym state's right decision, one of ORACLE_KINDS: ADD (a new fact), UPDATE change (the fact replaces
+    a memory's value), UPDATE merge (a set grows: the memory becomes a merged text), DELETE (a retraction),
+    NONE (a restatement). Operation labels may choose training states (--balance-kinds), never the reward."""
+    meta = example.meta
+    target = next((e for e in meta["conv"].oracle[meta["dia_id"]]["events"] if e["event"] != "ADD"), None)
+    if target is None:
+        return "ADD"
+    if target["event"] == "UPDATE":
+        return "UPDATE change" if target.get("text") == meta["facts"][0].text else "UPDATE merge"
+    return target["event"]
+
+
+def balanced_states(examples: list, seed: int = 0) -> list:
+    """--balance-kinds: the ADD states and the UPDATE-change states whose memory to change is shown, as many of
+    each (the larger kind subsampled, seeded). These are the kinds on which bench/manager_rewards.py measured
+    the reward to rank the right decision first; balanced, a step's push on the shared "new" decision cancels
+    unless the state tells the two apart (docs/manager.md)."""
+    def changeable(ex):
+        events = ex.meta["conv"].oracle[ex.meta["dia_id"]]["events"]
+        return any(e["event"] == "UPDATE" and e["id"] in ex.meta["id_map"].values() for e in events)
+
+    add = [ex for ex in examples if oracle_kind(ex) == "ADD"]
+    change = [ex for ex in examples if oracle_kind(ex) == "UPDATE change" and changeable(ex)]
+    n, rng = min(len(add), len(change)), random.Random(f"{seed}-balance")
+    return rng.sample(add, n) + rng.sample(change, n)
+
+
 MANAGER_QUESTIONS = ("probe", "shown")
 MAIN_ANSWERER = Path("runs/grpo-answer/checkpoint")  # where the main command (train.py --algo grpo) leaves it
 
@@ -315,10 +346,17 @@ def manager_task(args, tok, base_model):
     def score_many(pairs):
         return manager_score_many(pairs, answerer, tok, args, answer_guide)
 
-    val = examples("val")
+    val, train = examples("val"), examples("train")
     if args.data == "gym":  # every kind of turn in any prefix (--val-limit), not the first session's introductions
         random.Random(0).shuffle(val)
-    return Task(examples("train"), val, lambda ex, texts: score_many([(ex, texts)])[0], score_many)
+    if args.balance_kinds:
+        if args.data != "gym":
+            raise ValueError("--balance-kinds needs the gym's known operations (--data gym)")
+        n = len(train)
+        train = balanced_states(train, args.seed)
+        print(f"--balance-kinds: {len(train) // 2} ADD + {len(train) // 2} UPDATE-change training states of {n}",
+              file=sys.stderr)
+    return Task(train, val, lambda ex, texts: score_many([(ex, texts)])[0], score_many)
 
 
 def manager_score(example, texts: list[str], answerer, tok, args, answer_guide=None) -> list[dict]:

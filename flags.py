@@ -110,6 +110,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
       "gold's probability (1: as it samples; towards 0: whether its greedy answer is the gold)")
     g("--gym-train-attributes", default="", metavar="A,B", help="train on gym conversations whose people have "
       "only these attributes (data/gym.py Level; e.g. city,job,car,food: no sets to merge); val stays the default")
+    g("--balance-kinds", action="store_true", help="the gym: train on new facts and changed values only, as many "
+      "of each (agents.balanced_states; the kinds the reward ranks right, docs/manager.md)")
     g("--dynamic-sampling", type=int, default=0, metavar="R", help="DAPO's dynamic sampling: drop groups whose "
       "rewards are all equal and sample up to R more rounds of prompts to fill the step (0: off)")
     g("--answer-max-new-tokens", type=int, help="the answerer's response limit")

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 HINT = "pip install matplotlib, then: python plot.py {path}"
+SMOOTH = 4  # steps in the training reward's running mean
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -70,8 +71,13 @@ def draw(rows: list[dict], title: str, dest: Path) -> Path:
                         color=line.get_color(), alpha=0.2, linewidth=0)
 
     train_ax, val_ax = axes[0], axes[1]
-    band(train_ax, "reward", "sampled reward")
+    band(train_ax, "reward", "per step (± s.e.)")
+    steps, vals, _ = series(rows, "reward")
+    if len(steps) >= 2 * SMOOTH:  # the trend under the noise of a few prompts per step
+        means = [sum(vals[max(0, i - SMOOTH + 1):i + 1]) / len(vals[max(0, i - SMOOTH + 1):i + 1]) for i in range(len(vals))]
+        train_ax.plot(steps, means, color="black", linewidth=1.5, label=f"mean of the last {SMOOTH} steps")
     train_ax.set(title="training: the rollouts' reward", xlabel="step", ylabel="mean reward")
+    train_ax.legend(loc="best", fontsize=8)
     for key in ("val_reward", "val_em", "val_op_acc"):
         band(val_ax, key, key.removeprefix("val_"))
     val_ax.set(title="held out: greedy (± s.e.)", xlabel="step")
@@ -83,6 +89,8 @@ def draw(rows: list[dict], title: str, dest: Path) -> Path:
                      labels=[k.split("dec_")[1].upper() for k in decisions])
         ax.set(title="the manager's sampled decisions", xlabel="step", ylabel="share", ylim=(0, 1))
         ax.legend(loc="lower left", fontsize=7)
+    for ax in axes:
+        ax.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers
     fig.suptitle(title, fontsize=10)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(dest, dpi=110)

@@ -33,7 +33,7 @@ import train  # noqa: E402
 from metrics import standard_error  # noqa: E402
 
 CANDIDATES = ("oracle", "none", "add", "upd_fact", "wrong_upd", "wrong_del")
-KINDS = ("ADD", "UPDATE change", "UPDATE merge", "DELETE", "NONE")
+KINDS = agents.ORACLE_KINDS
 SAME_AS_ORACLE = {"ADD": "add", "UPDATE change": "upd_fact", "NONE": "none"}  # the same bank as the oracle's
 
 
@@ -47,10 +47,8 @@ def candidates(example) -> tuple[str, dict[str, str]]:
     meta = example.meta
     events = meta["conv"].oracle[meta["dia_id"]]["events"]
     shown_of = {real: shown for shown, real in meta["id_map"].items()}
-    fact = meta["facts"][0].text
     target = next((e for e in events if e["event"] != "ADD"), None)
-    kind = {"UPDATE": "UPDATE change" if target and target.get("text") == fact else "UPDATE merge"}.get(
-        target["event"] if target else "ADD", target["event"] if target else "ADD")
+    kind = agents.oracle_kind(example)
     out = {"add": entry("new", "ADD")}
     if shown_of:
         out["none"] = entry(next(iter(shown_of.values())), "NONE")

@@ -14,7 +14,7 @@ import prompts as P
 import train
 from data import gym
 from data.locomo import Conversation, Question
-from memory import FactRecord, MemoryBank
+from memory import FactRecord, HashEmbedder, MemoryBank
 from minilm import MiniLM
 
 FACTS = ["Bruno sold the BMW and now drives a Subaru", "Bruno got another dog named Scout"]
@@ -207,3 +207,29 @@ def test_managers_batched_over_conversations_build_the_same_banks(tiny_checkpoin
                    [(m.id, m.text) for m in b[speaker].memories.values()]
     assert stats == one_stats and sum(stats["decisions"]["ADD"].values()) > 0  # every count, the decision table
     assert sum(len(b) for banks in together for b in banks.values()) > len(convs) * 2  # it did write memories
+
+
+def test_balanced_states_hold_as_many_new_facts_as_changed_values(smollm2):
+    """--balance-kinds: only ADD states and UPDATE-change states whose memory to change is shown, as many of
+    each; the kinds agree with the oracle's events read here by hand (a change: the fact is the memory's new
+    text; a merge: it is not)."""
+    _, tok = smollm2
+    examples = []
+    for conv in gym.load_conversations(splits=("val",))[:3]:
+        examples += agents.manager_examples(conv, [], agents.conversation_facts(conv, "observation"), tok,
+                                            HashEmbedder(), k=2, fmt="ops", ask="shown")
+    kinds = {}
+    for ex in examples:
+        events = [e for e in ex.meta["conv"].oracle[ex.meta["dia_id"]]["events"] if e["event"] != "ADD"]
+        want = ("ADD" if not events else events[0]["event"] if events[0]["event"] != "UPDATE" else
+                "UPDATE change" if events[0]["text"] == ex.meta["facts"][0].text else "UPDATE merge")
+        assert agents.oracle_kind(ex) == want
+        kinds[want] = kinds.get(want, 0) + 1
+    assert kinds["ADD"] > kinds["UPDATE change"] > 0 and kinds["UPDATE merge"] > 0  # unbalanced to begin with
+    chosen = agents.balanced_states(examples, seed=0)
+    got = [agents.oracle_kind(ex) for ex in chosen]
+    assert got.count("ADD") == got.count("UPDATE change") == len(chosen) // 2 > 0
+    for ex in chosen[len(chosen) // 2:]:  # the memory to change was among the shown ones
+        target = next(e["id"] for e in ex.meta["conv"].oracle[ex.meta["dia_id"]]["events"] if e["event"] == "UPDATE")
+        assert target in ex.meta["id_map"].values()
+    assert [id(ex) for ex in agents.balanced_states(examples, seed=0)] == [id(ex) for ex in chosen]  # seeded
