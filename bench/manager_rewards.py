@@ -74,8 +74,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="states scored (0: all of the split)")
     ap.add_argument("--smoke", action="store_true", help="4 states with a tiny model")
     a = ap.parse_args()
+    smoke = ["--answerer", str(a.model)] if a.smoke else []  # never the main command's answerer in runs/
     args = train.parse_args(["--model", str(a.model), "--out", "unused", "--agent", "manager",
-                             "--manager-format", "ops", *shlex.split(a.flags)])
+                             "--manager-format", "ops", *smoke, *shlex.split(a.flags)])
     base, tok = M.load_model(args.model)
     task = agents.manager_task(args, tok, base)
     states = task.val if a.split == "val" else task.train

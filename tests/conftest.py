@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random checkpoints saved by transformers, and the real offline SmolLM2."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Under pytest-xdist (`-n N`, the README's test command) each worker gets its share of the cores, so the
+# workers' torch threads do not fight over them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>",
             "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]

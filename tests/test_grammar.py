@@ -106,18 +106,19 @@ FORMATS = {  # format -> (messages, automaton, parser, max new tokens)
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("which", ["smollm2", "random"])
 def test_sampled_outputs_always_parse(fmt, which, smollm2, tiny_checkpoints):
-    """200 completions at temperature 1: every one that ends (a stop id) parses ok; the others were cut at
-    max_new_tokens (counted as truncated by train.py). Unguided, 1 of 50 of SmolLM2's fact extractions
-    parsed (measured)."""
+    """64 completions of SmolLM2 (200 of a tiny random model) at temperature 1: every one that ends (a stop
+    id) parses ok; the others were cut at max_new_tokens (counted as truncated by train.py). Unguided, 1 of
+    50 of SmolLM2's fact extractions parsed (measured)."""
     net, tok = smollm2 if which == "smollm2" else M.load_model(tiny_checkpoints["qwen2"][0])
     messages, automaton, parse, max_new = FORMATS[fmt]
-    outs = generate(net, [tok.chat(messages)] * 200, max_new, temperature=1.0, seed=1,
+    n = 64 if which == "smollm2" else 200
+    outs = generate(net, [tok.chat(messages)] * n, max_new, temperature=1.0, seed=1,
                     guide=guide_for(automaton, net, tok, True))
     ended = [o for o in outs if o[-1] in tok.stop_ids]
     for o in ended:
         assert parse(tok.decode(o)).ok, tok.decode(o)
     assert all(len(o) == max_new for o in outs if o[-1] not in tok.stop_ids)
-    if which == "smollm2":  # measured: 92, 30 and 5 of 200 ended (facts, manager, answer); random: 49, 144, 0
+    if which == "smollm2":  # measured: 31, 14 and 11 of 64 ended (facts, manager, answer); random: 49, 144, 0 of 200
         assert ended  # the check above is not empty
 
 
