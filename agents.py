@@ -47,11 +47,11 @@ import data.gym as gym
 import data.locomo as locomo  # module attribute access: tests cut the conversations by patching it
 import data.longmemeval as longmemeval
 from data.locomo import Question
-from memory import FACT_SOURCES, FactRecord, add_all_banks, make_embedder, speaker_memories
 from grammar import guide_for
-from metrics import exact_match, f1
 from manager import (OPS, apply_oracle, apply_output, decision, facts_by_turn, oracle_banks, oracle_decision,
                      related_memories, run_manager)
+from memory import FACT_SOURCES, FactRecord, add_all_banks, make_embedder, speaker_memories
+from metrics import exact_match, f1
 from model import load_model
 from prompts import (answer_automaton, answer_messages, facts_automaton, facts_messages, manager_format_automaton,
                      manager_messages, parse_answer, parse_facts)

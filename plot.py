@@ -74,7 +74,8 @@ def draw(rows: list[dict], title: str, dest: Path) -> Path:
     band(train_ax, "reward", "per step (± s.e.)")
     steps, vals, _ = series(rows, "reward")
     if len(steps) >= 2 * SMOOTH:  # the trend under the noise of a few prompts per step
-        means = [sum(vals[max(0, i - SMOOTH + 1):i + 1]) / len(vals[max(0, i - SMOOTH + 1):i + 1]) for i in range(len(vals))]
+        windows = [vals[max(0, i - SMOOTH + 1):i + 1] for i in range(len(vals))]
+        means = [sum(w) / len(w) for w in windows]
         train_ax.plot(steps, means, color="black", linewidth=1.5, label=f"mean of the last {SMOOTH} steps")
     train_ax.set(title="training: the rollouts' reward", xlabel="step", ylabel="mean reward")
     train_ax.legend(loc="best", fontsize=8)

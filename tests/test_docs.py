@@ -39,8 +39,8 @@ def entry_point(cmd: str) -> tuple[str, str, list[str]] | None:
         words.pop(0)  # VAR=value prefixes
     prog, words = words[0], words[1:]
     if prog == "torchrun":
-        while not words[0].endswith(".py"):
-            words = words[2:] if "=" not in words[0] and not words[0].endswith(".py") else words[1:]
+        while not words[0].endswith(".py"):  # torchrun's own options: --opt value, or --opt=value
+            words = words[1:] if "=" in words[0] else words[2:]
     if words[0] == "-m":
         return None if words[1] in NOT_OURS else ("module", words[1], words[2:])
     if not words[0].endswith(".py") or words[0].startswith(".."):

@@ -10,8 +10,7 @@ from hypothesis import strategies as st
 import losspass
 import model as M
 import prompts as P
-from grammar import guide_for
-from grammar import Automaton, allowed_masks, byte_in, lit, seq, star
+from grammar import Automaton, allowed_masks, byte_in, guide_for, lit, seq, star
 from sampling import generate
 
 
