@@ -22,9 +22,15 @@ cannot serve a policy that changes every step.
 A copy is current while its parameter has the same storage at the same version (every in-place write, the
 optimizer's included, bumps a tensor's version counter). A stale copy is never used: the layer falls back
 to F.linear until the next sync. So forgetting sync costs speed, never correctness. Where no faster layout
-exists (GPUs, 16-bit weights on CPUs, weights sharded by FSDP) pack leaves the layer alone and F.linear runs.
+exists (float32 on GPUs, 16-bit weights on CPUs, weights sharded by FSDP) pack leaves the layer alone and
+F.linear runs.
 Gradients always take F.linear: the training copy and the loss pass are untouched. The copies cost one more
-float32 copy of the weights in memory (538 MB for SmolLM2-135M).
+float32 copy of the weights in memory (538 MB for SmolLM2-135M), half that in bf16.
+
+The copy's dtype is precision.PRODUCTS when the layer is packed: with --precision bf16 each product rounds its
+input to bf16 and hands its output on in float32, the rounding points of precision.linear in the loss pass,
+and the output layer keeps a float32 copy (precision.py says why). On a GPU a bf16 copy is a plain bf16
+tensor (its tensor cores need no other layout); a float32 GPU weight gets no copy.
 A compiled graph (model.compile_decode) cannot hold oneDNN's opaque tensors, so there each product is one
 custom op, `memory_r1::packed_linear`, that names its copy by a slot number and checks it at run time.
 
@@ -40,15 +46,19 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+import precision
+
 CPU_FAST_LAYOUT = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 class Packed:
     """One layer's fast copy: the reordered weight, and which tensor (storage, version) it was made from."""
 
-    def __init__(self, weight: torch.Tensor, slot: int):
+    def __init__(self, weight: torch.Tensor, slot: int, dtype: torch.dtype = torch.float32):
         w = weight.detach()
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(w)  # oneDNN's blocked layout, opaque
+        self.dtype, self.blocked = dtype, w.is_cpu
+        # oneDNN's blocked layout (opaque) on a CPU; a GPU's bf16 copy is a plain tensor
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype)) if w.is_cpu else w.to(dtype)
         self.ptr, self.version, self.slot = w.data_ptr(), w._version, slot
 
     def __deepcopy__(self, memo):
@@ -65,18 +75,26 @@ TABLE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _next_slot = itertools.count()
 
 
-def packable(w: torch.Tensor) -> bool:
-    """A plain float32 CPU tensor (not a DTensor shard, not 16-bit: cpu16.py handles those)."""
-    return CPU_FAST_LAYOUT and type(w.data) is torch.Tensor and w.is_cpu and w.dtype == torch.float32
+def copy_dtype(layer) -> torch.dtype | None:
+    """The dtype of `layer`'s fast copy, or None where it gets none: a plain float32 weight (not a DTensor
+    shard, not 16-bit: cpu16.py handles those) on a CPU with oneDNN, or on a GPU with bf16 products."""
+    w = layer.weight
+    if type(w.data) is not torch.Tensor or w.dtype != torch.float32:
+        return None
+    dtype = torch.float32 if getattr(layer, "keep_float32", False) else precision.PRODUCTS
+    if w.is_cpu:
+        return dtype if CPU_FAST_LAYOUT and (dtype != torch.float32 or precision.PACK_FLOAT32) else None
+    return dtype if w.is_cuda and dtype == torch.bfloat16 else None
 
 
 def pack_layer(layer) -> None:
     """layer.packed := a fresh copy of its weight in the fast layout (None where there is none)."""
-    if not packable(layer.weight):
+    dtype = copy_dtype(layer)
+    if dtype is None:
         layer.packed = None
         return
     slot = layer.packed.slot if layer.packed is not None else next(_next_slot)
-    layer.packed = TABLE[slot] = Packed(layer.weight, slot)
+    layer.packed = TABLE[slot] = Packed(layer.weight, slot, dtype)
 
 
 def layers_of(model) -> list:
@@ -109,9 +127,12 @@ def sync(model) -> float:
 
 
 def product(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., in] @ W.T + b -> [..., out] from the packed copy."""
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed.weight, bias, "none", [], "")
-    return y.view(*x.shape[:-1], -1)  # [N, out] -> [..., out]
+    """x [..., in] @ W.T + b -> [..., out] from the packed copy, in its dtype; the output in x's."""
+    xd, bd = x.to(packed.dtype), None if bias is None else bias.to(packed.dtype)
+    if not packed.blocked:
+        return F.linear(xd, packed.weight, bd).to(x.dtype)
+    y = torch.ops.mkldnn._linear_pointwise(xd.reshape(-1, x.shape[-1]), packed.weight, bd, "none", [], "")
+    return y.view(*x.shape[:-1], -1).to(x.dtype)  # [N, out] -> [..., out]
 
 
 @torch.library.custom_op("memory_r1::packed_linear", mutates_args=())

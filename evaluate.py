@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 import model as M
+import precision
 from agents import DATASETS, conversation_banks, conversation_facts, manager_format_of
 from data.locomo import DataError
 from grammar import guide_for
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch", type=int, default=64, help="questions per generate call (64: the fastest per token measured "
       "here, docs/speed.md)")
     a("--dtype", choices=("float32", "bfloat16"), default="float32")
+    a("--precision", choices=precision.CHOICES, default="auto", help="bf16 products where this machine's "
+      "units make them pay (auto), or float32 / bf16 (precision.py)")
     a("--compile", action="store_true", help="torch.compile the decode step (on a GPU, also replayed from a CUDA "
       "graph): pays on GPUs, not on CPUs (docs/speed.md)")
     a("--guided", action=argparse.BooleanOptionalAction, default=True,
@@ -221,6 +224,7 @@ def run(args) -> dict:
     out = Path(args.out)
     settings = check_run_folder(out, args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision.configure(args.precision, device)  # before loading: the engine's copies take its dtype
     answerer, tok = M.load_model(args.model, getattr(torch, args.dtype), device)
     manager = (None if args.manager in ("add-all", "oracle") else answerer if args.manager == "base" else
                M.load_model(args.manager, getattr(torch, args.dtype), device)[0])

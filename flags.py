@@ -13,6 +13,7 @@ import torch
 
 import lora
 import model as M
+import precision
 from agents import MANAGER_QUESTIONS
 from prompts import MANAGER_FORMATS
 
@@ -137,7 +138,9 @@ def add_scale_flags(ap: argparse.ArgumentParser) -> None:
     s("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input during the update")
     s("--lora-targets", default=",".join(lora.LORA_TARGETS), help="comma-separated projections that get adapters")
     s("--export-merged", metavar="DEST", help="fold OUT's LoRA checkpoint into a Hugging Face folder DEST, exit")
-    s("--amp", action="store_true", help="bf16 autocast around sampling and the loss pass (float32 weights)")
+    s("--precision", choices=precision.CHOICES, default="auto", help="the linear layers' products: float32, or bf16 "
+      "(float32 weights, AdamW state, logits, attention and losses; precision.py); auto: bf16 where a timed "
+      "product says this machine's bf16 units pay (a GPU with bf16, a CPU with AVX512-BF16 or AMX)")
     s("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
       help="activation checkpointing per block in the loss pass (recompute in backward, far less memory)")
     s("--micro-batch", type=int, default=0, help="completions per loss-pass chunk (0: a whole group at once)")

@@ -7,9 +7,9 @@ Read top to bottom:
                        decode_step, one token per row with static shapes (compile_decode compiles it)
   4. Loading         - a local HF folder, a hub id (huggingface_hub), a .gguf file, a LoRA adapter folder
 Below it, and imported here: losspass.py (the loss pass of GRPO/PPO: G completions of one prompt, the prompt
-run once; read it next), tokenizer.py (chat formats, stop ids), cpu16.py (16-bit speed paths on CPUs
-without bf16 units) and engine.py (decoding from weights prepacked for the CPU's fast kernels): skip both on a
-first read; lora.py (adapters), hf_loader.py and gguf_loader.py (reading checkpoint files).
+run once; read it next), tokenizer.py (chat formats, stop ids), precision.py (bf16 products where the machine
+has units for them), cpu16.py (16-bit speed paths on CPUs without them) and engine.py (decoding from weights
+prepacked for the CPU's fast kernels): skip those three on a first read; lora.py (adapters), hf_loader.py and gguf_loader.py (reading checkpoint files).
 Then: grammar.py (guided decoding), sampling.py (generate; `python sampling.py --prompt ...` chats once).
 checkpoint.py writes what load_model reads.
 """
@@ -29,6 +29,7 @@ import cpu16
 import engine
 import lora
 import losspass
+import precision
 from gguf_loader import OFFLINE_SMOLLM2, GGUFError, read_gguf, resolve_alias  # noqa: F401 (a name load_model takes)
 from hf_loader import ModelLoadError, download_from_hub, read_hf_folder
 from tokenizer import Tokenizer
@@ -192,7 +193,8 @@ class KVCache:
 class Linear(nn.Linear):
     """nn.Linear with room for a LoRA adapter (lora.add_lora fills it) and for the rollout engine's copy of the
     weight (engine.pack fills `packed`; without gradients the product reads it while it is current). Otherwise
-    the product goes through cpu16.linear: F.linear, except for 16-bit weights on a CPU without bf16 units."""
+    the product goes through precision.linear: F.linear, in bf16 with --precision bf16 (except where
+    `keep_float32`: the output layer), or cpu16's path for 16-bit weights on a CPU without bf16 units."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -200,11 +202,12 @@ class Linear(nn.Linear):
         self.register_parameter("lora_b", None)  # [out, r]
         self.lora_scale, self.lora_dropout, self.lora_enabled = 0.0, 0.0, True
         self.packed = None  # engine.py: the weight in the fastest kernel's layout, for decoding
+        self.keep_float32 = False  # float32 products whatever the precision (the output layer: the logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = engine.linear(x, self)  # None without a current packed copy, or with gradients
         if y is None:
-            y = cpu16.linear(x, self.weight, self.bias)
+            y = precision.linear(x, self.weight, self.bias, self.keep_float32)
         if self.lora_a is not None and self.lora_enabled:  # y + (alpha / r) * B A dropout(x)
             h = F.dropout(x, self.lora_dropout, self.training).to(self.lora_a.dtype)
             y = y + (F.linear(F.linear(h, self.lora_a), self.lora_b) * self.lora_scale).to(y.dtype)
@@ -294,6 +297,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head.keep_float32 = True  # the logits (precision.py)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)

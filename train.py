@@ -54,6 +54,7 @@ from tqdm import tqdm
 import engine
 import lora
 import model as M
+import precision
 from agents import Example, Task, answer_task, manager_task
 from checkpoint import (checkpoint_to_resume, export_merged, load_trainable_state, load_training_state,
                         save_training_state, trim_metrics)
@@ -272,7 +273,7 @@ def update(policy, opt, groups: list[Group], step: int, args, critic=None, criti
     policy(prompt, completions, temperature, checkpoint) -> (logp, mask) and critic(...) -> values are the
     loss-pass modules (parallel.prepare_models); the optimizers hold the trainable parameters.
     """
-    sums, count = {}, 0
+    sums, counts = {}, {}
     policy.train()  # LoRA dropout, if any, acts here only (sampling and the reference run in eval mode)
     for epoch in range(args.ppo_epochs):
         order = list(range(len(groups)))
@@ -281,38 +282,48 @@ def update(policy, opt, groups: list[Group], step: int, args, critic=None, criti
             minibatch = [groups[i] for i in order[mb_idx::args.minibatches]]
             if not minibatch:
                 continue
-            stats = minibatch_step(policy, opt, minibatch, args, critic, critic_opt)
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
+            # the first optimizer step of a rollout is on-policy: its weights are the sampler's
+            stats = minibatch_step(policy, opt, minibatch, args, critic, critic_opt, epoch == 0 and mb_idx == 0)
+            for k, v in stats.items():  # each key's mean over the optimizer steps that report it
+                sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
     policy.eval()
-    out = {k: v / max(count, 1) for k, v in sums.items()}
+    out = {k: v / counts[k] for k, v in sums.items()}
     if args.algo == "ppo":
         out.pop("kl", None)  # PPO reports the rollout's KL instead (rollout_stats)
     return out
 
 
-def minibatch_step(policy, opt, minibatch: list[Group], args, critic=None, critic_opt=None) -> dict:
+def minibatch_step(policy, opt, minibatch: list[Group], args, critic=None, critic_opt=None,
+                   on_policy: bool = False) -> dict:
     """Loss pass and backward group by group (gradients accumulate), then clip and step: one optimizer step.
 
     Each group's loss is normalised by the whole minibatch's denominator (over every rank), so the sum of
     the backward passes is the gradient of the minibatch's loss (SPEC 5, Aggregation).
+    `on_policy`: no step has been taken since the rollout, so the ratio's old log-probs are the loss pass's
+    own (detached: the ratio is exactly 1, as TRL and verl compute it); the sampler's differ from them by
+    float32 rounding, or with --precision bf16 by bf16's (precision.py), logged as `logp_mismatch`. Later
+    minibatches and epochs take the sampler's.
     """
     denom, n_tokens = all_sum([agg_denominator(args.loss_agg, [g.mask for g in minibatch], args.max_new_tokens),
                                sum(g.mask.sum().item() for g in minibatch)])
     beta = args.beta if args.algo == "grpo" else 0.0  # PPO's KL sits in the reward instead
     stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0} | ({"value_loss": 0.0, "value_clip_frac": 0.0} if critic else {})
+    if on_policy:
+        stats["logp_mismatch"] = 0.0  # mean |sampler's log-prob - the loss pass's| per token
     work = [c for g in minibatch for c in micro_batches(g, args.micro_batch)]
     for i, c in enumerate(work):
         w = c.mask.sum().item() / n_tokens  # this chunk's share of the minibatch's tokens
         with no_sync(policy, last=i == len(work) - 1):  # gradients sync over ranks at the last backward only
             logp, mask = policy(c.prompt, c.completions, args.temperature, args.checkpointing, c.allowed())
-            loss, st = grpo_loss(logp, c.old_logp, c.ref_logp, c.advantages, mask, beta, args.clip_low,
+            old_logp = logp.detach() if on_policy else c.old_logp
+            loss, st = grpo_loss(logp, old_logp, c.ref_logp, c.advantages, mask, beta, args.clip_low,
                                  args.clip_high, args.loss_agg, denom)
             backward(loss)
         stats["loss"] += loss.item()
         stats["clip_frac"] += w * st["clip_frac"]
         stats["kl"] += w * st["kl"]
+        if on_policy:
+            stats["logp_mismatch"] += ((logp.detach() - c.old_logp).abs() * mask).sum().item() / n_tokens
         if critic is not None:
             with no_sync(critic, last=i == len(work) - 1):
                 values = critic(c.prompt, c.completions, args.checkpointing)
@@ -418,6 +429,7 @@ def run(args, task: Task | None = None) -> dict:
         raise SystemExit("--dynamic-sampling runs in one process (the ranks would keep different groups)")
     ckpt = checkpoint_to_resume(out, args.resume, args.model)
     dev = torch.device(args.device)
+    args.precision = precision.configure(args.precision, dev)  # bf16 products where they pay (before loading)
     base, tok = M.load_model(args.model, getattr(torch, args.dtype), dev)
     if task is None:  # the banks and prompts are built from the starting model, also on resume
         task = (answer_task if args.agent == "answer" else manager_task)(args, tok, base)
@@ -428,7 +440,6 @@ def run(args, task: Task | None = None) -> dict:
     start = load_training_state(ckpt, opt, policy, critic, critic_opt) if ckpt else 0
     engine.sync(policy)  # weights loaded in place: the rollout engine's copies follow
     log = metrics_log(out / "metrics.jsonl", start if ckpt else None, main)
-    amp = torch.autocast(dev.type, torch.bfloat16, enabled=args.amp)
     if main:
         print(f"{args.algo} on the {args.agent} agent, preset {args.preset}, {world} rank(s), "
               f"{'LoRA rank ' + str(args.lora_rank) if args.lora_rank else 'full fine-tuning'}: {len(task.train)} "
@@ -436,24 +447,20 @@ def run(args, task: Task | None = None) -> dict:
               file=sys.stderr)
     val = {}
     if start == 0 and args.steps > 0:
-        with amp:
-            val = validate(policy, tok, task, args)
+        val = validate(policy, tok, task, args)
         log({"step": 0, **val})
     bar = tqdm(range(start, args.steps), desc=f"{args.algo} steps", initial=start, total=args.steps,
                disable=not main)
     for step in bar:
         t0 = time.perf_counter()
         examples, offset = my_share(step_examples(task, step, args))
-        with amp:
-            groups, roll = rollout(policy, tok, task, examples, step, args, ref, critic, offset)  # sample, score
+        groups, roll = rollout(policy, tok, task, examples, step, args, ref, critic, offset)  # sample, score
         t1 = time.perf_counter()
-        with amp:
-            upd = update(policy_pass, opt, groups, step, args, critic_pass, critic_opt)  # loss, backward, step
+        upd = update(policy_pass, opt, groups, step, args, critic_pass, critic_opt)  # loss, backward, step
         t2 = time.perf_counter()
         record = {"step": step + 1, **roll, **upd, "lr": args.lr, "rollout_s": t1 - t0, "update_s": t2 - t1}
         if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
-            with amp:
-                val = validate(policy, tok, task, args)
+            val = validate(policy, tok, task, args)
             record.update(val)
         log({**record, "seconds": time.perf_counter() - t0})
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:

@@ -137,3 +137,23 @@ def no_checkpoints_from_local_runs(monkeypatch):
     command's checkpoint there): a checkout with runs/ tests exactly what a clean clone does."""
     import agents
     monkeypatch.setattr(agents, "MAIN_ANSWERER", Path("/nonexistent/runs/grpo-answer/checkpoint"))
+
+
+@pytest.fixture(autouse=True)
+def float32_products_between_tests():
+    """precision.use is process-wide (train.run and evaluate.run call precision.configure, which takes bf16 on a
+    machine where it pays): every test starts, and leaves, with float32 products and the default decode kernel."""
+    import precision
+    precision.use("float32")
+    precision.PACK_FLOAT32 = True
+    yield
+    precision.use("float32")
+    precision.PACK_FLOAT32 = True
+
+
+@pytest.fixture
+def bf16_products():
+    """bf16 products for models loaded (packed) during the test (float32_products_between_tests restores)."""
+    import precision
+    precision.use("bf16")
+    return precision
