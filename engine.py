@@ -49,6 +49,7 @@ import torch.nn.functional as F
 import precision
 
 CPU_FAST_LAYOUT = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+CPU_BF16_LAYOUT = CPU_FAST_LAYOUT and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bf16 kernels
 
 
 class Packed:
@@ -82,8 +83,10 @@ def copy_dtype(layer) -> torch.dtype | None:
     if type(w.data) is not torch.Tensor or w.dtype != torch.float32:
         return None
     dtype = torch.float32 if getattr(layer, "keep_float32", False) else precision.PRODUCTS
+    if w.is_cpu and dtype == torch.bfloat16:
+        return dtype if CPU_BF16_LAYOUT else None
     if w.is_cpu:
-        return dtype if CPU_FAST_LAYOUT and (dtype != torch.float32 or precision.PACK_FLOAT32) else None
+        return dtype if CPU_FAST_LAYOUT and precision.PACK_FLOAT32 else None
     return dtype if w.is_cuda and dtype == torch.bfloat16 else None
 
 

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch", type=int, default=64, help="questions per generate call (64: the fastest per token measured "
       "here, docs/speed.md)")
     a("--dtype", choices=("float32", "bfloat16"), default="float32")
-    a("--precision", choices=precision.CHOICES, default="auto", help="bf16 products where this machine's "
+    a("--precision", choices=precision.CHOICES, default="float32", help="bf16 products where this machine's "
       "units make them pay (auto), or float32 / bf16 (precision.py)")
     a("--compile", action="store_true", help="torch.compile the decode step (on a GPU, also replayed from a CUDA "
       "graph): pays on GPUs, not on CPUs (docs/speed.md)")

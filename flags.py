@@ -138,9 +138,10 @@ def add_scale_flags(ap: argparse.ArgumentParser) -> None:
     s("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input during the update")
     s("--lora-targets", default=",".join(lora.LORA_TARGETS), help="comma-separated projections that get adapters")
     s("--export-merged", metavar="DEST", help="fold OUT's LoRA checkpoint into a Hugging Face folder DEST, exit")
-    s("--precision", choices=precision.CHOICES, default="auto", help="the linear layers' products: float32, or bf16 "
+    s("--precision", choices=precision.CHOICES, default="float32", help="the linear layers' products: float32, or bf16 "
       "(float32 weights, AdamW state, logits, attention and losses; precision.py); auto: bf16 where a timed "
-      "product says this machine's bf16 units pay (a GPU with bf16, a CPU with AVX512-BF16 or AMX)")
+      "product says this machine's bf16 units pay (a GPU with bf16, a CPU with AVX512-BF16 or AMX). Default float32 until "
+      "bf16 is shown to learn the same (docs/speed.md)")
     s("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
       help="activation checkpointing per block in the loss pass (recompute in backward, far less memory)")
     s("--micro-batch", type=int, default=0, help="completions per loss-pass chunk (0: a whole group at once)")
