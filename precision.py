@@ -50,7 +50,8 @@ def bf16_units(device: torch.device) -> bool:
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def _ms(fn, reps: int = 5) -> float:
+def best_ms(fn, reps: int = 5) -> float:
+    """Milliseconds of fn(), the best of `reps` calls after one to warm up."""
     fn()  # warm up (oneDNN picks and caches its kernel on the first call)
     best = float("inf")
     for _ in range(reps):
@@ -65,16 +66,16 @@ def probe(rows: int = 64, d_in: int = 576, d_out: int = 1536) -> dict:
     validation batch): float32 and bf16, each through F.linear and through oneDNN's prepacked weight."""
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(rows, d_in, generator=g), torch.randn(d_out, d_in, generator=g)
-    out = {"float32": _ms(lambda: F.linear(x, w))}
+    out = {"float32": best_ms(lambda: F.linear(x, w))}
     xb, wb = x.bfloat16(), w.bfloat16()
     if torch.ops.mkldnn._is_mkldnn_bf16_supported():  # else bf16 products are row by row (cpu16.py)
-        out["bf16"] = _ms(lambda: F.linear(xb, wb))
+        out["bf16"] = best_ms(lambda: F.linear(xb, wb))
     if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         wp = torch.ops.mkldnn._reorder_linear_weight(w)
-        out["float32_packed"] = _ms(lambda: torch.ops.mkldnn._linear_pointwise(x, wp, None, "none", [], ""))
+        out["float32_packed"] = best_ms(lambda: torch.ops.mkldnn._linear_pointwise(x, wp, None, "none", [], ""))
         if "bf16" in out:
             wbp = torch.ops.mkldnn._reorder_linear_weight(wb)
-            out["bf16_packed"] = _ms(lambda: torch.ops.mkldnn._linear_pointwise(xb, wbp, None, "none", [], ""))
+            out["bf16_packed"] = best_ms(lambda: torch.ops.mkldnn._linear_pointwise(xb, wbp, None, "none", [], ""))
     return out
 
 

@@ -28,6 +28,7 @@ import engine  # noqa: E402
 import losspass  # noqa: E402
 import model as M  # noqa: E402
 import precision  # noqa: E402
+from precision import best_ms  # noqa: E402
 from sampling import generate  # noqa: E402
 
 
@@ -40,16 +41,6 @@ def cpu_name() -> str:
     flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
     units = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return f"{name} ({', '.join(units) or 'no AVX'})"
-
-
-def best_ms(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
 
 
 def products(shapes, repeats: int) -> None:
