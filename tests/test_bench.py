@@ -25,7 +25,8 @@ def test_every_bench_script_is_covered():
     assert scripts == {"bench_16bit.py", "bench_engine.py", "bench_generate.py", "bench_grpo_step.py", "bench_guided.py",
                        "bench_loss_pass.py", "bench_memory.py", "bench_precision.py", "bench_rss.py",
                        "bench_scale.py", "estimate_7b.py",
-                       "evidence_recall.py", "manager_rewards.py", "sample_rewards.py"}
+                       "evidence_recall.py", "manager_priors.py", "manager_rewards.py", "sample_rewards.py",
+                       "shown_memories.py"}
 
 
 @pytest.mark.parametrize("script, model, expect", [
@@ -41,9 +42,19 @@ def test_every_bench_script_is_covered():
     ("bench_scale.py", "llama", "LoRA r=2"),
     ("estimate_7b.py", None, "per step on one GPU"),
     ("evidence_recall.py", None, "overall: recall@60"),
+    ("shown_memories.py", None, "| hash | 2 | 1.00 +- 0.00 (n=8)"),
     ("sample_rewards.py", "llama", "groups with signal"),
     ("manager_rewards.py", "llama", "| oracle kind (turns) |"),
+    ("manager_priors.py", "llama", "AUC of P(new), ADD against UPDATE change states: "),
 ])
 def test_bench_script_smoke(script, model, expect, tiny_checkpoints):
     out = run_bench(script, *(["--model", tiny_checkpoints[model][0]] if model else []))
     assert expect in out
+
+
+def test_manager_priors_auc_hand_computed():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from manager_priors import auc
+    # pairs (1,0) win, (1,2) loss, (2,0) win, (2,2) tie: 2.5 of 4
+    assert auc([1.0, 2.0], [0.0, 2.0]) == 0.625
+    assert auc([3.0], [1.0, 2.0]) == 1.0 and auc([0.0], [1.0]) == 0.0
