@@ -121,7 +121,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     a("--val-limit", type=int, help="validation questions, in file order (0: all 81)")
     # 64 rows per generate call: the fastest per token of the batch sizes bench/bench_engine.py measures on
     # this project's CPU (docs/speed.md); their KV cache, 64 x ~600 tokens, is ~1.8 GB for SmolLM2.
-    a("--val-batch", type=int, default=64, help="validation prompts per generate call")
+    a("--val-batch", type=int, default=32, help="validation prompts per generate call (docs/speed.md: 32 beats 64)")
     a("--rollout-batch", type=int, default=8, help="questions per generate call during rollout (x G rows)")
     a("--save-every", type=int, default=10, help="checkpoint every K steps (and at the end)")
     a("--seed", type=int, default=0, help="seeds the question order and the sampling")

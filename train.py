@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import random
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -390,6 +391,7 @@ def load_models(args, base, ckpt: Path | None):
         if args.beta > 0:
             ref = base if ckpt else M.load_model(args.model, dtype, dev)[0]
             ref.requires_grad_(False)
+            engine.unpack(ref)  # it scores, never decodes: its decoding copy would cost 538 MB for SmolLM2
     critic = None
     if args.algo == "ppo":
         backbone = M.load_model(args.model, dtype, dev)[0]
@@ -462,7 +464,7 @@ def run(args, task: Task | None = None) -> dict:
         if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
             val = validate(policy, tok, task, args)
             record.update(val)
-        log({**record, "seconds": time.perf_counter() - t0})
+        log({**record, "seconds": time.perf_counter() - t0, "peak_rss_gb": peak_rss_gb()})
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             save_training_state(out, step + 1, policy, tok, opt, args, critic, critic_opt)
             barrier()  # nobody runs ahead of a checkpoint being written
@@ -471,6 +473,12 @@ def run(args, task: Task | None = None) -> dict:
         print(held_out_summary(out / "metrics.jsonl"), file=sys.stderr)
         print(save_curves(out / "metrics.jsonl"), file=sys.stderr)  # OUT/curves.png, when matplotlib is there
     return val
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, in GiB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def metrics_log(path: Path, resumed_at: int | None, is_main: bool):

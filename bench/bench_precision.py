@@ -12,6 +12,10 @@ Prints the CPU, then four tables, float32 and bf16 side by side, best of --repea
   mismatch   the training-inference mismatch: G completions sampled (temperature 0.5, as the main command)
              and their sampling-time log-probs against the loss pass's, per token: mean and max |delta|, and
              the spread of the PPO ratio exp(delta) at the first update
+  gradient   does bf16 change the update? The GRPO policy-gradient of one group (G completions sampled in
+             float32, fixed advantages +1, -1, +1, ...), computed
+             in float32 and in bf16: the cosine of the two and the relative size of their difference,
+             against the cosine between two groups' float32 gradients (the sampling noise GRPO lives with)
   probe      what precision.probe measures and what auto picks here
 """
 
@@ -130,6 +134,32 @@ def mismatch(net, tok, group: int, max_new: int) -> None:
               f"{d.exp().min():.4f} .. {d.exp().max():.4f} |", flush=True)
 
 
+def group_gradient(net, prompt, comps) -> torch.Tensor:
+    """The flattened gradient of a GRPO loss on one group: -sum(A_i * log p(token)) / tokens, with the fixed
+    advantages +1, -1, +1, ... (a reward that ranks the samples; which one does not matter for the comparison)."""
+    adv = torch.tensor([(-1.0) ** i for i in range(len(comps))])
+    net.zero_grad(set_to_none=True)
+    logp, mask = losspass.completion_logprobs(net, prompt, comps, temperature=0.5)
+    (-(adv[:, None] * logp * mask).sum() / mask.sum()).backward()
+    return torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]).double()
+
+
+def gradient(net, tok, group: int, max_new: int) -> None:
+    prompt = tok.chat([{"role": "user", "content": "Name three colours and say which one you like best."}])
+    set_precision(net, "float32")
+    groups = [generate(net, [prompt] * group, max_new, temperature=0.5, seed=s) for s in (0, 1)]
+    g32 = [group_gradient(net, prompt, comps) for comps in groups]
+    set_precision(net, "bf16")
+    g16 = group_gradient(net, prompt, groups[0])
+    set_precision(net, "float32")
+    cos = torch.nn.functional.cosine_similarity
+    print("\n| gradient of one group's GRPO loss | cosine | relative difference |\n|---|---|---|")
+    print(f"| bf16 against float32, same samples | {cos(g16, g32[0], 0):.4f} | "
+          f"{(g16 - g32[0]).norm() / g32[0].norm():.4f} |")
+    print(f"| float32, another group of samples | {cos(g32[1], g32[0], 0):.4f} | "
+          f"{(g32[1] - g32[0]).norm() / g32[0].norm():.4f} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=M.OFFLINE_SMOLLM2)
@@ -152,6 +182,7 @@ def main():
     net, tok = M.load_model(args.model)
     model_parts(net, prompt_len, batches, group, answer_len, repeats)
     mismatch(net, tok, group, 4 if args.smoke else 32)
+    gradient(net, tok, group, 4 if args.smoke else 32)
     set_precision(net, "float32")
     timings = precision.probe()
     print(f"\nprobe: {', '.join(f'{k} {v:.3f} ms' for k, v in timings.items())}; "

@@ -27,7 +27,7 @@ from parallel import prepare_models  # noqa: E402
 
 def rss() -> tuple[float, float]:
     status = dict(ln.split(":", 1) for ln in Path("/proc/self/status").read_text().splitlines() if ":" in ln)
-    return tuple(int(status[k].split()[0]) / 2**20 for k in ("VmRSS", "VmHWM"))  # GB
+    return tuple(int(status[k].split()[0]) / 2**20 for k in ("VmRSS", "VmHWM"))  # GiB
 
 
 def main():
@@ -42,7 +42,7 @@ def main():
 
     def mark(what):
         now, peak = rss()
-        rows.append(f"| {what} | {now:.2f} GB | {now - last[0]:+.2f} GB | {peak:.2f} GB |")
+        rows.append(f"| {what} | {now:.2f} GiB | {now - last[0]:+.2f} GiB | {peak:.2f} GiB |")
         last[0] = now
 
     mark("python, torch and the project imported")

@@ -267,3 +267,16 @@ def test_dynamic_sampling_fills_the_step_and_resumes_exactly(tiny_checkpoints, t
            [{k: v for k, v in r.items() if k not in drop} for r in b]
     assert all(r["sampled_groups"] >= 2 for r in a[1:])
     assert len(train.step_examples(task, 1, flags(ckpt, "unused", *common))) == 6  # (1 + 2 rounds) x 2 prompts
+
+
+def test_the_reference_holds_no_decoding_copy_and_metrics_log_peak_memory(tiny_checkpoints, tmp_path):
+    import engine
+    ckpt = tiny_checkpoints["llama"][0]
+    args = flags(ckpt, tmp_path, "--beta", "0.01")
+    base, _ = train.M.load_model(str(ckpt))
+    policy, ref, _ = train.load_models(args, base, None)
+    if not any(layer.packed is not None for layer in engine.layers_of(policy)):
+        pytest.skip("no packed layout on this machine: nothing to drop")
+    assert ref is not policy and all(layer.packed is None for layer in engine.layers_of(ref))
+    peak = train.peak_rss_gb()
+    assert 0.05 < peak < 1000  # GB: a process with torch loaded holds more than 50 MB
