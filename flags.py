@@ -119,9 +119,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     g("--manager-max-new-tokens", type=int, default=256, help="response limit of the --manager that builds banks")
     a("--val-every", type=int, help="greedy validation every K steps (and before the first, and at the end)")
     a("--val-limit", type=int, help="validation questions, in file order (0: all 81)")
-    # 64 rows per generate call: the fastest per token of the batch sizes bench/bench_engine.py measures on
-    # this project's CPU (docs/speed.md); their KV cache, 64 x ~600 tokens, is ~1.8 GB for SmolLM2.
-    a("--val-batch", type=int, default=32, help="validation prompts per generate call (docs/speed.md: 32 beats 64)")
+    # 32 distinct prompts per generate call: validation prefills every prompt (a rollout's 64 rows are 8
+    # prompts repeated), and at 32 it ran faster than at 64 with a peak 1 GiB lower (docs/speed.md).
+    a("--val-batch", type=int, default=32, help="validation prompts per generate call")
     a("--rollout-batch", type=int, default=8, help="questions per generate call during rollout (x G rows)")
     a("--save-every", type=int, default=10, help="checkpoint every K steps (and at the end)")
     a("--seed", type=int, default=0, help="seeds the question order and the sampling")

@@ -13,9 +13,9 @@ Prints the CPU, then four tables, float32 and bf16 side by side, best of --repea
              and their sampling-time log-probs against the loss pass's, per token: mean and max |delta|, and
              the spread of the PPO ratio exp(delta) at the first update
   gradient   does bf16 change the update? The GRPO policy-gradient of one group (G completions sampled in
-             float32, fixed advantages +1, -1, +1, ...), computed
-             in float32 and in bf16: the cosine of the two and the relative size of their difference,
-             against the cosine between two groups' float32 gradients (the sampling noise GRPO lives with)
+             float32, fixed advantages +1, -1, +1, ...) in float32 and in bf16: the cosine of the two and
+             the relative size of their difference, against the same between two groups' float32
+             gradients (the sampling noise GRPO lives with)
   probe      what precision.probe measures and what auto picks here
 """
 

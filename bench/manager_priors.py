@@ -95,5 +95,6 @@ def main():
         for b in sorted({i / 2 for i in range(-8, 9)} | {best}):
             print(f"| {b:+.2f}{' (best)' if b == best else ''} | {rates[b][0]:.2f} | {rates[b][1]:.2f} |")
 
+
 if __name__ == "__main__":
     main()

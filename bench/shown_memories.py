@@ -24,6 +24,8 @@ from memory import make_embedder  # noqa: E402
 from metrics import standard_error  # noqa: E402
 from model import OFFLINE_SMOLLM2, load_model  # noqa: E402
 
+COLUMNS = ("UPDATE change", "UPDATE merge", "DELETE", "NONE", "all")  # the kinds about an existing memory
+
 
 def hits_by_kind(convs, tok, embedder, k: int) -> dict[str, list[int]]:
     """Oracle kind -> one 0/1 per gym state of that kind: is the memory the oracle changes among those shown?"""
@@ -51,15 +53,15 @@ def main():
     tok = load_model(OFFLINE_SMOLLM2)[1]  # manager_examples writes the prompts; the model itself is not used
     print(f"gym {args.split}: {len(convs)} conversations; hit rate = share of turns whose memory to change is shown"
           " (mean +- standard error)")
-    print("| embedder | k | " + " | ".join(("UPDATE change", "UPDATE merge", "DELETE", "NONE", "all")) + " |")
-    print("|---|---|" + "---|" * 5)
+    print("| embedder | k | " + " | ".join(COLUMNS) + " |")
+    print("|---|---|" + "---|" * len(COLUMNS))
     for name in args.embedders:
         embedder = make_embedder(name)
         for k in args.k:
             t0 = time.perf_counter()
             hits = hits_by_kind(convs, tok, embedder, k)
             cells = []
-            for kind in ("UPDATE change", "UPDATE merge", "DELETE", "NONE", "all"):
+            for kind in COLUMNS:
                 xs = [h for hs in hits.values() for h in hs] if kind == "all" else hits.get(kind, [])
                 cells.append(f"{sum(xs) / len(xs):.2f} +- {standard_error(xs):.2f} (n={len(xs)})" if xs else "-")
             print(f"| {embedder.name} | {k} | " + " | ".join(cells) + f" |  ({time.perf_counter() - t0:.1f} s)")

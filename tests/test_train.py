@@ -279,4 +279,4 @@ def test_the_reference_holds_no_decoding_copy_and_metrics_log_peak_memory(tiny_c
         pytest.skip("no packed layout on this machine: nothing to drop")
     assert ref is not policy and all(layer.packed is None for layer in engine.layers_of(ref))
     peak = train.peak_rss_gb()
-    assert 0.05 < peak < 1000  # GB: a process with torch loaded holds more than 50 MB
+    assert 0.05 < peak < 1000  # GiB: a process with torch loaded holds more than 50 MB
