@@ -35,6 +35,12 @@ from model import OFFLINE_SMOLLM2, load_model  # noqa: E402
 @torch.no_grad()
 def log_odds_new(model, tok, example) -> float:
     """log P(new) - log P(a memory) at the example's first choice, under its guide (temperature 1)."""
+    return decision_slot(model, tok, example)[0]
+
+
+@torch.no_grad()
+def decision_slot(model, tok, example) -> tuple[float, torch.Tensor]:
+    """(log-odds of "new", the final hidden state [dim] the LM head reads there) at the first choice."""
     guide, state, ids = example.guide, example.guide.start, list(example.prompt)
     while True:  # the forced run: exactly one allowed token at each position
         allowed = guide.allowed(state)
@@ -43,18 +49,62 @@ def log_odds_new(model, tok, example) -> float:
         token = int(allowed.nonzero()[0, 0])
         ids.append(token)
         state = guide.advance(state, token)
-    logits = model(torch.tensor([ids]), last_only=True)[0, -1].float()  # [V]
+    hidden = model.hidden_states(torch.tensor([ids]))[0, -1].float()  # [dim]
+    logits = model.lm_head(hidden[None])[0]  # [V]
     logp = torch.log_softmax(logits.masked_fill(~allowed, -math.inf), -1)
     choices = allowed.nonzero()[:, 0].tolist()
     is_new = torch.tensor(['new"'.startswith(tok.decode([t])) for t in choices])
     lp = logp[choices]
-    return float(torch.logsumexp(lp[is_new], 0) - torch.logsumexp(lp[~is_new], 0))
+    return float(torch.logsumexp(lp[is_new], 0) - torch.logsumexp(lp[~is_new], 0)), hidden
 
 
 def auc(pos: list[float], neg: list[float]) -> float:
     """P(a random positive scores above a random negative), ties half (the Mann-Whitney statistic)."""
     wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
     return wins / (len(pos) * len(neg))
+
+
+def decision_states(model, tok, split: str, limit: int, manager_k: int, embedder) -> dict:
+    """oracle kind -> [(log-odds of new, hidden state at the decision slot)] over a split's gym states."""
+    convs = [c for c in gym.load_conversations() if gym.split_of(c.sample_id) == split][:limit or None]
+    by_kind = defaultdict(list)
+    for conv in convs:
+        for ex in manager_examples(conv, [], conversation_facts(conv, "observation"), tok, embedder, k=manager_k,
+                                   vocab_size=model.lm_head.weight.shape[0], fmt="ops"):
+            if not ex.meta["id_map"]:  # an empty bank: "new" is the only choice (run_manager ADDs without asking)
+                continue
+            by_kind[oracle_kind(ex)].append(decision_slot(model, tok, ex))
+    return by_kind
+
+
+def linear_probe(train_by_kind: dict, val_by_kind: dict, l2: float = 1e-2) -> tuple[float, float]:
+    """Can the state at the decision slot tell ADD from change states at all? A logistic regression on the
+    hidden states (the direction the LM head could learn), fit on train, AUC on train and val."""
+    def xy(by_kind):
+        pos, neg = [h for _, h in by_kind.get("ADD", [])], [h for _, h in by_kind.get("UPDATE change", [])]
+        return torch.stack(pos + neg), torch.tensor([1.0] * len(pos) + [0.0] * len(neg))
+
+    x, y = xy(train_by_kind)
+    mean, std = x.mean(0), x.std(0) + 1e-6  # standardised features: the L2 penalty treats them alike
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        z = ((x - mean) / std) @ w + b
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y) + l2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+    def probe_auc(by_kind):
+        xs, ys = xy(by_kind)
+        z = (((xs - mean) / std) @ w + b).detach().tolist()
+        return auc([s for s, t in zip(z, ys) if t], [s for s, t in zip(z, ys) if not t])
+
+    return probe_auc(train_by_kind), probe_auc(val_by_kind)
 
 
 def main():
@@ -64,21 +114,17 @@ def main():
     ap.add_argument("--limit", type=int, default=0, help="conversations (0: all of the split)")
     ap.add_argument("--manager-k", type=int, default=2, help="memories shown per fact (the cpu preset's 2)")
     ap.add_argument("--embedder", default="minilm", help="the manager's retrieval (the cpu preset's minilm)")
+    ap.add_argument("--probe", action="store_true", help="also fit a linear probe on train's decision-slot states "
+                    "(ADD against change) and print its AUC on --split")
     ap.add_argument("--smoke", action="store_true", help="one conversation")
     args = ap.parse_args()
     torch.set_num_threads(2)
     model, tok = load_model(args.model)
-    convs = [c for c in gym.load_conversations() if gym.split_of(c.sample_id) == args.split]
-    convs = convs[:1] if args.smoke else convs[:args.limit or None]
     embedder = make_embedder(args.embedder)
-    by_kind = defaultdict(list)
-    for conv in convs:
-        for ex in manager_examples(conv, [], conversation_facts(conv, "observation"), tok, embedder, k=args.manager_k,
-                                   vocab_size=model.lm_head.weight.shape[0], fmt="ops"):
-            if not ex.meta["id_map"]:  # an empty bank: "new" is the only choice (run_manager ADDs without asking)
-                continue
-            by_kind[oracle_kind(ex)].append(log_odds_new(model, tok, ex))
-    print(f"{args.model}, gym {args.split}: {len(convs)} conversations, {sum(map(len, by_kind.values()))} states")
+    limit = 1 if args.smoke else args.limit
+    states = decision_states(model, tok, args.split, limit, args.manager_k, embedder)
+    by_kind = {kind: [x for x, _ in rows] for kind, rows in states.items()}
+    print(f"{args.model}, gym {args.split}: {sum(map(len, by_kind.values()))} states")
     print("| oracle kind | states | mean P(new) | median log-odds new |\n|---|---|---|---|")
     for kind, xs in sorted(by_kind.items()):
         ps = [1 / (1 + math.exp(-x)) for x in xs]
@@ -94,6 +140,12 @@ def main():
         best = max(rates, key=lambda b: min(rates[b]))  # the shift that does best on the worse of the two
         for b in sorted({i / 2 for i in range(-8, 9)} | {best}):
             print(f"| {b:+.2f}{' (best)' if b == best else ''} | {rates[b][0]:.2f} | {rates[b][1]:.2f} |")
+    if args.probe:
+        train = states if args.split == "train" else decision_states(model, tok, "train", limit, args.manager_k,
+                                                                     embedder)
+        fit, held = linear_probe(train, states)
+        print(f"linear probe on the decision slot's hidden state (ADD against change; fit on train): "
+              f"AUC {fit:.3f} on train, {held:.3f} on {args.split}")
 
 
 if __name__ == "__main__":
