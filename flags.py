@@ -113,6 +113,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
       "only these attributes (data/gym.py Level; e.g. city,job,car,food: no sets to merge); val stays the default")
     g("--balance-kinds", action="store_true", help="the gym: train on new facts and changed values only, as many "
       "of each (agents.balanced_states; the kinds the reward ranks right, docs/manager.md)")
+    g("--decision-temperature", type=float, default=0.0, metavar="T", help="the ops format: sample the \"about\" "
+      "slot (a memory or new) at T and the rest at --temperature; log-probs use the same (0: off; "
+      "grammar.DecisionTemperature)")
     g("--dynamic-sampling", type=int, default=0, metavar="R", help="DAPO's dynamic sampling: drop groups whose "
       "rewards are all equal and sample up to R more rounds of prompts to fill the step (0: off)")
     g("--answer-max-new-tokens", type=int, help="the answerer's response limit")

@@ -22,6 +22,8 @@ Read next: sampling.py.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 # --------------------------------------------------------------------------------------------------
@@ -312,3 +314,37 @@ def allowed_masks(completions: list[list[int]], vocab_size: int, guide: Guide | 
                 kept[ids] = True
                 out[i, t] &= kept
     return out
+
+
+@dataclass(frozen=True)
+class DecisionTemperature:
+    """A temperature per position: `decision` at the manager's decision slot, `base` everywhere else.
+
+    The "ops" format's first choice in each entry is the memory the fact is about or "new" (prompts.py). The
+    135M base policy says "new" there ~7 % of the time, so at temperature 1 a group of 8 rarely holds an ADD on
+    the states that need one; heating the whole output also randomises the later choices (which memory, which
+    event), which makes "new" the safe bet on every state (measured: docs/manager.md). Heating this one slot
+    explores the decision and leaves the rest as it was. The slot is recognised from the format alone: the
+    token `marker` ("new") is allowed among at most `max_choices` tokens (free text allows thousands). The
+    sampler and the loss pass apply the same temperatures, so this is the policy being trained; greedy
+    decoding (validation, evaluation) is unaffected.
+    """
+    base: float
+    decision: float
+    marker: int
+    max_choices: int = 64
+
+    def __call__(self, allowed: torch.Tensor) -> torch.Tensor:
+        """allowed [..., V] bool -> the temperatures [..., 1]."""
+        at_slot = allowed[..., self.marker] & (allowed.sum(-1) <= self.max_choices)
+        base, decision = torch.tensor(self.base), torch.tensor(self.decision)
+        return torch.where(at_slot, decision, base).to(allowed.device)[..., None]
+
+
+def temperatures(temperature, allowed: torch.Tensor | None):
+    """A float, or a DecisionTemperature's per-position values for these `allowed` masks."""
+    if isinstance(temperature, DecisionTemperature):
+        if allowed is None:
+            raise ValueError("a DecisionTemperature needs the format's allowed tokens (guided decoding)")
+        return temperature(allowed)
+    return temperature

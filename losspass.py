@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.utils.checkpoint
 
+from grammar import temperatures
+
 
 def completion_hidden(model, prompt_ids: list[int], completions: list[list[int]], checkpoint: bool = True):
     """Final hidden states that predict each completion token, with gradients; the prompt runs once.
@@ -51,12 +53,13 @@ def completion_hidden(model, prompt_ids: list[int], completions: list[list[int]]
     return model.norm(h), tokens, mask
 
 
-def token_logprobs(model, h: torch.Tensor, tokens: torch.Tensor, temperature: float, allowed=None) -> torch.Tensor:
-    """log softmax(lm_head(h) / temperature) at `tokens`: [G, T, dim] -> [G, T]; over `allowed` [G, T, V] only."""
+def token_logprobs(model, h: torch.Tensor, tokens: torch.Tensor, temperature, allowed=None) -> torch.Tensor:
+    """log softmax(lm_head(h) / temperature) at `tokens`: [G, T, dim] -> [G, T]; over `allowed` [G, T, V] only.
+    `temperature`: a float, or sampling.DecisionTemperature (one per position, from `allowed`)."""
     logits = model.lm_head(h).float()  # [G, T, V]
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
-    logp = torch.log_softmax(logits / temperature, dim=-1)
+    logp = torch.log_softmax(logits / temperatures(temperature, allowed), dim=-1)
     return logp.gather(-1, tokens[..., None])[..., 0]
 
 

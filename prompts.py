@@ -207,6 +207,15 @@ def manager_ops_automaton(shown: tuple[str, ...], n_facts: int) -> Automaton:
     return Automaton(seq(lit('{"memory": ['), *body, lit("]}")), forced_runs=True)
 
 
+def decision_marker(tok) -> int:
+    """The token that says "new" at the ops format's "about" slot (grammar.DecisionTemperature finds the slot
+    by it)."""
+    ids = tok.encode("new")
+    if len(ids) != 1:
+        raise ValueError(f'this tokenizer splits "new" into {len(ids)} tokens; --decision-temperature needs one')
+    return ids[0]
+
+
 def manager_format_automaton(fmt: str, shown: list[dict], n_facts: int) -> Automaton:
     """The manager's output format for a prompt showing the memories `shown` ({"id", "text"}) and `n_facts` facts."""
     if fmt == "ops":

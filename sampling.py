@@ -21,9 +21,10 @@ import argparse
 import torch
 
 import model as M
+from grammar import temperatures
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator, allowed: torch.Tensor | None = None,
+def sample_next(logits: torch.Tensor, temperature, top_p: float, generator, allowed: torch.Tensor | None = None,
                 return_support: bool = False):
     """logits [B, V] -> (token [B], log-prob [B] of that token under the distribution it was drawn from).
 
@@ -36,11 +37,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     support = None
-    if temperature == 0:
+    if isinstance(temperature, (int, float)) and temperature == 0:
         token = logits.argmax(-1)
         logp = torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
         return (token, logp, support) if return_support else (token, logp)
-    logp = torch.log_softmax(logits / temperature, -1)  # [B, V]
+    logp = torch.log_softmax(logits / temperatures(temperature, allowed), -1)  # [B, V]
     if top_p < 1.0:
         sorted_logp, order = logp.sort(-1, descending=True)
         mass_before = sorted_logp.exp().cumsum(-1) - sorted_logp.exp()  # mass of the tokens ranked above

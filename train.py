@@ -57,9 +57,10 @@ import lora
 import model as M
 import precision
 from agents import Example, Task, answer_task, manager_task
+from prompts import decision_marker
 from checkpoint import (checkpoint_to_resume, export_merged, load_trainable_state, load_training_state,
                         save_training_state, trim_metrics)
-from grammar import allowed_masks
+from grammar import DecisionTemperature, allowed_masks
 from flags import parse_args
 from grpo import compute_grpo_outcome_advantage, grpo_loss, zero_std_group_fraction
 from metrics import held_out_summary, standard_error
@@ -143,7 +144,7 @@ def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, r
     for g in groups:
         if ref is not None:  # the reference's distribution over the same tokens as the policy's
             with lora.adapters_disabled(ref):
-                g.ref_logp, _ = ref.logprobs(g.prompt, g.completions, args.temperature, True, g.allowed())
+                g.ref_logp, _ = ref.logprobs(g.prompt, g.completions, policy_temperature(args), True, g.allowed())
         if critic is not None:
             g.old_values = critic.completion_values(g.prompt, g.completions)
     rewards = torch.tensor([s["reward"] for g in groups for s in g.scores])  # [N * G], group by group
@@ -160,6 +161,14 @@ def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, r
     return groups, stats
 
 
+def policy_temperature(args):
+    """The temperature the policy samples at and its log-probs use: --temperature, or with
+    --decision-temperature that one at the manager's decision slot (grammar.DecisionTemperature)."""
+    if not args.decision_temperature:
+        return args.temperature
+    return DecisionTemperature(args.temperature, args.decision_temperature, args.decision_marker)
+
+
 def sample_groups(policy, tok, task: Task, examples: list[Example], step: int, args, offset: int) -> list[Group]:
     """G samples of each prompt (generate calls of --rollout-batch prompts), then every score at once."""
     G, dev = args.group_size, policy.lm_head.weight.device
@@ -167,7 +176,7 @@ def sample_groups(policy, tok, task: Task, examples: list[Example], step: int, a
     for i in range(0, len(examples), args.rollout_batch):
         chunk = examples[i:i + args.rollout_batch]
         prompts = [ex.prompt for ex in chunk for _ in range(G)]  # each prompt G times: prefilled once
-        tokens, logps, supports = generate(policy, prompts, args.max_new_tokens, args.temperature, args.top_p,
+        tokens, logps, supports = generate(policy, prompts, args.max_new_tokens, policy_temperature(args), args.top_p,
                                            seed=args.seed * 1_000_003 + step * 1_009 + offset + i,
                                            return_logprobs=True, sync_steps=args.fsdp,
                                            guide=[ex.guide for ex in chunk for _ in range(G)], return_supports=True)
@@ -315,7 +324,7 @@ def minibatch_step(policy, opt, minibatch: list[Group], args, critic=None, criti
     for i, c in enumerate(work):
         w = c.mask.sum().item() / n_tokens  # this chunk's share of the minibatch's tokens
         with no_sync(policy, last=i == len(work) - 1):  # gradients sync over ranks at the last backward only
-            logp, mask = policy(c.prompt, c.completions, args.temperature, args.checkpointing, c.allowed())
+            logp, mask = policy(c.prompt, c.completions, policy_temperature(args), args.checkpointing, c.allowed())
             old_logp = logp.detach() if on_policy else c.old_logp
             loss, st = grpo_loss(logp, old_logp, c.ref_logp, c.advantages, mask, beta, args.clip_low,
                                  args.clip_high, args.loss_agg, denom)
@@ -433,6 +442,11 @@ def run(args, task: Task | None = None) -> dict:
     dev = torch.device(args.device)
     args.precision = precision.configure(args.precision, dev)  # bf16 products where they pay (before loading)
     base, tok = M.load_model(args.model, getattr(torch, args.dtype), dev)
+    if args.decision_temperature:
+        if args.agent != "manager" or args.manager_format != "ops":
+            raise SystemExit("--decision-temperature heats the ops format's decision slot: it needs --agent manager "
+                             "--manager-format ops")
+        args.decision_marker = decision_marker(tok)
     if task is None:  # the banks and prompts are built from the starting model, also on resume
         task = (answer_task if args.agent == "answer" else manager_task)(args, tok, base)
     policy, ref, critic = load_models(args, base, ckpt)

@@ -8,7 +8,7 @@ import torch
 
 import agents
 import manager
-from grammar import guide_for
+from grammar import DecisionTemperature, allowed_masks, guide_for
 import model as M
 import prompts as P
 import train
@@ -16,6 +16,7 @@ from data import gym
 from data.locomo import Conversation, Question
 from memory import FactRecord, HashEmbedder, MemoryBank
 from minilm import MiniLM
+from sampling import generate
 
 FACTS = ["Bruno sold the BMW and now drives a Subaru", "Bruno got another dog named Scout"]
 
@@ -233,3 +234,39 @@ def test_balanced_states_hold_as_many_new_facts_as_changed_values(smollm2):
         target = next(e["id"] for e in ex.meta["conv"].oracle[ex.meta["dia_id"]]["events"] if e["event"] == "UPDATE")
         assert target in ex.meta["id_map"].values()
     assert [id(ex) for ex in agents.balanced_states(examples, seed=0)] == [id(ex) for ex in chosen]  # seeded
+
+
+def test_decision_temperature_heats_the_about_slot_only(smollm2):
+    """grammar.DecisionTemperature, on a hand-written ops output: the first token of each entry's "about" slot
+    is sampled at the decision temperature; every forced token, the event choice and a merge's free text at
+    the base temperature; and the sampler's log-probs equal the loss pass's (the ratio is 1 before a step)."""
+    net, tok = smollm2
+    V = net.lm_head.weight.shape[0]
+    g = P.manager_ops_automaton(SHOWN, 2).guide(tok, V)
+    text = ('{"memory": [{"fact": 0, "about": "new", "event": "ADD"}, {"fact": 1, "about": '
+            '"Bruno has a dog named Rocky", "event": "MERGE", "text": "Rocky and new Scout"}]}')
+    state, tokens, rest = g.start, [], text
+    while rest:  # the guide's own split: one token at a time where forced, else the longest that fits
+        fits = [t for t in g.allowed(state).nonzero()[:, 0].tolist() if rest.startswith(tok.decode([t]) or "\0")]
+        t = max(fits, key=lambda t: len(tok.decode([t])))
+        tokens.append(t)
+        state, rest = g.advance(state, t), rest[len(tok.decode([t])):]
+    heat = DecisionTemperature(base=1.0, decision=2.5, marker=P.decision_marker(tok))
+    allowed = allowed_masks([tokens], V, g)[0]  # [T, V]
+    temps = heat(allowed)[:, 0]  # [T]
+    hot = [tok.decode(tokens[:i]) for i in (temps == 2.5).nonzero()[:, 0].tolist()]
+    assert [h[-10:] for h in hot] == ['"about": "', '"about": "']  # the two about slots, nothing else
+    assert "new" in tok.decode(tokens[-8:])  # the merge text's "new" is free text: not heated
+    # hand-made masks: the marker among few tokens heats; among the whole vocabulary or absent, it does not
+    few, every, without = torch.zeros(3, V, dtype=torch.bool), torch.ones(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool)
+    few[:, [heat.marker, 5, 7]] = True
+    without[5] = True
+    assert heat(torch.stack([few[0], every, without]))[:, 0].tolist() == [2.5, 1.0, 1.0]
+    # sampled at these temperatures, then re-scored by the loss pass at the same: the same log-probs
+    prompt = tok.chat(P.manager_messages([{"id": "0", "text": SHOWN[0]}, {"id": "1", "text": SHOWN[1]}], FACTS, "ops"))
+    comps, logps = generate(net, [prompt] * 4, 48, heat, seed=0, return_logprobs=True, guide=g)
+    lp, mask = net.logprobs(prompt, comps, heat, False, allowed_masks(comps, V, g))
+    for i, c in enumerate(comps):
+        assert torch.allclose(lp[i, :len(c)], torch.tensor(logps[i]), atol=1e-4)
+    cold, _ = net.logprobs(prompt, comps, 1.0, False, allowed_masks(comps, V, g))
+    assert not torch.allclose(lp, cold, atol=1e-3)  # and they are not the untempered ones
