@@ -140,6 +140,18 @@ def no_checkpoints_from_local_runs(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def fixed_kernel_choice(request, monkeypatch):
+    """train.run and evaluate.run time one product (precision.probe) and take the faster float32 decode kernel;
+    where the two are close (an Intel Xeon with AMX: 0.38 against 0.43 ms) the choice differs between two runs
+    of one test, and with it the sampler's last-bit rounding, so a resumed run no longer equals an unbroken
+    one. Outside test_precision (which times the real thing) the probe reports fixed figures: float32, packed."""
+    if request.module.__name__.endswith("test_precision"):
+        return
+    import precision
+    monkeypatch.setattr(precision, "probe", lambda *a, **k: {"float32": 1.0, "float32_packed": 0.5})
+
+
+@pytest.fixture(autouse=True)
 def float32_products_between_tests():
     """precision.use is process-wide (train.run and evaluate.run call precision.configure, which takes bf16 on a
     machine where it pays): every test starts, and leaves, with float32 products and the default decode kernel."""
