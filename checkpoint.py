@@ -5,6 +5,8 @@
     save_training_state(out, step, ...)     OUT/checkpoint: the policy (a HF folder, or with LoRA its adapters
                                             in PEFT's layout), AdamW's state, the critic, the step, the args
     checkpoint_to_resume(out, ...), load_training_state(ckpt, ...)     what --resume reads
+    metrics_log(path, resumed_at, is_main)  OUT/metrics.jsonl, one line per step; a resumed run drops the lines
+                                            of the steps it takes again
     export_merged(run_dir, dest)            a LoRA run's adapters folded into a plain HF folder
 
 Every folder is built aside and swapped in with two renames (swap_folder), so a killed run leaves the old
@@ -208,6 +210,19 @@ def trim_metrics(path: Path, step: int) -> None:
         keep = [line for line in path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
         path.write_text("".join(line + "\n" for line in keep))
+
+
+def metrics_log(path: Path, resumed_at: int | None, is_main: bool):
+    """log(record): one JSON line per call in `path` (rank 0 only). A fresh run starts the file anew; a
+    resumed one drops the lines of steps after its checkpoint, which it is about to take again."""
+    if is_main:
+        trim_metrics(path, resumed_at) if resumed_at is not None else path.unlink(missing_ok=True)
+
+    def log(record: dict) -> None:
+        if is_main:
+            with path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+    return log
 
 
 def load_training_state(ckpt: Path, opt, policy, critic=None, critic_opt=None) -> int:

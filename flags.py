@@ -172,6 +172,8 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
                  "answer_max_new_tokens"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.decision_temperature and (args.agent != "manager" or args.manager_format != "ops"):
+        ap.error("--decision-temperature heats the ops format's decision slot: --agent manager --manager-format ops")
     if args.reward == "prob" and args.agent != "manager":
         ap.error("--reward prob scores a manager by its frozen answerer's probability of the gold: --agent manager")
     args.lora_targets = [t for t in args.lora_targets.split(",") if t]

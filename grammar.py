@@ -337,8 +337,7 @@ class DecisionTemperature:
     def __call__(self, allowed: torch.Tensor) -> torch.Tensor:
         """allowed [..., V] bool -> the temperatures [..., 1]."""
         at_slot = allowed[..., self.marker] & (allowed.sum(-1) <= self.max_choices)
-        base, decision = torch.tensor(self.base), torch.tensor(self.decision)
-        return torch.where(at_slot, decision, base).to(allowed.device)[..., None]
+        return torch.where(at_slot, self.decision, self.base)[..., None]
 
 
 def temperatures(temperature, allowed: torch.Tensor | None):

@@ -55,7 +55,7 @@ def completion_hidden(model, prompt_ids: list[int], completions: list[list[int]]
 
 def token_logprobs(model, h: torch.Tensor, tokens: torch.Tensor, temperature, allowed=None) -> torch.Tensor:
     """log softmax(lm_head(h) / temperature) at `tokens`: [G, T, dim] -> [G, T]; over `allowed` [G, T, V] only.
-    `temperature`: a float, or sampling.DecisionTemperature (one per position, from `allowed`)."""
+    `temperature`: a float, or grammar.DecisionTemperature (one per position, from `allowed`)."""
     logits = model.lm_head(h).float()  # [G, T, V]
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))

@@ -41,7 +41,6 @@ presets and every switch). Read next: evaluate.py, then plot.py (the curves.png 
 
 from __future__ import annotations
 
-import json
 import random
 import resource
 import sys
@@ -57,9 +56,8 @@ import lora
 import model as M
 import precision
 from agents import Example, Task, answer_task, manager_task
-from prompts import decision_marker
 from checkpoint import (checkpoint_to_resume, export_merged, load_trainable_state, load_training_state,
-                        save_training_state, trim_metrics)
+                        metrics_log, save_training_state)
 from grammar import DecisionTemperature, allowed_masks
 from flags import parse_args
 from grpo import compute_grpo_outcome_advantage, grpo_loss, zero_std_group_fraction
@@ -68,6 +66,7 @@ from parallel import (all_sum, backward, barrier, clip_gradients, concat_over_ra
                       my_share, no_sync, prepare_models, this_rank, validation_share)
 from plot import save_curves
 from ppo import Critic, compute_gae_advantage_return, compute_token_rewards, compute_value_loss, masked_whiten
+from prompts import decision_marker
 from sampling import generate
 
 # --------------------------------------------------------------------------------------------------
@@ -162,11 +161,10 @@ def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, r
 
 
 def policy_temperature(args):
-    """The temperature the policy samples at and its log-probs use: --temperature, or with
-    --decision-temperature that one at the manager's decision slot (grammar.DecisionTemperature)."""
-    if not args.decision_temperature:
-        return args.temperature
-    return DecisionTemperature(args.temperature, args.decision_temperature, args.decision_marker)
+    """What the policy samples at and its log-probs use: --temperature, or with --decision-temperature that
+    one at the manager's decision slot (grammar.DecisionTemperature)."""
+    return (DecisionTemperature(args.temperature, args.decision_temperature, args.decision_marker)
+            if args.decision_temperature else args.temperature)
 
 
 def sample_groups(policy, tok, task: Task, examples: list[Example], step: int, args, offset: int) -> list[Group]:
@@ -442,10 +440,7 @@ def run(args, task: Task | None = None) -> dict:
     dev = torch.device(args.device)
     args.precision = precision.configure(args.precision, dev)  # bf16 products where they pay (before loading)
     base, tok = M.load_model(args.model, getattr(torch, args.dtype), dev)
-    if args.decision_temperature:
-        if args.agent != "manager" or args.manager_format != "ops":
-            raise SystemExit("--decision-temperature heats the ops format's decision slot: it needs --agent manager "
-                             "--manager-format ops")
+    if args.decision_temperature:  # the ops format's "new" token marks its decision slot
         args.decision_marker = decision_marker(tok)
     if task is None:  # the banks and prompts are built from the starting model, also on resume
         task = (answer_task if args.agent == "answer" else manager_task)(args, tok, base)
@@ -493,19 +488,6 @@ def peak_rss_gb() -> float:
     """This process's peak resident memory so far, in GiB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (2**30 if sys.platform == "darwin" else 2**20)
-
-
-def metrics_log(path: Path, resumed_at: int | None, is_main: bool):
-    """log(record): one JSON line per call in `path` (rank 0 only). A fresh run starts the file anew; a
-    resumed one drops the lines of steps after its checkpoint, which it is about to take again."""
-    if is_main:
-        trim_metrics(path, resumed_at) if resumed_at is not None else path.unlink(missing_ok=True)
-
-    def log(record: dict) -> None:
-        if is_main:
-            with path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-    return log
 
 
 if __name__ == "__main__":

@@ -33,14 +33,9 @@ from model import OFFLINE_SMOLLM2, load_model  # noqa: E402
 
 
 @torch.no_grad()
-def log_odds_new(model, tok, example) -> float:
-    """log P(new) - log P(a memory) at the example's first choice, under its guide (temperature 1)."""
-    return decision_slot(model, tok, example)[0]
-
-
-@torch.no_grad()
 def decision_slot(model, tok, example) -> tuple[float, torch.Tensor]:
-    """(log-odds of "new", the final hidden state [dim] the LM head reads there) at the first choice."""
+    """At the example's first choice, under its guide (temperature 1): (log P(new) - log P(a memory), the final
+    hidden state [dim] the LM head reads there)."""
     guide, state, ids = example.guide, example.guide.start, list(example.prompt)
     while True:  # the forced run: exactly one allowed token at each position
         allowed = guide.allowed(state)
