@@ -116,6 +116,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     g("--decision-temperature", type=float, default=0.0, metavar="T", help="the ops format: sample the \"about\" "
       "slot (a memory or new) at T and the rest at --temperature; log-probs use the same (0: off; "
       "grammar.DecisionTemperature)")
+    g("--hold-prior", action="store_true", help="GRPO: remove from the advantages what the decision made (ADD, "
+      "UPDATE, ...) explains across the step's states, so a step cannot move a decision's shared prior, only how "
+      "it depends on the state (grpo.project_out_choices; docs/manager.md)")
     g("--dynamic-sampling", type=int, default=0, metavar="R", help="DAPO's dynamic sampling: drop groups whose "
       "rewards are all equal and sample up to R more rounds of prompts to fill the step (0: off)")
     g("--answer-max-new-tokens", type=int, help="the answerer's response limit")
@@ -174,6 +177,8 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.decision_temperature and (args.agent != "manager" or args.manager_format != "ops"):
         ap.error("--decision-temperature heats the ops format's decision slot: --agent manager --manager-format ops")
+    if args.hold_prior and (args.agent != "manager" or args.algo != "grpo"):
+        ap.error("--hold-prior centres GRPO's advantages on the manager's decisions: --algo grpo --agent manager")
     if args.reward == "prob" and args.agent != "manager":
         ap.error("--reward prob scores a manager by its frozen answerer's probability of the gold: --agent manager")
     args.lora_targets = [t for t in args.lora_targets.split(",") if t]

@@ -5,6 +5,7 @@ non-padding tokens (built from lengths, never from pad ids, since pad may equal 
 sampled tokens under logits divided by the sampling temperature.
 
     advantages = compute_grpo_outcome_advantage(rewards, group_size)          # [B]
+    advantages, _ = project_out_choices(advantages, choices, group_size)      # optional: --hold-prior
     loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages[:, None].expand_as(logp), mask, beta=0.01)
 
 Only torch. Read next: ppo.py.
@@ -32,6 +33,31 @@ def compute_grpo_outcome_advantage(rewards: torch.Tensor, group_size: int, scale
     if scale:
         centred = centred / (r.std(dim=1, keepdim=True) + eps)
     return centred.view(-1)
+
+
+def project_out_choices(advantages: torch.Tensor, choices: torch.Tensor, group_size: int) -> tuple[torch.Tensor, float]:
+    """Advantages with the part that a state-independent choice explains removed (for the manager's decision).
+
+    advantages [N] (group by group), choices [N, K]: which of K decisions each completion made (one-hot, or
+    counts). A decision's shared prior is a logit bias b_k added in every state; the step's gradient on it
+    is sum_i A_i (1[a_i = k] - pi_k(s_i)). With X = choices centred within each group (pi_k estimated by
+    the group's frequency; exact when the advantages sum to 0 in each group, as GRPO's do), that is X^T A.
+    Returns A' = A - X beta with beta the least-squares fit of A on X, so X^T A' = 0: the step's push on
+    every decision's shared prior sums to zero, and what is left is how the best decision depends on the
+    state (which states "new" wins on, not that it wins on most). Group sums stay 0; a group whose
+    completions all chose the same keeps its advantages. Also returns the share of sum(A^2) removed.
+    A deliberate bias (the shared prior can then move only through the conditional part); docs/manager.md.
+    """
+    G = group_size
+    if choices.shape[0] != advantages.numel() or advantages.numel() % G:
+        raise ValueError(f"need one row of choices per advantage and whole groups (advantages {advantages.numel()}, "
+                         f"choices {tuple(choices.shape)}, group_size {G})")
+    a = advantages.double()
+    c = choices.double().view(-1, G, choices.shape[-1])  # [groups, G, K]
+    x = (c - c.mean(dim=1, keepdim=True)).view(-1, choices.shape[-1])  # [N, K]: centred within each group
+    shared = x @ (torch.linalg.pinv(x) @ a)  # [N]: the projection of A onto the span of X's columns
+    removed = (shared.square().sum() / a.square().sum()).item() if a.abs().sum() > 0 else 0.0
+    return (a - shared).to(advantages.dtype), removed
 
 
 def zero_std_group_fraction(rewards: torch.Tensor, group_size: int) -> float:

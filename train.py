@@ -55,12 +55,12 @@ import engine
 import lora
 import model as M
 import precision
-from agents import Example, Task, answer_task, manager_task
+from agents import DECISIONS, Example, Task, answer_task, manager_task
 from checkpoint import (checkpoint_to_resume, export_merged, load_trainable_state, load_training_state,
                         metrics_log, save_training_state)
 from grammar import DecisionTemperature, allowed_masks
 from flags import parse_args
-from grpo import compute_grpo_outcome_advantage, grpo_loss, zero_std_group_fraction
+from grpo import compute_grpo_outcome_advantage, grpo_loss, project_out_choices, zero_std_group_fraction
 from metrics import held_out_summary, standard_error
 from parallel import (all_sum, backward, barrier, clip_gradients, concat_over_ranks, gather_lists, init_distributed,
                       my_share, no_sync, prepare_models, this_rank, validation_share)
@@ -147,11 +147,10 @@ def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, r
         if critic is not None:
             g.old_values = critic.completion_values(g.prompt, g.completions)
     rewards = torch.tensor([s["reward"] for g in groups for s in g.scores])  # [N * G], group by group
-    if args.algo == "grpo":
-        grpo_advantages(groups, rewards, args)
-    else:
+    held = grpo_advantages(groups, rewards, args) if args.algo == "grpo" else {}
+    if args.algo == "ppo":
         ppo_advantages(groups, rewards, args, args.beta if ref is not None else 0.0)
-    stats = rollout_stats(groups, args, policy.stop_ids)
+    stats = {**rollout_stats(groups, args, policy.stop_ids), **held}
     if args.dynamic_sampling:  # what the rounds saw before the equal-reward groups were set aside
         every = torch.tensor([s["reward"] for g in sampled for s in g.scores])
         stats.update(sampled_groups=len(sampled), sampled_zero_std_groups=zero_std_group_fraction(every, args.group_size))
@@ -190,12 +189,19 @@ def sample_groups(policy, tok, task: Task, examples: list[Example], step: int, a
     return groups
 
 
-def grpo_advantages(groups: list[Group], rewards: torch.Tensor, args) -> None:
-    """(r - mean) / std within each group (SPEC 5), the same for every token of a completion."""
+def grpo_advantages(groups: list[Group], rewards: torch.Tensor, args) -> dict:
+    """(r - mean) / std within each group (SPEC 5), the same for every token of a completion. With
+    --hold-prior (the manager) the part explained by which decision each output made is then removed, so
+    the step cannot move a decision's shared prior (grpo.project_out_choices); its share is logged."""
     G = args.group_size
     adv = compute_grpo_outcome_advantage(rewards, G, scale=not args.no_adv_scale)  # [N * G]
+    stats = {}
+    if args.hold_prior:
+        made = torch.tensor([[s[f"dec_{d.lower()}"] for d in DECISIONS] for g in groups for s in g.scores])  # [N*G, 5]
+        adv, stats["adv_prior_share"] = project_out_choices(adv, made, G)
     for k, g in enumerate(groups):
         g.advantages = adv[k * G:(k + 1) * G, None].to(g.mask.device).expand(g.mask.shape) * g.mask  # [G, T]
+    return stats
 
 
 def ppo_advantages(groups: list[Group], rewards: torch.Tensor, args, beta: float) -> None:

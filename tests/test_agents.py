@@ -136,6 +136,7 @@ def test_manager_training_writes_metrics_and_checkpoint_and_resumes(algo, tiny_c
               "--algo", algo, "--model", ckpt, "--max-new-tokens", 12,
               "--answer-max-new-tokens", 3, "--group-size", 2, "--questions-per-step", 1, "--lr", 1e-3,
               "--memories-per-speaker", 1, "--window", 4, "--val-limit", 1, "--save-every", 1, "--val-every", 1]
+    common += ["--hold-prior"] * (algo == "grpo")  # the advantages' projection runs (and is logged) on every step
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     train.run(train.parse_args([str(x) for x in common + ["--out", killed, "--steps", 1]]))
     train.run(train.parse_args([str(x) for x in common + ["--out", killed, "--steps", 2, "--resume"]]))
@@ -145,6 +146,8 @@ def test_manager_training_writes_metrics_and_checkpoint_and_resumes(algo, tiny_c
     for key in ("add", "update", "delete", "none", "invalid_events", "parse_fail", "bank_size", "reward"):
         assert key in rows[1] and f"val_{key}" in rows[2], key
     assert rows[1]["parse_fail"] == 1.0
+    if algo == "grpo":
+        assert rows[1]["adv_prior_share"] == 0.0  # logged; all rewards 0: nothing to project out
     state = json.loads((killed / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["args"]["agent"] == "manager"
     assert {p.suffix for p in (killed / "checkpoint").iterdir()} == {".json", ".safetensors"}  # no pickle

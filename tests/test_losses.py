@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from grpo import (agg_loss, compute_grpo_outcome_advantage, compute_policy_loss, grpo_loss, kl_penalty,
-                  zero_std_group_fraction)
+                  project_out_choices, zero_std_group_fraction)
 from ppo import (Critic, compute_gae_advantage_return, compute_token_rewards, compute_value_loss,
                  last_token_index, masked_whiten)
 
@@ -23,6 +23,45 @@ def test_grpo_advantage_hand_computed_with_a_zero_variance_group():
                           torch.tensor([0.5, -0.5, -0.5, 0.5]))
     with pytest.raises(ValueError, match="divisible"):
         compute_grpo_outcome_advantage(rewards[:7], 4)
+
+
+def test_project_out_choices_hand_computed():
+    # four groups of 2; choices one-hot over (new, a memory). In groups 1-3 "new" came first; it won in two
+    # states and lost in one; in group 4 both samples named a memory (one right, one wrong).
+    adv = torch.tensor([1.0, -1.0,   1.0, -1.0,   -1.0, 1.0,   0.7, -0.7])
+    choices = torch.tensor([[1, 0], [0, 1]] * 3 + [[0, 1], [0, 1]], dtype=torch.float32)
+    out, removed = project_out_choices(adv, choices, 2)
+    # x (centred "new" column) = +-0.5 in groups 1-3, 0 in group 4; X^T A = 0.5 * (2 + 2 - 2) = 1, X^T X = 1.5:
+    # beta = 2/3, A' = A - (2/3) x
+    want = torch.tensor([2 / 3, -2 / 3,   2 / 3, -2 / 3,   -4 / 3, 4 / 3,   0.7, -0.7])
+    assert torch.allclose(out, want, atol=1e-6)
+    assert removed == pytest.approx((2 / 3) ** 2 * 1.5 / (6 + 2 * 0.49))  # sum((beta x)^2) / sum(A^2)
+    assert torch.allclose(out.view(4, 2).sum(1), torch.zeros(4), atol=1e-6)  # group sums stay 0
+    # "new" winning in every state is all shared prior: nothing is left of it
+    same, share = project_out_choices(torch.tensor([1.0, -1.0, 1.0, -1.0]), choices[:4], 2)
+    assert torch.allclose(same, torch.zeros(4), atol=1e-6) and share == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one row of choices"):
+        project_out_choices(adv, choices[:6], 2)
+
+
+def test_project_out_choices_zeroes_the_gradient_on_a_shared_logit_bias():
+    # a toy policy over 3 decisions, logits = W h_s + b; GRPO advantages on random rewards; after the
+    # projection the surrogate's gradient on b (the prior every state shares) is 0, on W it is not
+    torch.manual_seed(0)
+    S, G, K, D = 6, 8, 3, 5
+    h = torch.randn(S, D)
+    W, b = torch.randn(K, D, requires_grad=True), torch.zeros(K, requires_grad=True)
+    logp_all = torch.log_softmax(h @ W.T + b, -1)  # [S, K]
+    actions = torch.multinomial(logp_all.exp().detach(), G, replacement=True)  # [S, G]
+    rewards = torch.rand(S * G) + 0.5 * (actions.view(-1) == 0)  # decision 0 better everywhere, plus noise
+    adv = compute_grpo_outcome_advantage(rewards, G)
+    held, _ = project_out_choices(adv, torch.nn.functional.one_hot(actions.view(-1), K), G)
+    logp = logp_all.gather(1, actions).view(-1)  # [S * G], group by group
+    gb_raw, = torch.autograd.grad((adv * logp).sum(), b, retain_graph=True)
+    gb, gW = torch.autograd.grad((held * logp).sum(), (b, W))
+    assert gb_raw[0] > 1.0  # unprojected, the step pushes decision 0's prior up
+    assert torch.allclose(gb, torch.zeros(K), atol=1e-5)
+    assert gW.abs().max() > 0.1
 
 
 def test_kl_estimators():
