@@ -32,18 +32,23 @@ from metrics import standard_error  # noqa: E402
 from model import OFFLINE_SMOLLM2, load_model  # noqa: E402
 
 
-@torch.no_grad()
-def decision_slot(model, tok, example) -> tuple[float, torch.Tensor]:
-    """At the example's first choice, under its guide (temperature 1): (log P(new) - log P(a memory), the final
-    hidden state [dim] the LM head reads there)."""
+def forced_prefix(example) -> tuple[list[int], torch.Tensor]:
+    """The prompt followed through the guide's forced run to the first choice: (ids, allowed-token mask there)."""
     guide, state, ids = example.guide, example.guide.start, list(example.prompt)
     while True:  # the forced run: exactly one allowed token at each position
         allowed = guide.allowed(state)
         if int(allowed.sum()) != 1:
-            break
+            return ids, allowed
         token = int(allowed.nonzero()[0, 0])
         ids.append(token)
         state = guide.advance(state, token)
+
+
+@torch.no_grad()
+def decision_slot(model, tok, example) -> tuple[float, torch.Tensor]:
+    """At the example's first choice, under its guide (temperature 1): (log P(new) - log P(a memory), the final
+    hidden state [dim] the LM head reads there)."""
+    ids, allowed = forced_prefix(example)
     hidden = model.hidden_states(torch.tensor([ids]))[0, -1].float()  # [dim]
     logits = model.lm_head(hidden[None])[0]  # [V]
     logp = torch.log_softmax(logits.masked_fill(~allowed, -math.inf), -1)

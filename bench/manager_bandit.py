@@ -1,0 +1,171 @@
+"""The manager's first decision as a bandit, to measure the optimiser in minutes instead of a 15-minute run.
+
+    python bench/manager_bandit.py                                  # Adam, lr 1e-5, reward right on 75 % of states
+    python bench/manager_bandit.py --hold-prior --steps 64
+    python bench/manager_bandit.py --optimizer sgd --lr 1e-2 --reliability 1.0
+    python bench/manager_bandit.py --smoke                          # 2 steps on one conversation (the tests)
+
+What it keeps of train.py's manager: the real SmolLM2 policy, the gym's states (oracle banks, the 2 memories
+MiniLM shows, the "ops" format's forced prefix up to the "about" slot; train split, --balance-kinds' ADD and
+change states), GRPO's group-normalised advantages (grpo.py), --decision-temperature, --hold-prior
+(grpo.project_out_choices), AdamW. What it replaces: the whole output by its first choice, "new" or a shown
+memory's first token (a bandit with one arm per allowed token), and the frozen answerer's reward by a
+label-based one, 1 for "new" on an ADD state and for a memory on a change state, else 0, inverted on a
+seeded (1 - reliability) share of the states. That share stands for the states where the real outcome
+reward does not put the right decision first (docs/manager.md: the oracle is strictly best on 67 % of the
+ADD and 80 % of the change turns), so the inversion is per state, the same at every step.
+
+So it is not a result about the manager: it asks whether the optimiser can learn the conditional decision
+from a reward this reliable in so many steps of Q states x G samples, and how fast the shared prior of "new"
+moves against it. Greedy validation on the val split's ADD and change states (the decision at temperature 1,
+argmax over the allowed tokens) every --val-every steps: the share of ADD states answered "new", of change
+states answered with a memory, and the mean log-odds of "new" over both (the shared prior). One JSON line a
+validation to --out. Settings are read on train and val, never on test.
+"""
+
+import argparse
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data.gym as gym  # noqa: E402
+from agents import balanced_states, conversation_facts, manager_examples, oracle_kind  # noqa: E402
+from grpo import compute_grpo_outcome_advantage, project_out_choices  # noqa: E402
+from memory import make_embedder  # noqa: E402
+from metrics import standard_error  # noqa: E402
+from model import OFFLINE_SMOLLM2, load_model  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from manager_priors import auc, forced_prefix  # noqa: E402
+
+
+def arms(tok, example) -> tuple[list[int], list[int], list[bool], bool]:
+    """(prompt + forced prefix ids, the allowed token ids at the about slot, which of them start "new", whether
+    "new" is the right choice here)."""
+    ids, allowed = forced_prefix(example)
+    choices = allowed.nonzero()[:, 0].tolist()
+    return ids, choices, ['new"'.startswith(tok.decode([t])) for t in choices], oracle_kind(example) == "ADD"
+
+
+def states_of(split: str, limit: int, tok, vocab: int, embedder) -> list:
+    """The split's ADD and change states, as --balance-kinds takes them on train (all of them on val)."""
+    convs = [c for c in gym.load_conversations() if gym.split_of(c.sample_id) == split][:limit or None]
+    examples = [ex for conv in convs for ex in manager_examples(conv, [], conversation_facts(conv, "observation"), tok,
+                                                                embedder, k=2, vocab_size=vocab, fmt="ops")
+                if ex.meta["id_map"]]
+    if split == "train":
+        examples = balanced_states(examples)
+    else:
+        examples = [ex for ex in examples if oracle_kind(ex) in ("ADD", "UPDATE change")]
+    return [arms(tok, ex) for ex in examples]
+
+
+def arm_logprobs(model, batch: list, temperature: float) -> list[torch.Tensor]:
+    """Log-probs over each state's allowed tokens at its about slot (one forward of the padded batch)."""
+    n = max(len(ids) for ids, *_ in batch)
+    x = torch.zeros(len(batch), n, dtype=torch.long)
+    mask = torch.zeros(len(batch), n, dtype=torch.long)
+    for i, (ids, *_) in enumerate(batch):  # left-padded: every state's last position is its about slot
+        x[i, n - len(ids):], mask[i, n - len(ids):] = torch.tensor(ids), 1
+    logits = model(x, attention_mask=mask, last_only=True)[:, -1].float()  # [B, V]
+    return [torch.log_softmax(logits[i, choices] / temperature, -1) for i, (_, choices, _, _) in enumerate(batch)]
+
+
+@torch.no_grad()
+def validate(model, states: list, batch: int = 16) -> dict:
+    """Greedy first decisions on val: ADD states answered new, change states answered with a memory, the mean
+    log-odds of new (temperature 1: the shared prior) and their AUC, ADD against change (what tells them apart)."""
+    odds = {True: [], False: []}  # right_new -> log-odds of new
+    for i in range(0, len(states), batch):
+        chunk = states[i:i + batch]
+        for lp, (_, _, is_new, right_new) in zip(arm_logprobs(model, chunk, 1.0), chunk):
+            new = torch.tensor(is_new)
+            odds[right_new].append(float(torch.logsumexp(lp[new], 0) - torch.logsumexp(lp[~new], 0)))
+    add, change = [float(x > 0) for x in odds[True]], [float(x <= 0) for x in odds[False]]
+    every = odds[True] + odds[False]
+    return {"add_right": sum(add) / len(add), "add_se": standard_error(add),
+            "change_right": sum(change) / len(change), "change_se": standard_error(change),
+            "log_odds_new": sum(every) / len(every), "auc": auc(odds[True], odds[False])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=OFFLINE_SMOLLM2)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--questions-per-step", type=int, default=4, help="states a step (train.py's cpu preset: 4)")
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    ap.add_argument("--decision-temperature", type=float, default=2.5, help="the about slot's sampling temperature")
+    ap.add_argument("--hold-prior", action="store_true", help="grpo.project_out_choices on the advantages")
+    ap.add_argument("--reliability", type=float, default=0.75, help="share of train states whose reward is right")
+    ap.add_argument("--val-every", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="the JSONL log (default runs/bandit.jsonl; --smoke: a temporary file)")
+    ap.add_argument("--smoke", action="store_true", help="one conversation per split, 2 steps")
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(a.seed)
+    model, tok = load_model(a.model)
+    embedder, vocab, limit = make_embedder("minilm"), model.lm_head.weight.shape[0], 1 if a.smoke else 0
+    train, val = states_of("train", limit, tok, vocab, embedder), states_of("val", limit, tok, vocab, embedder)
+    rng = random.Random(f"{a.seed}-bandit")
+    inverted = set(rng.sample(range(len(train)), round((1 - a.reliability) * len(train))))
+    opt = (torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0) if a.optimizer == "adamw"
+           else torch.optim.SGD(model.parameters(), lr=a.lr))
+    steps = 2 if a.smoke else a.steps
+    out = Path(a.out or (tempfile.mkdtemp() + "/bandit.jsonl" if a.smoke else "runs/bandit.jsonl"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = open(out, "w")
+
+    def record(step, extra):
+        row = {"step": step, **validate(model, val), **extra}
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        tqdm.write(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+
+    print(f"{len(train)} train states ({len(inverted)} with the reward inverted), {len(val)} val states; "
+          f"{a.optimizer} lr {a.lr}, Q {a.questions_per_step} x G {a.group_size}, hold-prior {a.hold_prior}")
+    record(0, {})
+    order = list(range(len(train)))
+    t0 = time.perf_counter()
+    for step in tqdm(range(1, steps + 1), desc="bandit steps"):
+        if (step - 1) * a.questions_per_step % len(train) == 0:
+            rng.shuffle(order)
+        picks = [order[(i) % len(order)] for i in range((step - 1) * a.questions_per_step, step * a.questions_per_step)]
+        batch = [train[i] for i in picks]
+        logps = arm_logprobs(model, batch, a.decision_temperature)
+        chosen, rewards, made = [], [], []
+        for i, lp, (_, _, is_new, right_new) in zip(picks, logps, batch):
+            arm = torch.multinomial(lp.exp().detach(), a.group_size, replacement=True)  # [G]
+            new = torch.tensor(is_new)[arm]  # [G] bool
+            right = (new == right_new).float()
+            rewards.append(1 - right if i in inverted else right)
+            chosen.append(lp[arm])
+            made.append(torch.stack([new.float(), 1 - new.float()], -1))  # [G, 2]: the decision made
+        rewards = torch.cat(rewards)  # [Q * G]
+        adv = compute_grpo_outcome_advantage(rewards, a.group_size)
+        share = 0.0
+        if a.hold_prior:
+            adv, share = project_out_choices(adv, torch.cat(made), a.group_size)
+        loss = -(adv * torch.cat(chosen)).mean()  # the clipped surrogate's gradient at ratio 1 (on-policy)
+        opt.zero_grad()
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))  # train.py's --grad-clip
+        opt.step()
+        if step % a.val_every == 0 or step == steps:
+            record(step, {"sampled_new": float(torch.cat(made)[:, 0].mean()), "adv_prior_share": share, "grad_norm": grad_norm,
+                          "s": round(time.perf_counter() - t0, 1)})
+    log.close()
+
+
+if __name__ == "__main__":
+    main()
