@@ -69,7 +69,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
       help="guided decoding: every output in its format by construction (prompts.py; departs from the paper)")
     a("--lr", type=float, help="actor learning rate, constant (paper: 1e-6)")
     a("--critic-lr", type=float, default=1e-5, help="PPO critic learning rate (paper: 1e-5)")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--optimizer", choices=("adamw", "sgd"), default="adamw", help="the policy's optimizer; sgd: plain gradient "
+      "descent, whose step follows the gradient's direction (AdamW's is nearly its sign; bench/manager_bandit.py)")
+    a("--weight-decay", type=float, default=0.0, help="AdamW (or SGD) weight decay")
     a("--grad-clip", type=float, default=1.0, help="max global gradient norm per optimizer step")
     a("--beta", type=float, default=0.01, help="KL weight to the frozen reference; 0 loads no reference")
     a("--clip-low", type=float, default=0.2, help="PPO/GRPO ratio clip epsilon (low side)")
@@ -116,6 +118,12 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     g("--decision-temperature", type=float, default=0.0, metavar="T", help="the ops format: sample the \"about\" "
       "slot (a memory or new) at T and the rest at --temperature; log-probs use the same (0: off; "
       "grammar.DecisionTemperature)")
+    g("--loss-slots", choices=("all", "about", "choices"), default="all", help="which sampled tokens carry the policy "
+      "loss; the ops format: about = the decision slots (a memory or new) only; choices = every choice among a few "
+      "tokens (the decision, which memory, which event), not a merge's free text (grammar.py)")
+    g("--slot-beta", type=float, default=0.0, metavar="B", help="with --loss-slots about: a k3 KL to the reference, "
+      "weight B, on the format's other choices (which memory, which event), so that the choices left untrained stay "
+      "where the base model has them (0: off)")
     g("--hold-prior", action="store_true", help="GRPO: remove from the advantages what the decision made (ADD, "
       "UPDATE, ...) explains across the step's states, so a step cannot move a decision's shared prior, only how "
       "it depends on the state (grpo.project_out_choices; docs/manager.md)")
@@ -175,8 +183,14 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
                  "answer_max_new_tokens"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.decision_temperature and (args.agent != "manager" or args.manager_format != "ops"):
-        ap.error("--decision-temperature heats the ops format's decision slot: --agent manager --manager-format ops")
+    if (args.decision_temperature or args.loss_slots != "all") and (args.agent != "manager" or args.manager_format != "ops"):
+        ap.error("--decision-temperature and --loss-slots act on the ops format's decision slots: --agent manager "
+                 "--manager-format ops")
+    if args.loss_slots != "all" and not args.guided:
+        ap.error("--loss-slots finds the decision slots from the format's allowed tokens: it needs --guided")
+    if args.slot_beta and (args.loss_slots != "about" or args.beta <= 0 or args.algo != "grpo"):
+        ap.error("--slot-beta holds the choices --loss-slots about leaves untrained near the reference: it needs "
+                 "--algo grpo, --loss-slots about and --beta > 0 (the reference is loaded for the KL)")
     if args.hold_prior and (args.agent != "manager" or args.algo != "grpo"):
         ap.error("--hold-prior centres GRPO's advantages on the manager's decisions: --algo grpo --agent manager")
     if args.reward == "prob" and args.agent != "manager":

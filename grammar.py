@@ -336,8 +336,20 @@ class DecisionTemperature:
 
     def __call__(self, allowed: torch.Tensor) -> torch.Tensor:
         """allowed [..., V] bool -> the temperatures [..., 1]."""
-        at_slot = allowed[..., self.marker] & (allowed.sum(-1) <= self.max_choices)
-        return torch.where(at_slot, self.decision, self.base)[..., None]
+        return torch.where(decision_slots(allowed, self.marker, self.max_choices), self.decision, self.base)[..., None]
+
+
+def decision_slots(allowed: torch.Tensor, marker: int, max_choices: int = 64) -> torch.Tensor:
+    """allowed [..., V] bool -> [...] bool: the positions where the format offers `marker` ("new") among at most
+    `max_choices` tokens, i.e. the ops format's decision slots (DecisionTemperature; --loss-slots about)."""
+    return allowed[..., marker] & (allowed.sum(-1) <= max_choices)
+
+
+def choice_slots(allowed: torch.Tensor, max_choices: int = 64) -> torch.Tensor:
+    """allowed [..., V] bool -> [...] bool: the positions where the format offers a choice among 2 to `max_choices`
+    tokens (the ops format: the decision, which shown memory, which event), not free text (--loss-slots choices)."""
+    n = allowed.sum(-1)
+    return (n > 1) & (n <= max_choices)
 
 
 def temperatures(temperature, allowed: torch.Tensor | None):

@@ -58,9 +58,10 @@ import precision
 from agents import DECISIONS, Example, Task, answer_task, manager_task
 from checkpoint import (checkpoint_to_resume, export_merged, load_trainable_state, load_training_state,
                         metrics_log, save_training_state)
-from grammar import DecisionTemperature, allowed_masks
+from grammar import DecisionTemperature, allowed_masks, choice_slots, decision_slots
 from flags import parse_args
-from grpo import compute_grpo_outcome_advantage, grpo_loss, project_out_choices, zero_std_group_fraction
+from grpo import (agg_loss, compute_grpo_outcome_advantage, grpo_loss, kl_penalty, project_out_choices,
+                  zero_std_group_fraction)
 from metrics import held_out_summary, standard_error
 from parallel import (all_sum, backward, barrier, clip_gradients, concat_over_ranks, gather_lists, init_distributed,
                       my_share, no_sync, prepare_models, this_rank, validation_share)
@@ -328,10 +329,19 @@ def minibatch_step(policy, opt, minibatch: list[Group], args, critic=None, criti
     for i, c in enumerate(work):
         w = c.mask.sum().item() / n_tokens  # this chunk's share of the minibatch's tokens
         with no_sync(policy, last=i == len(work) - 1):  # gradients sync over ranks at the last backward only
-            logp, mask = policy(c.prompt, c.completions, policy_temperature(args), args.checkpointing, c.allowed())
+            allowed = c.allowed()
+            logp, mask = policy(c.prompt, c.completions, policy_temperature(args), args.checkpointing, allowed)
+            kept = mask  # the tokens that carry the loss
+            if args.loss_slots == "about":  # the manager's decision slots alone
+                kept = mask & decision_slots(allowed, args.decision_marker)
+            elif args.loss_slots == "choices":  # every choice of the format, no free text
+                kept = mask & choice_slots(allowed)
             old_logp = logp.detach() if on_policy else c.old_logp
-            loss, st = grpo_loss(logp, old_logp, c.ref_logp, c.advantages, mask, beta, args.clip_low,
+            loss, st = grpo_loss(logp, old_logp, c.ref_logp, c.advantages, kept, beta, args.clip_low,
                                  args.clip_high, args.loss_agg, denom)
+            if args.slot_beta:  # the choices left out of the loss are held near the reference's (k3 KL)
+                held = mask & choice_slots(allowed) & ~kept
+                loss = loss + args.slot_beta * agg_loss(kl_penalty(logp, c.ref_logp), held, args.loss_agg, denom)
             backward(loss)
         stats["loss"] += loss.item()
         stats["clip_frac"] += w * st["clip_frac"]
@@ -421,9 +431,14 @@ def load_models(args, base, ckpt: Path | None):
     return policy, ref, critic
 
 
-def adamw(module: torch.nn.Module, lr: float, args) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
-                             weight_decay=args.weight_decay)
+def make_optimizer(module: torch.nn.Module, lr: float, args, kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW on the trainable parameters, or (--optimizer sgd, the policy's) plain gradient descent: AdamW's
+    first steps move every weight by about lr whatever the size of its gradient, and for the manager's few
+    decision tokens that moves the prior shared by every state first (bench/manager_bandit.py)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -446,14 +461,14 @@ def run(args, task: Task | None = None) -> dict:
     dev = torch.device(args.device)
     args.precision = precision.configure(args.precision, dev)  # bf16 products where they pay (before loading)
     base, tok = M.load_model(args.model, getattr(torch, args.dtype), dev)
-    if args.decision_temperature:  # the ops format's "new" token marks its decision slot
+    if args.decision_temperature or args.loss_slots == "about":  # the ops format's "new" token marks its decision slot
         args.decision_marker = decision_marker(tok)
     if task is None:  # the banks and prompts are built from the starting model, also on resume
         task = (answer_task if args.agent == "answer" else manager_task)(args, tok, base)
     policy, ref, critic = load_models(args, base, ckpt)
     policy_pass, critic_pass = prepare_models(policy, ref, critic, dev, args.fsdp)
-    opt = adamw(policy, args.lr, args)
-    critic_opt = adamw(critic, args.critic_lr, args) if critic is not None else None
+    opt = make_optimizer(policy, args.lr, args, args.optimizer)
+    critic_opt = make_optimizer(critic, args.critic_lr, args) if critic is not None else None
     start = load_training_state(ckpt, opt, policy, critic, critic_opt) if ckpt else 0
     engine.sync(policy)  # weights loaded in place: the rollout engine's copies follow
     log = metrics_log(out / "metrics.jsonl", start if ckpt else None, main)

@@ -136,7 +136,8 @@ def test_manager_training_writes_metrics_and_checkpoint_and_resumes(algo, tiny_c
               "--algo", algo, "--model", ckpt, "--max-new-tokens", 12,
               "--answer-max-new-tokens", 3, "--group-size", 2, "--questions-per-step", 1, "--lr", 1e-3,
               "--memories-per-speaker", 1, "--window", 4, "--val-limit", 1, "--save-every", 1, "--val-every", 1]
-    common += ["--hold-prior"] * (algo == "grpo")  # the advantages' projection runs (and is logged) on every step
+    # GRPO here also runs the advantages' projection (logged every step) and plain SGD, saved and resumed
+    common += ["--hold-prior", "--optimizer", "sgd", "--loss-agg", "seq-mean-token-sum"] * (algo == "grpo")
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     train.run(train.parse_args([str(x) for x in common + ["--out", killed, "--steps", 1]]))
     train.run(train.parse_args([str(x) for x in common + ["--out", killed, "--steps", 2, "--resume"]]))
@@ -172,3 +173,29 @@ def test_manager_training_writes_metrics_and_checkpoint_and_resumes(algo, tiny_c
     for r, s in zip(rows, straight_rows):
         assert ("logp_mismatch" in r) == ("logp_mismatch" in s) and abs(r.get("logp_mismatch", 0) -
                                                                        s.get("logp_mismatch", 0)) < 1e-5
+
+
+def test_slot_loss_flags_run_the_ops_manager_and_resume(smollm2_path, tmp_path):
+    """--loss-slots about with --slot-beta (the KL on the other choices) and SGD, on the gym's ops
+    format with the real SmolLM2 as manager and answerer (its tokenizer has "new" as one token, which the
+    decision slot needs; guided: every output parses): the steps run and log, and a run killed after step 1
+    and resumed ends bit for bit where an unbroken run does."""
+    ckpt = smollm2_path
+    common = ["--agent", "manager", "--data", "gym", "--manager-format", "ops", "--reward", "prob", "--embedder", "hash",
+              "--model", ckpt, "--answerer", ckpt, "--max-new-tokens", 48, "--answer-max-new-tokens", 3,
+              "--group-size", 2, "--questions-per-step", 1, "--memories-per-speaker", 1, "--manager-k", 2,
+              "--val-limit", 1, "--save-every", 1, "--val-every", 1, "--dynamic-sampling", 0,
+              "--decision-temperature", 2.5, "--loss-slots", "about", "--slot-beta", 1.0, "--beta", 0.01,
+              "--optimizer", "sgd", "--lr", 0.1, "--loss-agg", "seq-mean-token-sum"]
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    train.run(train.parse_args([str(x) for x in common + ["--out", killed, "--steps", 1]]))
+    train.run(train.parse_args([str(x) for x in common + ["--out", killed, "--steps", 2, "--resume"]]))
+    train.run(train.parse_args([str(x) for x in common + ["--out", straight, "--steps", 2]]))
+    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and rows[1]["parse_fail"] == 0.0
+    assert rows[1]["grad_norm"] > 0 or rows[1]["zero_std_groups"] == 1.0  # it trained, unless the group tied
+    assert rows[2]["grad_norm"] > 0 or rows[2]["zero_std_groups"] == 1.0
+    a, b = load_file(straight / "checkpoint" / "model.safetensors"), load_file(killed / "checkpoint" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit):  # the KL on the other choices needs the decision-only loss
+        train.parse_args(["--agent", "manager", "--slot-beta", "1.0"])

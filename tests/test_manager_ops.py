@@ -8,7 +8,7 @@ import torch
 
 import agents
 import manager
-from grammar import DecisionTemperature, allowed_masks, guide_for
+from grammar import DecisionTemperature, allowed_masks, choice_slots, decision_slots, guide_for
 import model as M
 import prompts as P
 import train
@@ -257,6 +257,14 @@ def test_decision_temperature_heats_the_about_slot_only(smollm2):
     hot = [tok.decode(tokens[:i]) for i in (temps == 2.5).nonzero()[:, 0].tolist()]
     assert [h[-10:] for h in hot] == ['"about": "', '"about": "']  # the two about slots, nothing else
     assert "new" in tok.decode(tokens[-8:])  # the merge text's "new" is free text: not heated
+    # --loss-slots about keeps exactly these positions in the loss mask; --loss-slots choices also the event
+    # after a named memory, never a forced token or the merge's free text
+    assert torch.equal(decision_slots(allowed, heat.marker), temps == 2.5)
+    chosen = [tok.decode(tokens[:i]) for i in choice_slots(allowed).nonzero()[:, 0].tolist()]
+    assert [c[-10:] for c in chosen if c.endswith('"about": "')] == ['"about": "', '"about": "']
+    assert any(c.endswith('"event": "') for c in chosen)  # the second entry's event (the first's ADD is forced)
+    assert not any('"text": "' in c for c in chosen)
+    assert len(chosen) < len(tokens) // 4
     # hand-made masks: the marker among few tokens heats; among the whole vocabulary or absent, it does not
     few, every, without = torch.zeros(3, V, dtype=torch.bool), torch.ones(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool)
     few[:, [heat.marker, 5, 7]] = True
