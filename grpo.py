@@ -124,6 +124,14 @@ def agg_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mea
     raise ValueError(f"unknown aggregation {mode!r} (choose from {', '.join(AGG_MODES)})")
 
 
+def agg_denominator(mode: str, masks: list[torch.Tensor], max_new_tokens: int) -> float:
+    """The whole minibatch's normaliser, so that per-group losses add up to the minibatch's (SPEC 5)."""
+    if mode == "token-mean":
+        return float(sum(m.sum().item() for m in masks))
+    n_seqs = sum(m.shape[0] for m in masks)
+    return float(n_seqs * max_new_tokens) if mode == "seq-mean-token-sum-norm" else float(n_seqs)
+
+
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta: float = 0.01, clip_low: float = 0.2,
               clip_high: float | None = None, mode: str = "token-mean", denom: float | None = None):
     """The GRPO objective to minimise: agg(clipped surrogate + beta * k3 KL to the reference) (SPEC 5).

@@ -307,6 +307,12 @@ def make_judge(args):
 # --------------------------------------------------------------------------------------------------
 
 
+def mean_scores(scores: list[dict], prefix: str = "") -> dict:
+    """Each key's mean over the scores that have it (a gym manager's op_acc_update: over UPDATE turns only)."""
+    keys = dict.fromkeys(k for s in scores for k in s)
+    return {prefix + k: sum(vals) / len(vals) for k in keys if (vals := [s[k] for s in scores if k in s])}
+
+
 def standard_error(values: list[float]) -> float:
     """Of the mean of `values` (sample standard deviation / sqrt(n)): the noise of a held-out figure."""
     n = len(values)

@@ -60,9 +60,9 @@ from checkpoint import (checkpoint_to_resume, export_merged, load_trainable_stat
                         metrics_log, save_training_state)
 from grammar import DecisionTemperature, allowed_masks, choice_slots, decision_slots
 from flags import parse_args
-from grpo import (agg_loss, compute_grpo_outcome_advantage, grpo_loss, kl_penalty, project_out_choices,
+from grpo import (agg_denominator, agg_loss, compute_grpo_outcome_advantage, grpo_loss, kl_penalty, project_out_choices,
                   zero_std_group_fraction)
-from metrics import held_out_summary, standard_error
+from metrics import held_out_summary, mean_scores, standard_error
 from parallel import (all_sum, backward, barrier, clip_gradients, concat_over_ranks, gather_lists, init_distributed,
                       my_share, no_sync, prepare_models, this_rank, validation_share)
 from plot import save_curves
@@ -148,10 +148,10 @@ def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, r
         if critic is not None:
             g.old_values = critic.completion_values(g.prompt, g.completions)
     rewards = torch.tensor([s["reward"] for g in groups for s in g.scores])  # [N * G], group by group
-    held = grpo_advantages(groups, rewards, args) if args.algo == "grpo" else {}
+    prior = grpo_advantages(groups, rewards, args) if args.algo == "grpo" else {}  # --hold-prior's share
     if args.algo == "ppo":
         ppo_advantages(groups, rewards, args, args.beta if ref is not None else 0.0)
-    stats = {**rollout_stats(groups, args, policy.stop_ids), **held}
+    stats = {**rollout_stats(groups, args, policy.stop_ids), **prior}
     if args.dynamic_sampling:  # what the rounds saw before the equal-reward groups were set aside
         every = torch.tensor([s["reward"] for g in sampled for s in g.scores])
         stats.update(sampled_groups=len(sampled), sampled_zero_std_groups=zero_std_group_fraction(every, args.group_size))
@@ -244,23 +244,9 @@ def rollout_stats(groups: list[Group], args, stop_ids) -> dict:
     return stats
 
 
-def mean_scores(scores: list[dict], prefix: str = "") -> dict:
-    """Each key's mean over the scores that have it (a gym manager's op_acc_update: over UPDATE turns only)."""
-    keys = dict.fromkeys(k for s in scores for k in s)
-    return {prefix + k: sum(vals) / len(vals) for k in keys if (vals := [s[k] for s in scores if k in s])}
-
-
 # --------------------------------------------------------------------------------------------------
 # 2. Update: epochs x minibatches, one group per micro-batch, gradients accumulated over a minibatch
 # --------------------------------------------------------------------------------------------------
-
-
-def agg_denominator(mode: str, masks: list[torch.Tensor], max_new_tokens: int) -> float:
-    """The whole minibatch's normaliser, so that per-group losses add up to the minibatch's (SPEC 5)."""
-    if mode == "token-mean":
-        return float(sum(m.sum().item() for m in masks))
-    n_seqs = sum(m.shape[0] for m in masks)
-    return float(n_seqs * max_new_tokens) if mode == "seq-mean-token-sum-norm" else float(n_seqs)
 
 
 def micro_batches(g: Group, size: int) -> list[Group]:
@@ -331,11 +317,10 @@ def minibatch_step(policy, opt, minibatch: list[Group], args, critic=None, criti
         with no_sync(policy, last=i == len(work) - 1):  # gradients sync over ranks at the last backward only
             allowed = c.allowed()
             logp, mask = policy(c.prompt, c.completions, policy_temperature(args), args.checkpointing, allowed)
-            kept = mask  # the tokens that carry the loss
-            if args.loss_slots == "about":  # the manager's decision slots alone
-                kept = mask & decision_slots(allowed, args.decision_marker)
-            elif args.loss_slots == "choices":  # every choice of the format, no free text
-                kept = mask & choice_slots(allowed)
+            kept = mask  # the tokens that carry the loss: all, the decision slots, or every choice of the format
+            if args.loss_slots != "all":
+                kept = mask & (decision_slots(allowed, args.decision_marker) if args.loss_slots == "about" else
+                               choice_slots(allowed))
             old_logp = logp.detach() if on_policy else c.old_logp
             loss, st = grpo_loss(logp, old_logp, c.ref_logp, c.advantages, kept, beta, args.clip_low,
                                  args.clip_high, args.loss_agg, denom)
@@ -432,9 +417,8 @@ def load_models(args, base, ckpt: Path | None):
 
 
 def make_optimizer(module: torch.nn.Module, lr: float, args, kind: str = "adamw") -> torch.optim.Optimizer:
-    """AdamW on the trainable parameters, or (--optimizer sgd, the policy's) plain gradient descent: AdamW's
-    first steps move every weight by about lr whatever the size of its gradient, and for the manager's few
-    decision tokens that moves the prior shared by every state first (bench/manager_bandit.py)."""
+    """AdamW on the trainable parameters, or plain gradient descent (--optimizer sgd): AdamW moves every weight
+    by about lr whatever its gradient's size, which moves the manager's shared prior first (docs/manager.md)."""
     params = [p for p in module.parameters() if p.requires_grad]
     if kind == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=args.weight_decay)

@@ -138,9 +138,11 @@ def main() -> None:
     order = list(range(len(train)))
     t0 = time.perf_counter()
     for step in tqdm(range(1, steps + 1), desc="bandit steps"):
-        if (step - 1) * a.questions_per_step % len(train) == 0:
-            rng.shuffle(order)
-        picks = [order[(i) % len(order)] for i in range((step - 1) * a.questions_per_step, step * a.questions_per_step)]
+        picks = []
+        for i in range((step - 1) * a.questions_per_step, step * a.questions_per_step):
+            if i % len(train) == 0:  # a fresh shuffle at the start of each pass over the states
+                rng.shuffle(order)
+            picks.append(order[i % len(train)])
         batch = [train[i] for i in picks]
         logps = arm_logprobs(model, batch, a.decision_temperature)
         chosen, rewards, made = [], [], []

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import agents  # noqa: E402
 import model as M  # noqa: E402
 import train  # noqa: E402
+from metrics import mean_scores  # noqa: E402
 from sampling import generate  # noqa: E402
 
 
@@ -58,7 +59,7 @@ def main() -> None:
           f"{args.max_new_tokens} tokens: "
           f"mean reward ({args.reward}) {sum(rewards) / len(rewards):.3f}, groups with signal {with_signal}/{n}, "
           f"mean length {sum(map(len, out)) / len(out):.1f} tokens, sampling {seconds:.1f} s")
-    print("means of every score: " + ", ".join(f"{k} {v:.3f}" for k, v in train.mean_scores(scores).items()))
+    print("means of every score: " + ", ".join(f"{k} {v:.3f}" for k, v in mean_scores(scores).items()))
 
 
 if __name__ == "__main__":
