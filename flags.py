@@ -71,6 +71,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     a("--critic-lr", type=float, default=1e-5, help="PPO critic learning rate (paper: 1e-5)")
     a("--optimizer", choices=("adamw", "sgd"), default="adamw", help="the policy's optimizer; sgd: plain gradient "
       "descent, whose step follows the gradient's direction (AdamW's is nearly its sign; bench/manager_bandit.py)")
+    a("--head-lr-scale", type=float, default=1.0, help="the output layer's lr over --lr (SmolLM2 ties it to the "
+      "input embedding); 0 freezes it (docs/manager.md)")
     a("--weight-decay", type=float, default=0.0, help="AdamW (or SGD) weight decay")
     a("--grad-clip", type=float, default=1.0, help="max global gradient norm per optimizer step")
     a("--beta", type=float, default=0.01, help="KL weight to the frozen reference; 0 loads no reference")
@@ -127,6 +129,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     g("--hold-prior", action="store_true", help="GRPO: remove from the advantages what the decision made (ADD, "
       "UPDATE, ...) explains across the step's states, so a step cannot move a decision's shared prior, only how "
       "it depends on the state (grpo.project_out_choices; docs/manager.md)")
+    g("--prior-keep", type=float, default=0.0, metavar="K", help="with --hold-prior: the share of the push on the "
+      "shared prior kept, so the prior follows the reward at K times the rate (0: only drift moves it)")
     g("--dynamic-sampling", type=int, default=0, metavar="R", help="DAPO's dynamic sampling: drop groups whose "
       "rewards are all equal and sample up to R more rounds of prompts to fill the step (0: off)")
     g("--answer-max-new-tokens", type=int, help="the answerer's response limit")
@@ -191,8 +195,12 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
     if args.slot_beta and (args.loss_slots != "about" or args.beta <= 0 or args.algo != "grpo"):
         ap.error("--slot-beta holds the choices --loss-slots about leaves untrained near the reference: it needs "
                  "--algo grpo, --loss-slots about and --beta > 0 (the reference is loaded for the KL)")
+    if args.prior_keep and not (args.hold_prior and 0 < args.prior_keep < 1):
+        ap.error("--prior-keep is the share of the prior's push --hold-prior keeps: it needs --hold-prior, in (0, 1)")
     if args.hold_prior and (args.agent != "manager" or args.algo != "grpo"):
         ap.error("--hold-prior centres GRPO's advantages on the manager's decisions: --algo grpo --agent manager")
+    if args.head_lr_scale < 0 or (args.head_lr_scale != 1 and args.lora_rank):
+        ap.error("--head-lr-scale must be >= 0, and LoRA trains no output layer to scale")
     if args.reward == "prob" and args.agent != "manager":
         ap.error("--reward prob scores a manager by its frozen answerer's probability of the gold: --agent manager")
     args.lora_targets = [t for t in args.lora_targets.split(",") if t]

@@ -35,7 +35,8 @@ def compute_grpo_outcome_advantage(rewards: torch.Tensor, group_size: int, scale
     return centred.view(-1)
 
 
-def project_out_choices(advantages: torch.Tensor, choices: torch.Tensor, group_size: int) -> tuple[torch.Tensor, float]:
+def project_out_choices(advantages: torch.Tensor, choices: torch.Tensor, group_size: int,
+                        keep: float = 0.0) -> tuple[torch.Tensor, float]:
     """Advantages with the part that a state-independent choice explains removed (for the manager's decision).
 
     advantages [N] (group by group), choices [N, K]: which of K decisions each completion made (one-hot, or
@@ -47,6 +48,8 @@ def project_out_choices(advantages: torch.Tensor, choices: torch.Tensor, group_s
     state (which states "new" wins on, not that it wins on most). Group sums stay 0; a group whose
     completions all chose the same keeps its advantages. Also returns the share of sum(A^2) removed.
     A deliberate bias (the shared prior can then move only through the conditional part); docs/manager.md.
+    keep in [0, 1] puts that share of the fit back, A' = A - (1 - keep) X beta, so X^T A' = keep X^T A: the
+    prior still follows the reward, at keep times the rate (with keep = 0 nothing but drift moves it).
     """
     G = group_size
     if choices.shape[0] != advantages.numel() or advantages.numel() % G:
@@ -57,7 +60,7 @@ def project_out_choices(advantages: torch.Tensor, choices: torch.Tensor, group_s
     x = (c - c.mean(dim=1, keepdim=True)).view(-1, choices.shape[-1])  # [N, K]: centred within each group
     shared = x @ (torch.linalg.pinv(x) @ a)  # [N]: the projection of A onto the span of X's columns
     removed = (shared.square().sum() / a.square().sum()).item() if a.abs().sum() > 0 else 0.0
-    return (a - shared).to(advantages.dtype), removed
+    return (a - (1 - keep) * shared).to(advantages.dtype), removed
 
 
 def zero_std_group_fraction(rewards: torch.Tensor, group_size: int) -> float:

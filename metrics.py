@@ -17,8 +17,10 @@ import json
 import math
 import os
 import re
+import resource
 import socket
 import string
+import sys
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -320,6 +322,12 @@ def standard_error(values: list[float]) -> float:
         return 0.0
     mean = sum(values) / n
     return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, in GiB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def held_out_summary(path: Path) -> str:

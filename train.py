@@ -42,7 +42,6 @@ presets and every switch). Read next: evaluate.py, then plot.py (the curves.png 
 from __future__ import annotations
 
 import random
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -62,7 +61,7 @@ from grammar import DecisionTemperature, allowed_masks, choice_slots, decision_s
 from flags import parse_args
 from grpo import (agg_denominator, agg_loss, compute_grpo_outcome_advantage, grpo_loss, kl_penalty, project_out_choices,
                   zero_std_group_fraction)
-from metrics import held_out_summary, mean_scores, standard_error
+from metrics import held_out_summary, mean_scores, peak_rss_gb, standard_error
 from parallel import (all_sum, backward, barrier, clip_gradients, concat_over_ranks, gather_lists, init_distributed,
                       my_share, no_sync, prepare_models, this_rank, validation_share)
 from plot import save_curves
@@ -199,7 +198,7 @@ def grpo_advantages(groups: list[Group], rewards: torch.Tensor, args) -> dict:
     stats = {}
     if args.hold_prior:
         made = torch.tensor([[s[f"dec_{d.lower()}"] for d in DECISIONS] for g in groups for s in g.scores])  # [N*G, 5]
-        adv, stats["adv_prior_share"] = project_out_choices(adv, made, G)
+        adv, stats["adv_prior_share"] = project_out_choices(adv, made, G, args.prior_keep)
     for k, g in enumerate(groups):
         g.advantages = adv[k * G:(k + 1) * G, None].to(g.mask.device).expand(g.mask.shape) * g.mask  # [G, T]
     return stats
@@ -416,13 +415,20 @@ def load_models(args, base, ckpt: Path | None):
     return policy, ref, critic
 
 
-def make_optimizer(module: torch.nn.Module, lr: float, args, kind: str = "adamw") -> torch.optim.Optimizer:
+def make_optimizer(module: torch.nn.Module, lr: float, kind: str = "adamw", head_lr_scale: float = 1.0,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """AdamW on the trainable parameters, or plain gradient descent (--optimizer sgd): AdamW moves every weight
-    by about lr whatever its gradient's size, which moves the manager's shared prior first (docs/manager.md)."""
+    by about lr whatever its gradient's size, which moves the manager's shared prior first. The output layer
+    (tied to the input embedding in SmolLM2) steps at lr x head_lr_scale, and 0 freezes it: under gradient
+    descent one clipped step put most of itself on the decision token's row (docs/manager.md)."""
+    head = {id(m.weight) for name, m in module.named_modules() if name.rsplit(".", 1)[-1] == "lm_head"}
+    for p in module.parameters():
+        p.requires_grad_(p.requires_grad and not (id(p) in head and head_lr_scale == 0))
     params = [p for p in module.parameters() if p.requires_grad]
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=args.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    groups = [{"params": [p for p in params if id(p) not in head]},
+              {"params": [p for p in params if id(p) in head], "lr": lr * head_lr_scale}]
+    optimizer = torch.optim.SGD if kind == "sgd" else torch.optim.AdamW
+    return optimizer([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -451,8 +457,8 @@ def run(args, task: Task | None = None) -> dict:
         task = (answer_task if args.agent == "answer" else manager_task)(args, tok, base)
     policy, ref, critic = load_models(args, base, ckpt)
     policy_pass, critic_pass = prepare_models(policy, ref, critic, dev, args.fsdp)
-    opt = make_optimizer(policy, args.lr, args, args.optimizer)
-    critic_opt = make_optimizer(critic, args.critic_lr, args) if critic is not None else None
+    opt = make_optimizer(policy, args.lr, args.optimizer, args.head_lr_scale, args.weight_decay)
+    critic_opt = make_optimizer(critic, args.critic_lr, weight_decay=args.weight_decay) if critic is not None else None
     start = load_training_state(ckpt, opt, policy, critic, critic_opt) if ckpt else 0
     engine.sync(policy)  # weights loaded in place: the rollout engine's copies follow
     log = metrics_log(out / "metrics.jsonl", start if ckpt else None, main)
@@ -487,12 +493,6 @@ def run(args, task: Task | None = None) -> dict:
         print(held_out_summary(out / "metrics.jsonl"), file=sys.stderr)
         print(save_curves(out / "metrics.jsonl"), file=sys.stderr)  # OUT/curves.png, when matplotlib is there
     return val
-
-
-def peak_rss_gb() -> float:
-    """This process's peak resident memory so far, in GiB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 if __name__ == "__main__":

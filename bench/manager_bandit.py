@@ -42,6 +42,7 @@ from grpo import compute_grpo_outcome_advantage, project_out_choices  # noqa: E4
 from memory import make_embedder  # noqa: E402
 from metrics import standard_error  # noqa: E402
 from model import OFFLINE_SMOLLM2, load_model  # noqa: E402
+from train import make_optimizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from manager_priors import auc, forced_prefix  # noqa: E402
@@ -106,6 +107,13 @@ def main() -> None:
     ap.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     ap.add_argument("--decision-temperature", type=float, default=2.5, help="the about slot's sampling temperature")
     ap.add_argument("--hold-prior", action="store_true", help="grpo.project_out_choices on the advantages")
+    ap.add_argument("--prior-keep", type=float, default=0.0, help="with --hold-prior: the share of the prior's push kept")
+    ap.add_argument("--decision-entropy", type=float, default=0.0,
+                    help="weight of the entropy of the step's mean P(new) (at the decision temperature), maximised")
+    ap.add_argument("--entropy-of", choices=("marginal", "state"), default="marginal",
+                    help="--decision-entropy of the step's mean P(new), or the mean over states of each one's")
+    ap.add_argument("--head-lr-scale", type=float, default=1.0,
+                    help="the output layer's lr over --lr (tied to the input embedding here); 0 freezes it")
     ap.add_argument("--reliability", type=float, default=0.75, help="share of train states whose reward is right")
     ap.add_argument("--val-every", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
@@ -119,8 +127,7 @@ def main() -> None:
     train, val = states_of("train", limit, tok, vocab, embedder), states_of("val", limit, tok, vocab, embedder)
     rng = random.Random(f"{a.seed}-bandit")
     inverted = set(rng.sample(range(len(train)), round((1 - a.reliability) * len(train))))
-    opt = (torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0) if a.optimizer == "adamw"
-           else torch.optim.SGD(model.parameters(), lr=a.lr))
+    opt = make_optimizer(model, a.lr, a.optimizer, a.head_lr_scale, weight_decay=0.0)
     steps = 2 if a.smoke else a.steps
     out = Path(a.out or (tempfile.mkdtemp() + "/bandit.jsonl" if a.smoke else "runs/bandit.jsonl"))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +140,8 @@ def main() -> None:
         tqdm.write(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
 
     print(f"{len(train)} train states ({len(inverted)} with the reward inverted), {len(val)} val states; "
-          f"{a.optimizer} lr {a.lr}, Q {a.questions_per_step} x G {a.group_size}, hold-prior {a.hold_prior}")
+          f"{a.optimizer} lr {a.lr}, Q {a.questions_per_step} x G {a.group_size}, hold-prior {a.hold_prior} "
+          f"(keep {a.prior_keep}), head lr x {a.head_lr_scale}")
     record(0, {})
     order = list(range(len(train)))
     t0 = time.perf_counter()
@@ -157,11 +165,16 @@ def main() -> None:
         adv = compute_grpo_outcome_advantage(rewards, a.group_size)
         share = 0.0
         if a.hold_prior:
-            adv, share = project_out_choices(adv, torch.cat(made), a.group_size)
+            adv, share = project_out_choices(adv, torch.cat(made), a.group_size, a.prior_keep)
         loss = -(adv * torch.cat(chosen)).mean()  # the clipped surrogate's gradient at ratio 1 (on-policy)
+        p_new = torch.stack([torch.logsumexp(lp[torch.tensor(b[2])], 0) for lp, b in zip(logps, batch)]).exp()  # [Q]
+        if a.entropy_of == "marginal":  # of the step's mean decision: only the shared prior is pushed
+            p_new = p_new.mean()
+        entropy = -(p_new * p_new.log() + (1 - p_new) * (1 - p_new).log()).mean()  # new or not, in nats
+        loss = loss - a.decision_entropy * entropy
         opt.zero_grad()
         loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))  # train.py's --grad-clip
+        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0))
         opt.step()
         if step % a.val_every == 0 or step == steps:
             record(step, {"sampled_new": float(torch.cat(made)[:, 0].mean()), "adv_prior_share": share, "grad_norm": grad_norm,

@@ -176,7 +176,8 @@ def test_manager_training_writes_metrics_and_checkpoint_and_resumes(algo, tiny_c
 
 
 def test_slot_loss_flags_run_the_ops_manager_and_resume(smollm2_path, tmp_path):
-    """--loss-slots about with --slot-beta (the KL on the other choices) and SGD, on the gym's ops
+    """--loss-slots about with --slot-beta (the KL on the other choices), SGD with the output layer at its own
+    rate (two parameter groups in the saved optimizer state) and --hold-prior keeping a share, on the gym's ops
     format with the real SmolLM2 as manager and answerer (its tokenizer has "new" as one token, which the
     decision slot needs; guided: every output parses): the steps run and log, and a run killed after step 1
     and resumed ends bit for bit where an unbroken run does."""
@@ -186,7 +187,8 @@ def test_slot_loss_flags_run_the_ops_manager_and_resume(smollm2_path, tmp_path):
               "--group-size", 2, "--questions-per-step", 1, "--memories-per-speaker", 1, "--manager-k", 2,
               "--val-limit", 1, "--save-every", 1, "--val-every", 1, "--dynamic-sampling", 0,
               "--decision-temperature", 2.5, "--loss-slots", "about", "--slot-beta", 1.0, "--beta", 0.01,
-              "--optimizer", "sgd", "--lr", 0.1, "--loss-agg", "seq-mean-token-sum"]
+              "--optimizer", "sgd", "--lr", 0.1, "--loss-agg", "seq-mean-token-sum", "--head-lr-scale", 0.5,
+              "--hold-prior", "--prior-keep", 0.1]
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     train.run(train.parse_args([str(x) for x in common + ["--out", killed, "--steps", 1]]))
     train.run(train.parse_args([str(x) for x in common + ["--out", killed, "--steps", 2, "--resume"]]))

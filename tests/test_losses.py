@@ -37,6 +37,10 @@ def test_project_out_choices_hand_computed():
     assert torch.allclose(out, want, atol=1e-6)
     assert removed == pytest.approx((2 / 3) ** 2 * 1.5 / (6 + 2 * 0.49))  # sum((beta x)^2) / sum(A^2)
     assert torch.allclose(out.view(4, 2).sum(1), torch.zeros(4), atol=1e-6)  # group sums stay 0
+    kept, _ = project_out_choices(adv, choices, 2, keep=0.25)  # a quarter of the fit put back: A - (3/4)(2/3) x
+    assert torch.allclose(kept, adv - 0.75 * (adv - want), atol=1e-6)
+    x = choices[:, 0] - choices[:, 0].view(4, 2).mean(1).repeat_interleave(2)
+    assert float(x @ kept) == pytest.approx(0.25 * float(x @ adv))  # the prior's push at a quarter of its size
     # "new" winning in every state is all shared prior: nothing is left of it
     same, share = project_out_choices(torch.tensor([1.0, -1.0, 1.0, -1.0]), choices[:4], 2)
     assert torch.allclose(same, torch.zeros(4), atol=1e-6) and share == pytest.approx(1.0)

@@ -85,6 +85,25 @@ def test_optimizer_state_round_trips_through_safetensors(tmp_path):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("scale", [0.0, 0.25])
+def test_head_lr_scale_steps_the_tied_output_layer_at_its_own_rate(tiny_checkpoints, scale):
+    policy = M.load_model(tiny_checkpoints["qwen2"][0])[0]  # tied: lm_head.weight is tok_emb.weight
+    assert policy.lm_head.weight is policy.tok_emb.weight
+    opt = train.make_optimizer(policy, 0.5, "sgd", head_lr_scale=scale)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    policy(torch.tensor([[3, 1, 4, 1, 5]]))[0, -1, 7].backward()  # one logit: its gradient reaches every weight
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in policy.named_parameters()}
+    opt.step()
+    for n, p in policy.named_parameters():
+        if n == "tok_emb.weight":
+            assert (grads[n] is None) == (scale == 0)  # frozen: no gradient computed, nothing moved
+            expected = before[n] if scale == 0 else before[n] - 0.5 * scale * grads[n]
+        else:
+            expected = before[n] - 0.5 * grads[n]
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-7)
+    assert any(not torch.equal(p, before[n]) for n, p in policy.named_parameters())
+
+
 def test_grpo_raises_the_reward_of_a_computable_task(tiny_checkpoints, tmp_path):
     ckpt = tiny_checkpoints["qwen2"][0]
     _, tok = M.load_model(ckpt)
@@ -178,6 +197,9 @@ def test_bad_flags_are_refused_with_the_reason(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--algo", "dpo"])
     assert "invalid choice: 'dpo'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--head-lr-scale", "0.1", "--lora-rank", "8"])
+    assert "LoRA trains no output layer" in capsys.readouterr().err
 
 
 def test_answer_agent_banks_built_by_a_manager_checkpoint(tiny_checkpoints, tmp_path, monkeypatch,
