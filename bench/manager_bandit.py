@@ -3,14 +3,19 @@
     python bench/manager_bandit.py                                  # Adam, lr 1e-5, reward right on 75 % of states
     python bench/manager_bandit.py --hold-prior --steps 64
     python bench/manager_bandit.py --optimizer sgd --lr 1e-2 --reliability 1.0
+    python bench/manager_bandit.py --hold-prior --optimizer sgd --lr 0.1 --head-lr-scale 0 --seed 1
+    python bench/manager_bandit.py --hold-prior --optimizer sgd --lr 0.1 --decision-entropy 1.0   # + entropy bonus
     python bench/manager_bandit.py --smoke                          # 2 steps on one conversation (the tests)
 
 What it keeps of train.py's manager: the real SmolLM2 policy, the gym's states (oracle banks, the 2 memories
 MiniLM shows, the "ops" format's forced prefix up to the "about" slot; train split, --balance-kinds' ADD and
 change states), GRPO's group-normalised advantages (grpo.py), --decision-temperature, --hold-prior
-(grpo.project_out_choices), AdamW. What it replaces: the whole output by its first choice, "new" or a shown
-memory's first token (a bandit with one arm per allowed token), and the frozen answerer's reward by a
-label-based one, 1 for "new" on an ADD state and for a memory on a change state, else 0, inverted on a
+(grpo.project_out_choices, --prior-keep), the optimiser (train.make_optimizer: AdamW or SGD, --head-lr-scale).
+An optional bonus on the entropy of "new or not" at the decision temperature (--decision-entropy; of the
+step's mean P(new), or of each state's) is the bandit's own: train.py has none. What it replaces: the whole
+output by its first choice, "new" or a shown memory's first token (a bandit with one arm per allowed
+token), and the frozen answerer's reward by a label-based one, 1 for "new" on an ADD state and for a memory
+on a change state, else 0, inverted on a
 seeded (1 - reliability) share of the states. That share stands for the states where the real outcome
 reward does not put the right decision first (docs/manager.md: the oracle is strictly best on 67 % of the
 ADD and 80 % of the change turns), so the inversion is per state, the same at every step.
@@ -107,7 +112,7 @@ def main() -> None:
     ap.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     ap.add_argument("--decision-temperature", type=float, default=2.5, help="the about slot's sampling temperature")
     ap.add_argument("--hold-prior", action="store_true", help="grpo.project_out_choices on the advantages")
-    ap.add_argument("--prior-keep", type=float, default=0.0, help="with --hold-prior: the share of the prior's push kept")
+    ap.add_argument("--prior-keep", type=float, default=0.0, help="with --hold-prior: the prior's push kept, a share")
     ap.add_argument("--decision-entropy", type=float, default=0.0,
                     help="weight of the entropy of the step's mean P(new) (at the decision temperature), maximised")
     ap.add_argument("--entropy-of", choices=("marginal", "state"), default="marginal",
