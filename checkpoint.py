@@ -113,6 +113,11 @@ def save_optimizer(sd: dict, path: Path) -> None:
     save_file(tensors, str(path), metadata={"param_groups": json.dumps(sd["param_groups"])})
 
 
+def optimizer_shape(groups: list[dict]) -> tuple[str, list[int]]:
+    """Which optimizer (AdamW's groups have betas, SGD's do not) and how many tensors each group holds."""
+    return ("AdamW" if "betas" in groups[0] else "SGD"), [len(g["params"]) for g in groups]
+
+
 def load_optimizer(opt: torch.optim.Optimizer, path: Path, module: torch.nn.Module | None = None) -> None:
     """Load what save_optimizer wrote; into a sharded module's optimizer, each rank keeps its shard."""
     state = {}
@@ -121,6 +126,11 @@ def load_optimizer(opt: torch.optim.Optimizer, path: Path, module: torch.nn.Modu
         for key in f.keys():
             i, name = key.split(".", 1)
             state.setdefault(int(i), {})[name] = f.get_tensor(key)
+    saved, now = optimizer_shape(groups), optimizer_shape(opt.param_groups)
+    if saved != now:  # another optimizer, or the output layer in or out of its own group (--head-lr-scale)
+        raise ValueError(f"{path}: saved for {saved[0]} with parameter groups of {saved[1]} tensors, but this run "
+                         f"has {now[0]} with {now[1]}: resume with the --optimizer, --head-lr-scale and "
+                         "--lora-rank the run was started with")
     load_optimizer_state(opt, {"state": state, "param_groups": groups}, module)
 
 

@@ -83,6 +83,11 @@ def test_optimizer_state_round_trips_through_safetensors(tmp_path):
         o.step()
     for p, q in zip(net.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="has SGD with .4.: resume with the --optimizer"):  # another optimizer
+        checkpoint.load_optimizer(torch.optim.SGD(twin.parameters(), lr=1.0), tmp_path / "opt.safetensors")
+    groups = [{"params": list(twin[0].parameters())}, {"params": list(twin[1].parameters()), "lr": 0.1}]
+    with pytest.raises(ValueError, match=r"AdamW with parameter groups of \[4\] tensors, but this run has AdamW with \[2, 2\]"):  # the head in its own group
+        checkpoint.load_optimizer(torch.optim.AdamW(groups, lr=1.0), tmp_path / "opt.safetensors")
 
 
 @pytest.mark.parametrize("scale", [0.0, 0.25])
