@@ -57,7 +57,7 @@ def main():
     train.validate(policy, tok, task, args)
     mark(f"greedy validation, {min(args.val_limit or len(task.val), len(task.val))} prompts in batches of "
          f"{args.val_batch} ({time.perf_counter() - t0:.0f} s)")
-    opt = train.make_optimizer(policy, args.lr, args)
+    opt = train.make_optimizer(policy, args.lr, args.optimizer, args.head_lr_scale, args.weight_decay)
     groups, _ = train.rollout(policy, tok, task, train.step_examples(task, 0, args), 0, args, ref)
     mark("one rollout (samples, the reference's log-probs)")
     policy_pass, _ = prepare_models(policy, ref, None, torch.device("cpu"), False)

@@ -15,10 +15,10 @@ An optional bonus on the entropy of "new or not" at the decision temperature (--
 step's mean P(new), or of each state's) is the bandit's own: train.py has none. What it replaces: the whole
 output by its first choice, "new" or a shown memory's first token (a bandit with one arm per allowed
 token), and the frozen answerer's reward by a label-based one, 1 for "new" on an ADD state and for a memory
-on a change state, else 0, inverted on a
-seeded (1 - reliability) share of the states. That share stands for the states where the real outcome
-reward does not put the right decision first (docs/manager.md: the oracle is strictly best on 67 % of the
-ADD and 80 % of the change turns), so the inversion is per state, the same at every step.
+on a change state, else 0, inverted on a seeded (1 - reliability) share of the states. That share stands
+for the states where the real outcome reward does not put the right decision first (docs/manager.md: the
+oracle is strictly best on 67 % of the ADD and 80 % of the change turns), so the inversion is per state,
+the same at every step.
 
 So it is not a result about the manager: it asks whether the optimiser can learn the conditional decision
 from a reward this reliable in so many steps of Q states x G samples, and how fast the shared prior of "new"
@@ -47,6 +47,7 @@ from grpo import compute_grpo_outcome_advantage, project_out_choices  # noqa: E4
 from memory import make_embedder  # noqa: E402
 from metrics import standard_error  # noqa: E402
 from model import OFFLINE_SMOLLM2, load_model  # noqa: E402
+from parallel import clip_gradients  # noqa: E402
 from train import make_optimizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -172,14 +173,15 @@ def main() -> None:
         if a.hold_prior:
             adv, share = project_out_choices(adv, torch.cat(made), a.group_size, a.prior_keep)
         loss = -(adv * torch.cat(chosen)).mean()  # the clipped surrogate's gradient at ratio 1 (on-policy)
-        p_new = torch.stack([torch.logsumexp(lp[torch.tensor(b[2])], 0) for lp, b in zip(logps, batch)]).exp()  # [Q]
-        if a.entropy_of == "marginal":  # of the step's mean decision: only the shared prior is pushed
-            p_new = p_new.mean()
-        entropy = -(p_new * p_new.log() + (1 - p_new) * (1 - p_new).log()).mean()  # new or not, in nats
-        loss = loss - a.decision_entropy * entropy
+        if a.decision_entropy:
+            p_new = torch.stack([torch.logsumexp(lp[torch.tensor(b[2])], 0) for lp, b in zip(logps, batch)]).exp()  # [Q]
+            if a.entropy_of == "marginal":  # of the step's mean decision: only the shared prior is pushed
+                p_new = p_new.mean()
+            entropy = -(p_new * p_new.log() + (1 - p_new) * (1 - p_new).log()).mean()  # new or not, in nats
+            loss = loss - a.decision_entropy * entropy
         opt.zero_grad()
         loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0))
+        grad_norm = clip_gradients(opt, 1.0)  # train.py's --grad-clip
         opt.step()
         if step % a.val_every == 0 or step == steps:
             record(step, {"sampled_new": float(torch.cat(made)[:, 0].mean()), "adv_prior_share": share, "grad_norm": grad_norm,
