@@ -129,6 +129,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     g("--hold-prior", action="store_true", help="GRPO: remove from the advantages what the decision made (ADD, "
       "UPDATE, ...) explains across the step's states, so a step cannot move a decision's shared prior, only how "
       "it depends on the state (grpo.project_out_choices; docs/manager.md)")
+    g("--all-arms", action="store_true", help="GRPO on the ops format: the outputs of a group take every choice of "
+      "the first decision slot in turn (a memory or new), reweighted by the policy's probability of each, so every "
+      "choice is tried in every state (grpo.compute_all_arms_advantage; docs/manager.md)")
     g("--prior-keep", type=float, default=0.0, metavar="K", help="with --hold-prior: the share of the push on the "
       "shared prior kept, so the prior follows the reward at K times the rate (0: only drift moves it)")
     g("--dynamic-sampling", type=int, default=0, metavar="R", help="DAPO's dynamic sampling: drop groups whose "
@@ -199,6 +202,10 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
         ap.error("--prior-keep is the share of the prior's push --hold-prior keeps: it needs --hold-prior, in (0, 1)")
     if args.hold_prior and (args.agent != "manager" or args.algo != "grpo"):
         ap.error("--hold-prior centres GRPO's advantages on the manager's decisions: --algo grpo --agent manager")
+    if args.all_arms and (args.agent != "manager" or args.algo != "grpo" or args.manager_format != "ops"
+                          or not args.guided or args.hold_prior):
+        ap.error("--all-arms forces the ops format's first decision: --algo grpo --agent manager --manager-format "
+                 "ops --guided, and not with --hold-prior (its projection assumes sampled decisions)")
     if args.head_lr_scale < 0 or (args.head_lr_scale != 1 and args.lora_rank):
         ap.error("--head-lr-scale must be >= 0, and LoRA trains no output layer to scale")
     if args.reward == "prob" and args.agent != "manager":

@@ -352,6 +352,49 @@ def choice_slots(allowed: torch.Tensor, max_choices: int = 64) -> torch.Tensor:
     return (n > 1) & (n <= max_choices)
 
 
+def first_decision(guide: Guide, marker: int, max_choices: int = 64, limit: int = 512) -> tuple[int, int]:
+    """(state, position) of a format's first decision slot: follow the forced tokens from the start to the first
+    state where decision_slots holds; `position` counts the tokens before it (the same in every output, since
+    the way there is forced)."""
+    state = guide.start
+    for position in range(limit):
+        mask = guide.allowed(state)
+        if decision_slots(mask, marker, max_choices):
+            return state, position
+        if mask.sum() != 1:
+            break
+        state = guide.advance(state, int(mask.nonzero()[0, 0]))
+    raise ValueError("the format offers a choice before any decision slot (or none within "
+                     f"{limit} tokens): --all-arms needs the ops format, whose way to its first decision is forced")
+
+
+def arm_guides(guide: Guide, marker: int, group_size: int) -> tuple[list, torch.Tensor, int]:
+    """A group's --all-arms guides: the first decision slot's two arms, "new" (arm 0: the marker alone) and "a
+    memory" (arm 1: every other token allowed there, sampled from the policy), alternating over the outputs.
+    Returns (the G guides, each output's arm [G], the slot's position in the output)."""
+    state, position = first_decision(guide, marker)
+    new = torch.zeros_like(guide.allowed(state))
+    new[marker] = True
+    masks = (new, guide.allowed(state) & ~new)
+    arms = torch.arange(group_size) % 2
+    return [ForcedArm(guide, state, masks[j]) for j in arms.tolist()], arms, position
+
+
+class ForcedArm:
+    """A guide that allows only the tokens `only` at the decision state `state` and is `guide` everywhere else:
+    an output of a group that --all-arms gives one arm. Sampling only: the loss pass takes the format's own
+    guide, so the log-prob there is the policy's over every choice, not the arm's renormalised one."""
+
+    def __init__(self, guide: Guide, state: int, only: torch.Tensor):
+        self.guide, self.state, self.only, self.start, self.stop_ids = guide, state, only, guide.start, guide.stop_ids
+
+    def allowed(self, state: int) -> torch.Tensor:
+        return self.only if state == self.state else self.guide.allowed(state)
+
+    def advance(self, state: int, token: int) -> int:
+        return self.guide.advance(state, token)
+
+
 def temperatures(temperature, allowed: torch.Tensor | None):
     """A float, or a DecisionTemperature's per-position values for these `allowed` masks."""
     if isinstance(temperature, DecisionTemperature):

@@ -6,6 +6,7 @@ sampled tokens under logits divided by the sampling temperature.
 
     advantages = compute_grpo_outcome_advantage(rewards, group_size)          # [B]
     advantages, _ = project_out_choices(advantages, choices, group_size)      # optional: --hold-prior
+    advantages = compute_all_arms_advantage(rewards, arms, arm_logp, group_size)  # instead: --all-arms
     loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages[:, None].expand_as(logp), mask, beta=0.01)
 
 Only torch. Read next: ppo.py.
@@ -61,6 +62,42 @@ def project_out_choices(advantages: torch.Tensor, choices: torch.Tensor, group_s
     shared = x @ (torch.linalg.pinv(x) @ a)  # [N]: the projection of A onto the span of X's columns
     removed = (shared.square().sum() / a.square().sum()).item() if a.abs().sum() > 0 else 0.0
     return (a - (1 - keep) * shared).to(advantages.dtype), removed
+
+
+def compute_all_arms_advantage(rewards: torch.Tensor, arms: torch.Tensor, arm_logp: torch.Tensor, group_size: int,
+                               scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """Advantages for groups whose first decision was forced in turn to each allowed choice (--all-arms).
+
+    GRPO samples the decision from the policy, so an arm the policy has nearly given up is rarely tried, and
+    a group whose samples all made one choice ties (an absorbing state: docs/manager.md). Forcing output i of
+    a group to arm arms[i] (the manager: "new" or a memory, alternating; grammar.arm_guides) tries every arm in
+    every state; the policy's own probability pi(a) of each arm then reweights the outputs, the importance
+    weight pi(a) / (m_a / G) of an arm given to m_a of the G outputs. Per group, with w_i = pi(a_i) / m_{a_i}
+    normalised to sum 1 over the arms tried:
+
+        V   = sum_i w_i r_i                       the policy's expected reward (its baseline)
+        A_i = G w_i (r_i - V) / (std_w + eps)      std_w^2 = sum_i w_i (r_i - V)^2   (scale=False: no std)
+
+    so sum_i A_i grad log pi(a_i) / G = sum_a pi(a) (R_a - V) grad log pi(a) / std_w, the exact gradient of
+    the expected reward over the decision given each arm's mean reward R_a (the "all-action" policy gradient,
+    Sutton et al. 2001; Allen et al. 2017's Mean Actor-Critic), and unbiased for every later token too.
+    rewards, arms (ints, equal within a group for the same arm), arm_logp (log pi(a_i) at the sampling
+    temperature, no gradient) are [N], group by group -> advantages [N].
+    """
+    G = group_size
+    if rewards.numel() % G or arms.numel() != rewards.numel() or arm_logp.numel() != rewards.numel():
+        raise ValueError(f"need one arm and one log-prob per reward, in whole groups (rewards {rewards.numel()}, "
+                         f"arms {arms.numel()}, arm_logp {arm_logp.numel()}, group_size {G})")
+    r = rewards.double().view(-1, G)  # [groups, G]
+    a = arms.view(-1, G)
+    same = (a[:, :, None] == a[:, None, :]).double()  # [groups, G, G]: outputs given the same arm
+    w = arm_logp.double().view(-1, G).exp() / same.sum(-1)  # pi(a_i) / m_{a_i}
+    w = w / w.sum(-1, keepdim=True)  # the arms a group tried carry all its weight
+    value = (w * r).sum(-1, keepdim=True)  # [groups, 1]
+    adv = G * w * (r - value)
+    if scale:
+        adv = adv / ((w * (r - value).square()).sum(-1, keepdim=True).sqrt() + eps)
+    return adv.view(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
 
 
 def zero_std_group_fraction(rewards: torch.Tensor, group_size: int) -> float:

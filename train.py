@@ -44,7 +44,7 @@ from __future__ import annotations
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -57,10 +57,10 @@ import precision
 from agents import DECISIONS, Example, Task, answer_task, manager_task
 from checkpoint import (checkpoint_to_resume, export_merged, load_trainable_state, load_training_state,
                         metrics_log, save_training_state)
-from grammar import DecisionTemperature, allowed_masks, choice_slots, decision_slots
+from grammar import DecisionTemperature, allowed_masks, arm_guides, choice_slots, decision_slots
 from flags import parse_args
-from grpo import (agg_denominator, agg_loss, compute_grpo_outcome_advantage, grpo_loss, kl_penalty, project_out_choices,
-                  zero_std_group_fraction)
+from grpo import (agg_denominator, agg_loss, compute_all_arms_advantage, compute_grpo_outcome_advantage, grpo_loss,
+                  kl_penalty, project_out_choices, zero_std_group_fraction)
 from metrics import held_out_summary, mean_scores, peak_rss_gb, standard_error
 from parallel import (all_sum, backward, barrier, clip_gradients, concat_over_ranks, gather_lists, init_distributed,
                       my_share, no_sync, prepare_models, this_rank, validation_share)
@@ -89,6 +89,8 @@ class Group:
     guide: object = None  # the output format the completions followed (grammar.Guide)
     supports: list | None = None  # per completion and token: the ids top-p kept (top_p < 1)
     n_vocab: int = 0  # rows of the policy's output layer
+    arms: torch.Tensor | None = None  # --all-arms: [G] the choice each output was given; at which position:
+    arm_slot: int = 0
 
     def allowed(self) -> torch.Tensor | None:
         """[G, T, V]: what each token was sampled from, for the loss pass (None: the whole vocabulary)."""
@@ -121,15 +123,12 @@ def step_examples(task: Task, step: int, args) -> list[Example]:
 def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, ref=None, critic=None, offset=0):
     """Sample and score G completions per prompt; attach advantages (GRPO) or values, returns and advantages
     (PPO) to each group. Returns (groups, statistics of the whole step).
-
     `examples` are this rank's share of the step's prompts, the first being prompt number `offset` of the
     step: sampling seeds follow the global index, so the samples do not depend on the number of ranks.
     `ref` may be the policy itself (LoRA): its log-probs are then taken with the adapters disabled.
-    With --dynamic-sampling R (DAPO), `examples` holds 1 + R rounds of questions_per_step prompts: rounds are
-    sampled until questions_per_step groups with unequal rewards are found (a group of equal rewards has
-    zero advantage: it teaches nothing and only dilutes the step); a step that finds fewer is filled up with
-    equal-reward groups, so every step has the same size.
-    """
+    With --dynamic-sampling R (DAPO), `examples` holds 1 + R rounds of questions_per_step prompts, sampled
+    until questions_per_step groups with unequal rewards are found (equal rewards: zero advantage, nothing
+    learnt); a step that finds fewer is filled up with equal-reward groups, so every step has the same size."""
     Q = args.questions_per_step if args.dynamic_sampling else len(examples)
     groups, sampled = [], []
     for r in range(0, len(examples), Q):
@@ -141,6 +140,8 @@ def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, r
     kept = {id(g) for g in groups}
     groups = (groups + [g for g in sampled if id(g) not in kept])[:Q]  # informative groups first
     for g in groups:
+        if g.arms is not None:  # the forced arm was sampled with log-prob 0: the policy's own, for the weights
+            g.old_logp, _ = policy.logprobs(g.prompt, g.completions, policy_temperature(args), True, g.allowed())
         if ref is not None:  # the reference's distribution over the same tokens as the policy's
             with lora.adapters_disabled(ref):
                 g.ref_logp, _ = ref.logprobs(g.prompt, g.completions, policy_temperature(args), True, g.allowed())
@@ -169,14 +170,16 @@ def policy_temperature(args):
 def sample_groups(policy, tok, task: Task, examples: list[Example], step: int, args, offset: int) -> list[Group]:
     """G samples of each prompt (generate calls of --rollout-batch prompts), then every score at once."""
     G, dev = args.group_size, policy.lm_head.weight.device
-    sampled = []
+    sampled, arms = [], {}
     for i in range(0, len(examples), args.rollout_batch):
         chunk = examples[i:i + args.rollout_batch]
         prompts = [ex.prompt for ex in chunk for _ in range(G)]  # each prompt G times: prefilled once
+        arms.update({id(ex): arm_guides(ex.guide, args.decision_marker, G) for ex in chunk} if args.all_arms else {})
+        guides = [g for ex in chunk for g in (arms[id(ex)][0] if args.all_arms else [ex.guide] * G)]  # arms alternate
         tokens, logps, supports = generate(policy, prompts, args.max_new_tokens, policy_temperature(args), args.top_p,
                                            seed=args.seed * 1_000_003 + step * 1_009 + offset + i,
                                            return_logprobs=True, sync_steps=args.fsdp,
-                                           guide=[ex.guide for ex in chunk for _ in range(G)], return_supports=True)
+                                           guide=guides, return_supports=True)
         sampled += [(ex, tokens[j * G:(j + 1) * G], logps[j * G:(j + 1) * G], supports[j * G:(j + 1) * G])
                     for j, ex in enumerate(chunk)]
     # the outcome reward, and what to log: all prompts at once (the manager batches its frozen answerer)
@@ -184,18 +187,25 @@ def sample_groups(policy, tok, task: Task, examples: list[Example], step: int, a
     groups = []
     for (ex, comps, lps, sup), sc in zip(sampled, scores):
         mask = pad([[1] * len(c) for c in comps], torch.bool).to(dev)
-        groups.append(Group(ex.prompt, comps, pad(lps).to(dev), mask, sc, guide=ex.guide,
+        _, arm, slot = arms.get(id(ex), (None, None, 0))
+        groups.append(Group(ex.prompt, comps, pad(lps).to(dev), mask, sc, guide=ex.guide, arms=arm, arm_slot=slot,
                             supports=sup if args.top_p < 1 else None, n_vocab=policy.lm_head.weight.shape[0]))
     return groups
 
 
 def grpo_advantages(groups: list[Group], rewards: torch.Tensor, args) -> dict:
-    """(r - mean) / std within each group (SPEC 5), the same for every token of a completion. With
+    """(r - mean) / std within each group (SPEC 5), the same for every token of a completion; with --all-arms,
+    the forced first decisions reweighted by the policy's probability (grpo.compute_all_arms_advantage). With
     --hold-prior (the manager) the part explained by which decision each output made is then removed, so
     the step cannot move a decision's shared prior (grpo.project_out_choices); its share is logged."""
-    G = args.group_size
-    adv = compute_grpo_outcome_advantage(rewards, G, scale=not args.no_adv_scale)  # [N * G]
-    stats = {}
+    G, stats = args.group_size, {}
+    if args.all_arms:  # every arm tried in every group
+        new = torch.stack([g.old_logp[g.arms == 0][0, g.arm_slot].cpu() for g in groups])  # [N]: log P(new) there
+        arm_logp = torch.cat([torch.where(g.arms == 0, n, torch.log1p(-n.exp())) for g, n in zip(groups, new)])
+        adv = compute_all_arms_advantage(rewards, torch.cat([g.arms for g in groups]), arm_logp, G, not args.no_adv_scale)
+        stats["arm_p_new"] = new.exp().mean().item()  # the policy's P(new), at the sampling temperature
+    else:
+        adv = compute_grpo_outcome_advantage(rewards, G, scale=not args.no_adv_scale)  # [N * G]
     if args.hold_prior:
         made = torch.tensor([[s[f"dec_{d.lower()}"] for d in DECISIONS] for g in groups for s in g.scores])  # [N*G, 5]
         adv, stats["adv_prior_share"] = project_out_choices(adv, made, G, args.prior_keep)
@@ -255,24 +265,19 @@ def micro_batches(g: Group, size: int) -> list[Group]:
         return [g]
     out = []
     for s in range(0, len(g.completions), size):
-        comps = g.completions[s:s + size]
-        rows, T = slice(s, s + size), max(map(len, comps))
-
-        def cut(t):
-            return None if t is None else t[rows, :T]
-
-        out.append(Group(g.prompt, comps, cut(g.old_logp), cut(g.mask), g.scores[rows], cut(g.ref_logp),
-                         cut(g.advantages), cut(g.old_values), cut(g.returns), g.guide,
-                         None if g.supports is None else g.supports[rows], g.n_vocab))
+        rows = slice(s, s + size)
+        T = max(map(len, g.completions[rows]))
+        cut = {f: getattr(g, f)[rows, :T] for f in ("old_logp", "mask", "ref_logp", "advantages", "old_values",
+                                                     "returns") if getattr(g, f) is not None}
+        out.append(replace(g, completions=g.completions[rows], scores=g.scores[rows], arms=None,
+                           supports=None if g.supports is None else g.supports[rows], **cut))
     return out
 
 
 def update(policy, opt, groups: list[Group], step: int, args, critic=None, critic_opt=None) -> dict:
     """PPO epochs over the rollout, each split into minibatches by prompt; one optimizer step per minibatch.
-
     policy(prompt, completions, temperature, checkpoint) -> (logp, mask) and critic(...) -> values are the
-    loss-pass modules (parallel.prepare_models); the optimizers hold the trainable parameters.
-    """
+    loss-pass modules (parallel.prepare_models); the optimizers hold the trainable parameters."""
     sums, counts = {}, {}
     policy.train()  # LoRA dropout, if any, acts here only (sampling and the reference run in eval mode)
     for epoch in range(args.ppo_epochs):
@@ -296,14 +301,11 @@ def update(policy, opt, groups: list[Group], step: int, args, critic=None, criti
 def minibatch_step(policy, opt, minibatch: list[Group], args, critic=None, critic_opt=None,
                    on_policy: bool = False) -> dict:
     """Loss pass and backward group by group (gradients accumulate), then clip and step: one optimizer step.
-
     Each group's loss is normalised by the whole minibatch's denominator (over every rank), so the sum of
     the backward passes is the gradient of the minibatch's loss (SPEC 5, Aggregation).
     `on_policy`: no step has been taken since the rollout, so the ratio's old log-probs are the loss pass's
     own (detached: the ratio is exactly 1, as TRL and verl compute it); the sampler's differ from them by
-    float32 rounding, or with --precision bf16 by bf16's (precision.py), logged as `logp_mismatch`. Later
-    minibatches and epochs take the sampler's.
-    """
+    float32 rounding, or bf16's (precision.py), logged as `logp_mismatch`. Later steps take the sampler's."""
     denom, n_tokens = all_sum([agg_denominator(args.loss_agg, [g.mask for g in minibatch], args.max_new_tokens),
                                sum(g.mask.sum().item() for g in minibatch)])
     beta = args.beta if args.algo == "grpo" else 0.0  # PPO's KL sits in the reward instead
@@ -417,10 +419,9 @@ def load_models(args, base, ckpt: Path | None):
 
 def make_optimizer(module: torch.nn.Module, lr: float, kind: str = "adamw", head_lr_scale: float = 1.0,
                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """AdamW on the trainable parameters, or plain gradient descent (--optimizer sgd): AdamW moves every weight
-    by about lr whatever its gradient's size, which moves the manager's shared prior first. The output layer
-    (tied to the input embedding in SmolLM2) steps at lr x head_lr_scale, and 0 freezes it: under gradient
-    descent one clipped step put most of itself on the decision token's row (docs/manager.md)."""
+    """AdamW on the trainable parameters, or plain gradient descent (--optimizer sgd: AdamW moves every weight
+    by about lr whatever its gradient's size). The output layer (tied to the input embedding in SmolLM2)
+    steps at lr x head_lr_scale, and 0 freezes it (docs/manager.md: why, for the manager's decision)."""
     head = {id(m.weight) for name, m in module.named_modules() if name.rsplit(".", 1)[-1] == "lm_head"}
     for p in module.parameters():
         p.requires_grad_(p.requires_grad and not (id(p) in head and head_lr_scale == 0))
@@ -451,7 +452,7 @@ def run(args, task: Task | None = None) -> dict:
     dev = torch.device(args.device)
     args.precision = precision.configure(args.precision, dev)  # bf16 products where they pay (before loading)
     base, tok = M.load_model(args.model, getattr(torch, args.dtype), dev)
-    if args.decision_temperature or args.loss_slots == "about":  # the ops format's "new" token marks its decision slot
+    if args.decision_temperature or args.loss_slots == "about" or args.all_arms:  # "new" marks the ops decision slot
         args.decision_marker = decision_marker(tok)
     if task is None:  # the banks and prompts are built from the starting model, also on resume
         task = (answer_task if args.agent == "answer" else manager_task)(args, tok, base)

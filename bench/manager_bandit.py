@@ -5,12 +5,13 @@
     python bench/manager_bandit.py --optimizer sgd --lr 1e-2 --reliability 1.0
     python bench/manager_bandit.py --hold-prior --optimizer sgd --lr 0.1 --head-lr-scale 0 --seed 1
     python bench/manager_bandit.py --hold-prior --optimizer sgd --lr 0.1 --decision-entropy 1.0   # + entropy bonus
+    python bench/manager_bandit.py --all-arms --optimizer sgd --lr 0.1 --head-lr-scale 0   # every arm tried
     python bench/manager_bandit.py --smoke                          # 2 steps on one conversation (the tests)
 
 What it keeps of train.py's manager: the real SmolLM2 policy, the gym's states (oracle banks, the 2 memories
 MiniLM shows, the "ops" format's forced prefix up to the "about" slot; train split, --balance-kinds' ADD and
 change states), GRPO's group-normalised advantages (grpo.py), --decision-temperature, --hold-prior
-(grpo.project_out_choices, --prior-keep), the optimiser (train.make_optimizer: AdamW or SGD, --head-lr-scale).
+(grpo.project_out_choices, --prior-keep), --all-arms (grpo.compute_all_arms_advantage), the optimiser (train.make_optimizer: AdamW or SGD, --head-lr-scale).
 An optional bonus on the entropy of "new or not" at the decision temperature (--decision-entropy; of the
 step's mean P(new), or of each state's) is the bandit's own: train.py has none. What it replaces: the whole
 output by its first choice, "new" or a shown memory's first token (a bandit with one arm per allowed
@@ -43,7 +44,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data.gym as gym  # noqa: E402
 from agents import balanced_states, conversation_facts, manager_examples, oracle_kind  # noqa: E402
-from grpo import compute_grpo_outcome_advantage, project_out_choices  # noqa: E402
+from grpo import compute_all_arms_advantage, compute_grpo_outcome_advantage, project_out_choices  # noqa: E402
 from memory import make_embedder  # noqa: E402
 from metrics import standard_error  # noqa: E402
 from model import OFFLINE_SMOLLM2, load_model  # noqa: E402
@@ -112,6 +113,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     ap.add_argument("--decision-temperature", type=float, default=2.5, help="the about slot's sampling temperature")
+    ap.add_argument("--all-arms", action="store_true", help="each group's outputs alternate between new and a memory, "
+                    "reweighted by the policy's probability of each (grpo.compute_all_arms_advantage), not sampled")
     ap.add_argument("--hold-prior", action="store_true", help="grpo.project_out_choices on the advantages")
     ap.add_argument("--prior-keep", type=float, default=0.0, help="with --hold-prior: the prior's push kept, a share")
     ap.add_argument("--decision-entropy", type=float, default=0.0,
@@ -147,7 +150,7 @@ def main() -> None:
 
     print(f"{len(train)} train states ({len(inverted)} with the reward inverted), {len(val)} val states; "
           f"{a.optimizer} lr {a.lr}, Q {a.questions_per_step} x G {a.group_size}, hold-prior {a.hold_prior} "
-          f"(keep {a.prior_keep}), head lr x {a.head_lr_scale}")
+          f"(keep {a.prior_keep}), head lr x {a.head_lr_scale}, all arms {a.all_arms}")
     record(0, {})
     order = list(range(len(train)))
     t0 = time.perf_counter()
@@ -159,16 +162,25 @@ def main() -> None:
             picks.append(order[i % len(train)])
         batch = [train[i] for i in picks]
         logps = arm_logprobs(model, batch, a.decision_temperature)
-        chosen, rewards, made = [], [], []
+        chosen, rewards, made, tried = [], [], [], []
         for i, lp, (_, _, is_new, right_new) in zip(picks, logps, batch):
-            arm = torch.multinomial(lp.exp().detach(), a.group_size, replacement=True)  # [G]
-            new = torch.tensor(is_new)[arm]  # [G] bool
+            if a.all_arms:  # "new" and "a memory" alternate (grammar.arm_guides); log pi of each arm
+                new = torch.arange(a.group_size) % 2 == 0  # [G] bool
+                mask = torch.tensor(is_new)
+                chosen.append(torch.where(new, torch.logsumexp(lp[mask], 0), torch.logsumexp(lp[~mask], 0)))
+                tried.append((~new).long())
+            else:
+                arm = torch.multinomial(lp.exp().detach(), a.group_size, replacement=True)  # [G]
+                new = torch.tensor(is_new)[arm]  # [G] bool
+                chosen.append(lp[arm])
             right = (new == right_new).float()
             rewards.append(1 - right if i in inverted else right)
-            chosen.append(lp[arm])
             made.append(torch.stack([new.float(), 1 - new.float()], -1))  # [G, 2]: the decision made
         rewards = torch.cat(rewards)  # [Q * G]
-        adv = compute_grpo_outcome_advantage(rewards, a.group_size)
+        if a.all_arms:
+            adv = compute_all_arms_advantage(rewards, torch.cat(tried), torch.cat(chosen).detach(), a.group_size)
+        else:
+            adv = compute_grpo_outcome_advantage(rewards, a.group_size)
         share = 0.0
         if a.hold_prior:
             adv, share = project_out_choices(adv, torch.cat(made), a.group_size, a.prior_keep)
@@ -184,7 +196,8 @@ def main() -> None:
         grad_norm = clip_gradients(opt, 1.0)  # train.py's --grad-clip
         opt.step()
         if step % a.val_every == 0 or step == steps:
-            record(step, {"sampled_new": float(torch.cat(made)[:, 0].mean()), "adv_prior_share": share, "grad_norm": grad_norm,
+            p_new = [float(torch.logsumexp(lp[torch.tensor(b[2])], 0).exp()) for lp, b in zip(logps, batch)]
+            record(step, {"sampled_new": float(torch.cat(made)[:, 0].mean()), "p_new": sum(p_new) / len(p_new), "adv_prior_share": share, "grad_norm": grad_norm,
                           "s": round(time.perf_counter() - t0, 1)})
     log.close()
 

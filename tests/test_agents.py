@@ -175,20 +175,22 @@ def test_manager_training_writes_metrics_and_checkpoint_and_resumes(algo, tiny_c
                                                                        s.get("logp_mismatch", 0)) < 1e-5
 
 
-def test_slot_loss_flags_run_the_ops_manager_and_resume(smollm2_path, tmp_path):
+@pytest.mark.parametrize("decision", ["hold-prior", "all-arms"])
+def test_slot_loss_flags_run_the_ops_manager_and_resume(decision, smollm2_path, tmp_path):
     """--loss-slots about with --slot-beta (the KL on the other choices), SGD with the output layer at its own
-    rate (two parameter groups in the saved optimizer state) and --hold-prior keeping a share, on the gym's ops
-    format with the real SmolLM2 as manager and answerer (its tokenizer has "new" as one token, which the
-    decision slot needs; guided: every output parses): the steps run and log, and a run killed after step 1
-    and resumed ends bit for bit where an unbroken run does."""
+    rate (two parameter groups in the saved optimizer state), and --hold-prior keeping a share or --all-arms
+    (each group's two outputs given "new" and "a memory" at the first decision), on the gym's ops format with
+    the real SmolLM2 as manager and answerer (its tokenizer has "new" as one token, which the decision slot
+    needs; guided: every output parses): the steps run and log, and a run killed after step 1 and resumed
+    ends bit for bit where an unbroken run does."""
     ckpt = smollm2_path
     common = ["--agent", "manager", "--data", "gym", "--manager-format", "ops", "--reward", "prob", "--embedder", "hash",
               "--model", ckpt, "--answerer", ckpt, "--max-new-tokens", 48, "--answer-max-new-tokens", 3,
               "--group-size", 2, "--questions-per-step", 1, "--memories-per-speaker", 1, "--manager-k", 2,
               "--val-limit", 1, "--save-every", 1, "--val-every", 1, "--dynamic-sampling", 0,
               "--decision-temperature", 2.5, "--loss-slots", "about", "--slot-beta", 1.0, "--beta", 0.01,
-              "--optimizer", "sgd", "--lr", 0.1, "--loss-agg", "seq-mean-token-sum", "--head-lr-scale", 0.5,
-              "--hold-prior", "--prior-keep", 0.1]
+              "--optimizer", "sgd", "--lr", 0.1, "--loss-agg", "seq-mean-token-sum", "--head-lr-scale", 0.5]
+    common += ["--hold-prior", "--prior-keep", 0.1] if decision == "hold-prior" else ["--all-arms"]
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     train.run(train.parse_args([str(x) for x in common + ["--out", killed, "--steps", 1]]))
     train.run(train.parse_args([str(x) for x in common + ["--out", killed, "--steps", 2, "--resume"]]))
@@ -197,7 +199,11 @@ def test_slot_loss_flags_run_the_ops_manager_and_resume(smollm2_path, tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2] and rows[1]["parse_fail"] == 0.0
     assert rows[1]["grad_norm"] > 0 or rows[1]["zero_std_groups"] == 1.0  # it trained, unless the group tied
     assert rows[2]["grad_norm"] > 0 or rows[2]["zero_std_groups"] == 1.0
+    if decision == "all-arms":  # the policy's P(new) at the first decision is logged; a memory was always tried
+        assert all(0 < r["arm_p_new"] < 1 for r in rows[1:]) and rows[1]["dec_add"] <= 0.5
     a, b = load_file(straight / "checkpoint" / "model.safetensors"), load_file(killed / "checkpoint" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(SystemExit):  # the KL on the other choices needs the decision-only loss
         train.parse_args(["--agent", "manager", "--slot-beta", "1.0"])
+    with pytest.raises(SystemExit):  # the projection assumes sampled decisions
+        train.parse_args(["--agent", "manager", "--manager-format", "ops", "--all-arms", "--hold-prior"])

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from grpo import (agg_loss, compute_grpo_outcome_advantage, compute_policy_loss, grpo_loss, kl_penalty,
-                  project_out_choices, zero_std_group_fraction)
+from grpo import (agg_loss, compute_all_arms_advantage, compute_grpo_outcome_advantage, compute_policy_loss, grpo_loss,
+                  kl_penalty, project_out_choices, zero_std_group_fraction)
 from ppo import (Critic, compute_gae_advantage_return, compute_token_rewards, compute_value_loss,
                  last_token_index, masked_whiten)
 
@@ -23,6 +23,33 @@ def test_grpo_advantage_hand_computed_with_a_zero_variance_group():
                           torch.tensor([0.5, -0.5, -0.5, 0.5]))
     with pytest.raises(ValueError, match="divisible"):
         compute_grpo_outcome_advantage(rewards[:7], 4)
+
+
+def test_all_arms_advantage_hand_computed_and_the_exact_expected_gradient():
+    # one group of 6: arms 0, 1, 2 twice each, pi = (0.5, 0.3, 0.2); arm means R = (0.5, 0, 1)
+    r, arms = torch.tensor([1.0, 0, 1, 0, 0, 1]), torch.tensor([0, 1, 2, 0, 1, 2])
+    pi = torch.tensor([0.5, 0.3, 0.2])
+    w = pi[arms] / 2  # pi(a_i) / m_a: (0.25, 0.15, 0.1, 0.25, 0.15, 0.1), sums to 1
+    value = 0.5 * 0.5 + 0.3 * 0 + 0.2 * 1  # 0.45 = sum_a pi(a) R_a
+    want = 6 * w * (r - value)  # (0.825, -0.405, 0.33, -0.675, -0.405, 0.33)
+    got = compute_all_arms_advantage(r, arms, pi[arms].log(), 6, scale=False)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(got, torch.tensor([0.825, -0.405, 0.33, -0.675, -0.405, 0.33]), atol=1e-6)
+    std = math.sqrt(float((w * (r - value) ** 2).sum()))
+    assert torch.allclose(compute_all_arms_advantage(r, arms, pi[arms].log(), 6), want / (std + 1e-4), atol=1e-6)
+    # the surrogate's gradient on the logits is that of the expected reward sum_a pi(a) R_a, exactly
+    logits = pi.log().clone().requires_grad_(True)
+    (got * torch.log_softmax(logits, 0)[arms]).sum().div(6).backward()
+    expected = logits.detach().clone().requires_grad_(True)
+    (torch.softmax(expected, 0) * torch.tensor([0.5, 0.0, 1.0])).sum().backward()
+    assert torch.allclose(logits.grad, expected.grad, atol=1e-6)
+    # an arm a group did not try: the others carry its weight; equal rewards: no signal
+    r2, arms2 = torch.tensor([1.0, 0, 1, 0]), torch.tensor([0, 1, 0, 1])
+    part = compute_all_arms_advantage(r2, arms2, torch.tensor([0.6, 0.2, 0.6, 0.2]).log(), 4, scale=False)
+    assert torch.allclose(part, 4 * torch.tensor([0.375, 0.125, 0.375, 0.125]) * (r2 - 0.75), atol=1e-6)
+    assert torch.equal(compute_all_arms_advantage(torch.ones(4), arms2, torch.zeros(4), 4), torch.zeros(4))
+    with pytest.raises(ValueError, match="whole groups"):
+        compute_all_arms_advantage(r[:5], arms[:5], pi[arms][:5], 6)
 
 
 def test_project_out_choices_hand_computed():

@@ -8,7 +8,8 @@ import torch
 
 import agents
 import manager
-from grammar import DecisionTemperature, allowed_masks, choice_slots, decision_slots, guide_for
+from grammar import (DecisionTemperature, allowed_masks, arm_guides, choice_slots, decision_slots, first_decision,
+                     guide_for)
 import model as M
 import prompts as P
 import train
@@ -278,3 +279,32 @@ def test_decision_temperature_heats_the_about_slot_only(smollm2):
         assert torch.allclose(lp[i, :len(c)], torch.tensor(logps[i]), atol=1e-4)
     cold, _ = net.logprobs(prompt, comps, 1.0, False, allowed_masks(comps, V, g))
     assert not torch.allclose(lp, cold, atol=1e-3)  # and they are not the untempered ones
+
+
+def test_all_arms_forces_each_first_decision_and_the_loss_pass_sees_the_policys(smollm2):
+    """--all-arms (grammar.arm_guides): the outputs of a group alternate between "new" and "a memory" at the
+    first "about" slot, the rest sampled; every output parses; the sampler's log-prob of a forced "new" is 0, the
+    loss pass with the format's own guide gives the policy's, and the "memory" outputs took every other token
+    allowed there (a shown memory's first token: both start "Bruno", which the format lets start as "B", "Br"...)."""
+    net, tok = smollm2
+    V, marker = net.lm_head.weight.shape[0], P.decision_marker(tok)
+    g = P.manager_ops_automaton(SHOWN, 2).guide(tok, V)
+    shown = [{"id": "0", "text": SHOWN[0]}, {"id": "1", "text": SHOWN[1]}]
+    guides, arms, slot = arm_guides(g, marker, 7)
+    assert slot == first_decision(g, marker)[1] and arms.tolist() == [0, 1, 0, 1, 0, 1, 0]
+    prompt = tok.chat(P.manager_messages(shown, FACTS, "ops"))
+    comps, logps = generate(net, [prompt] * len(guides), 160, 1.0, seed=0, return_logprobs=True, guide=guides)
+    assert tok.decode(comps[0][:slot]) == '{"memory": [{"fact": 0, "about": "'
+    lp, _ = net.logprobs(prompt, comps, 1.0, False, allowed_masks(comps, V, g))
+    allowed = g.allowed(first_decision(g, marker)[0])
+    for j, (c, a) in enumerate(zip(comps, arms.tolist())):
+        parsed = P.parse_manager_ops(tok.decode(c), FACTS, shown)
+        assert parsed.ok and (parsed.value[0]["event"] == "ADD") == (a == 0)  # "new": the fact is ADDed
+        assert (c[slot] == marker) == (a == 0) and allowed[c[slot]]
+        if a == 0:
+            assert logps[j][slot] == 0.0 and -10 < lp[j, slot] < 0  # forced when sampled; the policy's in the loss
+    # the policy's P(new) at the slot is the same in every "new" output (one state), and below 1
+    p_new = lp[arms == 0, slot].exp()
+    assert torch.allclose(p_new, p_new[0].expand_as(p_new)) and 0 < p_new[0] < 1
+    with pytest.raises(ValueError, match="ops format"):  # a format with a free choice before any decision
+        first_decision(P.facts_automaton().guide(tok, V), marker)
