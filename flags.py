@@ -203,9 +203,9 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
     if args.hold_prior and (args.agent != "manager" or args.algo != "grpo"):
         ap.error("--hold-prior centres GRPO's advantages on the manager's decisions: --algo grpo --agent manager")
     if args.all_arms and (args.agent != "manager" or args.algo != "grpo" or args.manager_format != "ops"
-                          or not args.guided or args.hold_prior):
+                          or not args.guided):
         ap.error("--all-arms forces the ops format's first decision: --algo grpo --agent manager --manager-format "
-                 "ops --guided, and not with --hold-prior (its projection assumes sampled decisions)")
+                 "ops --guided")
     if args.head_lr_scale < 0 or (args.head_lr_scale != 1 and args.lora_rank):
         ap.error("--head-lr-scale must be >= 0, and LoRA trains no output layer to scale")
     if args.reward == "prob" and args.agent != "manager":

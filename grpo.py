@@ -37,7 +37,7 @@ def compute_grpo_outcome_advantage(rewards: torch.Tensor, group_size: int, scale
 
 
 def project_out_choices(advantages: torch.Tensor, choices: torch.Tensor, group_size: int,
-                        keep: float = 0.0) -> tuple[torch.Tensor, float]:
+                        keep: float = 0.0, expected: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """Advantages with the part that a state-independent choice explains removed (for the manager's decision).
 
     advantages [N] (group by group), choices [N, K]: which of K decisions each completion made (one-hot, or
@@ -51,6 +51,9 @@ def project_out_choices(advantages: torch.Tensor, choices: torch.Tensor, group_s
     A deliberate bias (the shared prior can then move only through the conditional part); docs/manager.md.
     keep in [0, 1] puts that share of the fit back, A' = A - (1 - keep) X beta, so X^T A' = keep X^T A: the
     prior still follows the reward, at keep times the rate (with keep = 0 nothing but drift moves it).
+    expected [N, K]: the policy's own probability of each decision in the output's state, to centre on
+    instead of the group's frequency (--all-arms, whose forced decisions are not the policy's samples; group
+    sums then move, which the reweighted advantages allow).
     """
     G = group_size
     if choices.shape[0] != advantages.numel() or advantages.numel() % G:
@@ -58,8 +61,9 @@ def project_out_choices(advantages: torch.Tensor, choices: torch.Tensor, group_s
                          f"choices {tuple(choices.shape)}, group_size {G})")
     a = advantages.double()
     c = choices.double().view(-1, G, choices.shape[-1])  # [groups, G, K]
-    x = (c - c.mean(dim=1, keepdim=True)).view(-1, choices.shape[-1])  # [N, K]: centred within each group
-    shared = x @ (torch.linalg.pinv(x) @ a)  # [N]: the projection of A onto the span of X's columns
+    centre = c.mean(dim=1, keepdim=True) if expected is None else expected.double().view_as(c)
+    x = (c - centre).view(-1, choices.shape[-1])  # [N, K]: centred within each group, or on the policy's
+    shared = x @ (torch.linalg.pinv(x, rtol=1e-6) @ a)  # [N]: A projected on the span of X (rank from float32 inputs)
     removed = (shared.square().sum() / a.square().sum()).item() if a.abs().sum() > 0 else 0.0
     return (a - (1 - keep) * shared).to(advantages.dtype), removed
 

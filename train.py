@@ -194,21 +194,23 @@ def sample_groups(policy, tok, task: Task, examples: list[Example], step: int, a
 
 
 def grpo_advantages(groups: list[Group], rewards: torch.Tensor, args) -> dict:
-    """(r - mean) / std within each group (SPEC 5), the same for every token of a completion; with --all-arms,
-    the forced first decisions reweighted by the policy's probability (grpo.compute_all_arms_advantage). With
-    --hold-prior (the manager) the part explained by which decision each output made is then removed, so
-    the step cannot move a decision's shared prior (grpo.project_out_choices); its share is logged."""
-    G, stats = args.group_size, {}
+    """(r - mean) / std within each group (SPEC 5), the same for every token of a completion; --all-arms: the
+    forced first decisions reweighted (grpo.compute_all_arms_advantage); --hold-prior: minus what the decision of
+    each output explains, so a step cannot move a decision's shared prior (grpo.project_out_choices, share logged)."""
+    G, stats, expected = args.group_size, {}, None
     if args.all_arms:  # every arm tried in every group
-        new = torch.stack([g.old_logp[g.arms == 0][0, g.arm_slot].cpu() for g in groups])  # [N]: log P(new) there
-        arm_logp = torch.cat([torch.where(g.arms == 0, n, torch.log1p(-n.exp())) for g, n in zip(groups, new)])
-        adv = compute_all_arms_advantage(rewards, torch.cat([g.arms for g in groups]), arm_logp, G, not args.no_adv_scale)
+        arms = torch.cat([g.arms for g in groups])  # [N * G]: 0 "new", 1 a memory
+        new = torch.cat([g.old_logp[g.arms == 0][:1, g.arm_slot].cpu().expand(G) for g in groups])  # [N*G] log P(new)
+        arm_logp = torch.where(arms == 0, new, torch.log1p(-new.exp()))
+        adv = compute_all_arms_advantage(rewards, arms, arm_logp, G, not args.no_adv_scale)
         stats["arm_p_new"] = new.exp().mean().item()  # the policy's P(new), at the sampling temperature
+        made, expected = torch.stack([arms == 0, arms == 1], -1), torch.stack([new.exp(), -torch.expm1(new)], -1)
     else:
         adv = compute_grpo_outcome_advantage(rewards, G, scale=not args.no_adv_scale)  # [N * G]
-    if args.hold_prior:
-        made = torch.tensor([[s[f"dec_{d.lower()}"] for d in DECISIONS] for g in groups for s in g.scores])  # [N*G, 5]
-        adv, stats["adv_prior_share"] = project_out_choices(adv, made, G, args.prior_keep)
+        made = (torch.tensor([[s[f"dec_{d.lower()}"] for d in DECISIONS] for g in groups for s in g.scores])  # [N*G, 5]
+                if args.hold_prior else None)
+    if args.hold_prior:  # --all-arms: centred on the policy's P(new), not on the group's frequency
+        adv, stats["adv_prior_share"] = project_out_choices(adv, made, G, args.prior_keep, expected)
     for k, g in enumerate(groups):
         g.advantages = adv[k * G:(k + 1) * G, None].to(g.mask.device).expand(g.mask.shape) * g.mask  # [G, T]
     return stats
@@ -349,8 +351,7 @@ def minibatch_step(policy, opt, minibatch: list[Group], args, critic=None, criti
         stats["value_grad_norm"] = clip_gradients(critic_opt, args.grad_clip)
         critic_opt.step()
         critic_opt.zero_grad(set_to_none=True)
-    # The rollout engine decodes from its own copy of the weights, in the fast kernel's layout (engine.py):
-    # bring it up to date with the step just taken, as verl syncs the actor's weights into vLLM.
+    # the rollout engine decodes from its own copy of the weights (engine.py): synced, as verl syncs vLLM's
     stats["sync_s"] = engine.sync(policy) + (engine.sync(critic) if critic is not None else 0.0)
     return stats
 
@@ -419,9 +420,8 @@ def load_models(args, base, ckpt: Path | None):
 
 def make_optimizer(module: torch.nn.Module, lr: float, kind: str = "adamw", head_lr_scale: float = 1.0,
                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """AdamW on the trainable parameters, or plain gradient descent (--optimizer sgd: AdamW moves every weight
-    by about lr whatever its gradient's size). The output layer (tied to the input embedding in SmolLM2)
-    steps at lr x head_lr_scale, and 0 freezes it (docs/manager.md: why, for the manager's decision)."""
+    """AdamW on the trainable parameters, or plain gradient descent (--optimizer sgd). The output layer (tied to
+    the input embedding in SmolLM2) steps at lr x head_lr_scale, and 0 freezes it (docs/manager.md: why)."""
     head = {id(m.weight) for name, m in module.named_modules() if name.rsplit(".", 1)[-1] == "lm_head"}
     for p in module.parameters():
         p.requires_grad_(p.requires_grad and not (id(p) in head and head_lr_scale == 0))

@@ -52,6 +52,19 @@ def test_all_arms_advantage_hand_computed_and_the_exact_expected_gradient():
         compute_all_arms_advantage(r[:5], arms[:5], pi[arms][:5], 6)
 
 
+def test_project_out_choices_centred_on_the_policy_zeroes_the_shared_push_of_forced_arms():
+    # --all-arms with --hold-prior: two states, outputs given "new" then a memory, P(new) 0.2 and 0.6
+    adv = torch.tensor([1.0, -0.5, -1.0, 0.5])
+    made = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 1]])
+    p = torch.tensor([0.2, 0.2, 0.6, 0.6])
+    out, _ = project_out_choices(adv, made, 2, expected=torch.stack([p, 1 - p], -1))
+    x = made[:, 0] - p  # d log pi(arm) / d (a logit bias on "new"): 1 - p for "new", -p for a memory
+    # hand-computed: x = (0.8, -0.2, 0.4, -0.6), x.A = 0.8 + 0.1 - 0.4 - 0.3 = 0.2, x.x = 1.2, beta = 1/6
+    assert torch.allclose(out, adv - x / 6, atol=1e-6)
+    assert abs(float((x * out).sum())) < 1e-6  # the step's push on the shared bias is 0
+    assert not torch.allclose(out.view(2, 2).sum(1), torch.zeros(2))  # group sums move (the reweighting allows it)
+
+
 def test_project_out_choices_hand_computed():
     # four groups of 2; choices one-hot over (new, a memory). In groups 1-3 "new" came first; it won in two
     # states and lost in one; in group 4 both samples named a memory (one right, one wrong).
