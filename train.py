@@ -203,7 +203,7 @@ def grpo_advantages(groups: list[Group], rewards: torch.Tensor, args) -> dict:
         new = torch.cat([g.old_logp[g.arms == 0][:1, g.arm_slot].cpu().expand(G) for g in groups])  # [N*G] log P(new)
         arm_logp = torch.where(arms == 0, new, torch.log1p(-new.exp()))
         adv = compute_all_arms_advantage(rewards, arms, arm_logp, G, not args.no_adv_scale)
-        stats["arm_p_new"] = new.exp().mean().item()  # the policy's P(new), at the sampling temperature
+        stats["arm_p_new"] = new[arms == 1].exp().mean().nan_to_num(1.0).item()  # where a memory was shown
         made, expected = torch.stack([arms == 0, arms == 1], -1), torch.stack([new.exp(), -torch.expm1(new)], -1)
     else:
         adv = compute_grpo_outcome_advantage(rewards, G, scale=not args.no_adv_scale)  # [N * G]

@@ -306,5 +306,8 @@ def test_all_arms_forces_each_first_decision_and_the_loss_pass_sees_the_policys(
     # the policy's P(new) at the slot is the same in every "new" output (one state), and below 1
     p_new = lp[arms == 0, slot].exp()
     assert torch.allclose(p_new, p_new[0].expand_as(p_new)) and 0 < p_new[0] < 1
+    empty = P.manager_ops_automaton((), 1).guide(tok, V)  # no memory shown: "new" is forced, one arm
+    guides, arms, _ = arm_guides(empty, marker, 4)
+    assert guides == [empty] * 4 and arms.tolist() == [0, 0, 0, 0]
     with pytest.raises(ValueError, match="ops format"):  # a format with a free choice before any decision
         first_decision(P.facts_automaton().guide(tok, V), marker)
