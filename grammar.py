@@ -369,15 +369,17 @@ def first_decision(guide: Guide, marker: int, max_choices: int = 64, limit: int 
 
 
 def arm_guides(guide: Guide, marker: int, group_size: int) -> tuple[list, torch.Tensor, int]:
-    """A group's --all-arms guides: the first decision slot's two arms, "new" (arm 0: the marker alone) and "a
-    memory" (arm 1: every other token allowed there, sampled from the policy: a shown memory's first token, or
-    rarely "n" or "ne", which spell "new" too), alternating over the outputs; the two partition the slot, so
-    P(arm 1) = 1 - P("new"). A state with no memory shown has nothing but "new" there: every output keeps the
+    """A group's --all-arms guides: the first decision slot's two arms alternate over the outputs, "new" (arm 0:
+    the tokens that spell the way to "new", the marker or its prefixes "n", "ne") and "a memory" (arm 1: every
+    other token allowed there: a shown memory's first token), each sampled from the policy renormalised over
+    its arm's tokens. A state with no memory shown has nothing but "new" there: every output keeps the
     format's own guide, all of arm 0. Returns (the G guides, each output's arm [G], the slot's position)."""
     state, position = first_decision(guide, marker)
-    new = torch.zeros_like(guide.allowed(state))
-    new[marker] = True
-    masks = (new, guide.allowed(state) & ~new)
+    allowed, data = guide.allowed(state), guide.vocab.data
+    way = data[marker] + guide.automaton.forced(guide.automaton.walk(state, data[marker]))  # b'new", "event": ...'
+    new = torch.zeros_like(allowed)
+    new[[t for t in allowed.nonzero()[:, 0].tolist() if way.startswith(data[t])]] = True
+    masks = (new, allowed & ~new)
     if not masks[1].any():
         return [guide] * group_size, torch.zeros(group_size, dtype=torch.long), position
     arms = torch.arange(group_size) % 2

@@ -89,8 +89,9 @@ class Group:
     guide: object = None  # the output format the completions followed (grammar.Guide)
     supports: list | None = None  # per completion and token: the ids top-p kept (top_p < 1)
     n_vocab: int = 0  # rows of the policy's output layer
-    arms: torch.Tensor | None = None  # --all-arms: [G] the choice each output was given; at which position:
-    arm_slot: int = 0
+    arms: torch.Tensor | None = None  # --all-arms: [G] the arm each output was given, the policy's log P(arm),
+    arm_logp: torch.Tensor | None = None
+    arm_slot: int = 0  # and the decision's position
 
     def allowed(self) -> torch.Tensor | None:
         """[G, T, V]: what each token was sampled from, for the loss pass (None: the whole vocabulary)."""
@@ -140,8 +141,9 @@ def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, r
     kept = {id(g) for g in groups}
     groups = (groups + [g for g in sampled if id(g) not in kept])[:Q]  # informative groups first
     for g in groups:
-        if g.arms is not None:  # the forced arm was sampled with log-prob 0: the policy's own, for the weights
-            g.old_logp, _ = policy.logprobs(g.prompt, g.completions, policy_temperature(args), True, g.allowed())
+        if g.arms is not None:  # each arm was sampled renormalised over its tokens: log P(arm) = the difference
+            full, _ = policy.logprobs(g.prompt, g.completions, policy_temperature(args), True, g.allowed())
+            g.arm_logp, g.old_logp = (full - g.old_logp)[:, g.arm_slot].cpu(), full
         if ref is not None:  # the reference's distribution over the same tokens as the policy's
             with lora.adapters_disabled(ref):
                 g.ref_logp, _ = ref.logprobs(g.prompt, g.completions, policy_temperature(args), True, g.allowed())
@@ -199,12 +201,11 @@ def grpo_advantages(groups: list[Group], rewards: torch.Tensor, args) -> dict:
     each output explains, so a step cannot move a decision's shared prior (grpo.project_out_choices, share logged)."""
     G, stats, expected = args.group_size, {}, None
     if args.all_arms:  # every arm tried in every group
-        arms = torch.cat([g.arms for g in groups])  # [N * G]: 0 "new", 1 a memory
-        new = torch.cat([g.old_logp[g.arms == 0][:1, g.arm_slot].cpu().expand(G) for g in groups])  # [N*G] log P(new)
-        arm_logp = torch.where(arms == 0, new, torch.log1p(-new.exp()))
+        arms, arm_logp = torch.cat([g.arms for g in groups]), torch.cat([g.arm_logp for g in groups])  # [N * G]
+        new = torch.where(arms == 0, arm_logp.exp(), -torch.expm1(arm_logp))  # P("new") in each output's state
         adv = compute_all_arms_advantage(rewards, arms, arm_logp, G, not args.no_adv_scale)
-        stats["arm_p_new"] = new[arms == 1].exp().mean().nan_to_num(1.0).item()  # where a memory was shown
-        made, expected = torch.stack([arms == 0, arms == 1], -1), torch.stack([new.exp(), -torch.expm1(new)], -1)
+        stats["arm_p_new"] = new[arms == 1].mean().nan_to_num(1.0).item()  # where a memory was shown
+        made, expected = torch.stack([arms == 0, arms == 1], -1), torch.stack([new, 1 - new], -1)
     else:
         adv = compute_grpo_outcome_advantage(rewards, G, scale=not args.no_adv_scale)  # [N * G]
         made = (torch.tensor([[s[f"dec_{d.lower()}"] for d in DECISIONS] for g in groups for s in g.scores])  # [N*G, 5]
@@ -374,9 +375,8 @@ def validate(policy, tok, task: Task, args) -> dict:
         scores += [rows[0] for rows in task.score_all([(ex, [tok.decode(out)]) for ex, out in zip(chunk, outs)])]
     every = gather_lists({"scores": scores[:n_real]})["scores"]
     out = mean_scores(every, "val_")
-    for key in ("reward", "em"):  # the noise of the held-out figures: standard error of the mean over prompts
-        if key in every[0]:
-            out[f"val_{key}_se"] = standard_error([s[key] for s in every])
+    # the noise of the held-out figures: standard error of the mean over prompts
+    out.update({f"val_{k}_se": standard_error([s[k] for s in every]) for k in ("reward", "em") if k in every[0]})
     out["val_n"] = len(every)
     return out
 

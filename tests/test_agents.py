@@ -205,5 +205,5 @@ def test_slot_loss_flags_run_the_ops_manager_and_resume(decision, smollm2_path, 
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(SystemExit):  # the KL on the other choices needs the decision-only loss
         train.parse_args(["--agent", "manager", "--slot-beta", "1.0"])
-    with pytest.raises(SystemExit):  # the projection assumes sampled decisions
-        train.parse_args(["--agent", "manager", "--manager-format", "ops", "--all-arms", "--hold-prior"])
+    with pytest.raises(SystemExit):  # the arms are the ops format's first decision
+        train.parse_args(["--agent", "manager", "--manager-format", "mem0", "--all-arms"])

@@ -283,29 +283,29 @@ def test_decision_temperature_heats_the_about_slot_only(smollm2):
 
 def test_all_arms_forces_each_first_decision_and_the_loss_pass_sees_the_policys(smollm2):
     """--all-arms (grammar.arm_guides): the outputs of a group alternate between "new" and "a memory" at the
-    first "about" slot, the rest sampled; every output parses; the sampler's log-prob of a forced "new" is 0, the
-    loss pass with the format's own guide gives the policy's, and the "memory" outputs took every other token
-    allowed there (a shown memory's first token: both start "Bruno", which the format lets start as "B", "Br"...)."""
+    first "about" slot, the rest sampled; every output parses, "new" ones ADD the fact and the others never
+    do (the tokens "n", "ne" that spell "new" too belong to its arm: a shown memory's first token to the
+    other, here "B", "Br", ... of "Bruno"); the loss pass with the format's own guide minus the sampler's
+    renormalised log-prob is the policy's log P(arm), and the two arms' probabilities sum to 1."""
     net, tok = smollm2
     V, marker = net.lm_head.weight.shape[0], P.decision_marker(tok)
     g = P.manager_ops_automaton(SHOWN, 2).guide(tok, V)
     shown = [{"id": "0", "text": SHOWN[0]}, {"id": "1", "text": SHOWN[1]}]
     guides, arms, slot = arm_guides(g, marker, 7)
     assert slot == first_decision(g, marker)[1] and arms.tolist() == [0, 1, 0, 1, 0, 1, 0]
+    assert {tok.decode([t]) for t in guides[0].only.nonzero()[:, 0].tolist()} <= {"n", "ne", "new", 'new"'}
+    assert all(tok.decode([t]).startswith("B") for t in guides[1].only.nonzero()[:, 0].tolist())
     prompt = tok.chat(P.manager_messages(shown, FACTS, "ops"))
     comps, logps = generate(net, [prompt] * len(guides), 160, 1.0, seed=0, return_logprobs=True, guide=guides)
     assert tok.decode(comps[0][:slot]) == '{"memory": [{"fact": 0, "about": "'
-    lp, _ = net.logprobs(prompt, comps, 1.0, False, allowed_masks(comps, V, g))
-    allowed = g.allowed(first_decision(g, marker)[0])
-    for j, (c, a) in enumerate(zip(comps, arms.tolist())):
+    for c, a in zip(comps, arms.tolist()):
         parsed = P.parse_manager_ops(tok.decode(c), FACTS, shown)
         assert parsed.ok and (parsed.value[0]["event"] == "ADD") == (a == 0)  # "new": the fact is ADDed
-        assert (c[slot] == marker) == (a == 0) and allowed[c[slot]]
-        if a == 0:
-            assert logps[j][slot] == 0.0 and -10 < lp[j, slot] < 0  # forced when sampled; the policy's in the loss
-    # the policy's P(new) at the slot is the same in every "new" output (one state), and below 1
-    p_new = lp[arms == 0, slot].exp()
-    assert torch.allclose(p_new, p_new[0].expand_as(p_new)) and 0 < p_new[0] < 1
+    lp, _ = net.logprobs(prompt, comps, 1.0, False, allowed_masks(comps, V, g))
+    arm_logp = lp[:, slot] - torch.tensor([row[slot] for row in logps])  # [G]: log P(the output's arm)
+    p_new, p_memory = arm_logp[arms == 0].exp(), arm_logp[arms == 1].exp()
+    assert torch.allclose(p_new, p_new[0].expand_as(p_new), atol=1e-5) and 0 < p_new[0] < 1  # one state
+    assert torch.allclose(p_new[0] + p_memory, torch.ones_like(p_memory), atol=1e-4)
     empty = P.manager_ops_automaton((), 1).guide(tok, V)  # no memory shown: "new" is forced, one arm
     guides, arms, _ = arm_guides(empty, marker, 4)
     assert guides == [empty] * 4 and arms.tolist() == [0, 0, 0, 0]
