@@ -372,8 +372,11 @@ def arm_guides(guide: Guide, marker: int, group_size: int) -> tuple[list, torch.
     """A group's --all-arms guides: the first decision slot's two arms alternate over the outputs, "new" (arm 0:
     the tokens that spell the way to "new", the marker or its prefixes "n", "ne") and "a memory" (arm 1: every
     other token allowed there: a shown memory's first token), each sampled from the policy renormalised over
-    its arm's tokens. A state with no memory shown has nothing but "new" there: every output keeps the
-    format's own guide, all of arm 0. Returns (the G guides, each output's arm [G], the slot's position)."""
+    its arm's tokens. With --decision-temperature the memory arm's token is drawn at the base temperature (the
+    hot slot is recognised by "new" being allowed: DecisionTemperature), which shifts only which memory is
+    tried, not new against a memory; P(a memory) is taken as 1 - P(new), read from the "new" outputs. A state
+    with no memory shown has nothing but "new" there: every output keeps the format's own guide, all of arm 0.
+    Returns (the G guides, each output's arm [G], the slot's position)."""
     state, position = first_decision(guide, marker)
     allowed, data = guide.allowed(state), guide.vocab.data
     way = data[marker] + guide.automaton.forced(guide.automaton.walk(state, data[marker]))  # b'new", "event": ...'

@@ -141,7 +141,7 @@ def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, r
     kept = {id(g) for g in groups}
     groups = (groups + [g for g in sampled if id(g) not in kept])[:Q]  # informative groups first
     for g in groups:
-        if g.arms is not None:  # each arm was sampled renormalised over its tokens: log P(arm) = the difference
+        if g.arms is not None:  # an arm is sampled renormalised over its tokens: log P("new") = the difference
             full, _ = policy.logprobs(g.prompt, g.completions, policy_temperature(args), True, g.allowed())
             g.arm_logp, g.old_logp = (full - g.old_logp)[:, g.arm_slot].cpu(), full
         if ref is not None:  # the reference's distribution over the same tokens as the policy's
@@ -201,9 +201,9 @@ def grpo_advantages(groups: list[Group], rewards: torch.Tensor, args) -> dict:
     each output explains, so a step cannot move a decision's shared prior (grpo.project_out_choices, share logged)."""
     G, stats, expected = args.group_size, {}, None
     if args.all_arms:  # every arm tried in every group
-        arms, arm_logp = torch.cat([g.arms for g in groups]), torch.cat([g.arm_logp for g in groups])  # [N * G]
-        new = torch.where(arms == 0, arm_logp.exp(), -torch.expm1(arm_logp))  # P("new") in each output's state
-        adv = compute_all_arms_advantage(rewards, arms, arm_logp, G, not args.no_adv_scale)
+        arms = torch.cat([g.arms for g in groups])  # [N * G]; P("new") in each output's state, from its "new" ones:
+        new = torch.cat([g.arm_logp[g.arms == 0][:1].expand(G) for g in groups]).exp()  # P(a memory) = 1 - P(new)
+        adv = compute_all_arms_advantage(rewards, arms, torch.where(arms == 0, new, 1 - new).log(), G, not args.no_adv_scale)
         stats["arm_p_new"] = new[arms == 1].mean().nan_to_num(1.0).item()  # where a memory was shown
         made, expected = torch.stack([arms == 0, arms == 1], -1), torch.stack([new, 1 - new], -1)
     else:
