@@ -89,9 +89,9 @@ class Group:
     guide: object = None  # the output format the completions followed (grammar.Guide)
     supports: list | None = None  # per completion and token: the ids top-p kept (top_p < 1)
     n_vocab: int = 0  # rows of the policy's output layer
-    arms: torch.Tensor | None = None  # --all-arms: [G] the arm each output was given, the policy's log P(arm),
-    arm_logp: torch.Tensor | None = None
-    arm_slot: int = 0  # and the decision's position
+    arms: torch.Tensor | None = None  # --all-arms: [G] the arm each output was given, the decision's position,
+    arm_slot: int = 0
+    logp_new: torch.Tensor | None = None  # and the policy's log P("new") there (a scalar)
 
     def allowed(self) -> torch.Tensor | None:
         """[G, T, V]: what each token was sampled from, for the loss pass (None: the whole vocabulary)."""
@@ -143,7 +143,7 @@ def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, r
     for g in groups:
         if g.arms is not None:  # an arm is sampled renormalised over its tokens: log P("new") = the difference
             full, _ = policy.logprobs(g.prompt, g.completions, policy_temperature(args), True, g.allowed())
-            g.arm_logp, g.old_logp = (full - g.old_logp)[:, g.arm_slot].cpu(), full
+            g.logp_new, g.old_logp = (full - g.old_logp)[g.arms == 0][0, g.arm_slot].cpu(), full
         if ref is not None:  # the reference's distribution over the same tokens as the policy's
             with lora.adapters_disabled(ref):
                 g.ref_logp, _ = ref.logprobs(g.prompt, g.completions, policy_temperature(args), True, g.allowed())
@@ -201,8 +201,8 @@ def grpo_advantages(groups: list[Group], rewards: torch.Tensor, args) -> dict:
     each output explains, so a step cannot move a decision's shared prior (grpo.project_out_choices, share logged)."""
     G, stats, expected = args.group_size, {}, None
     if args.all_arms:  # every arm tried in every group
-        arms = torch.cat([g.arms for g in groups])  # [N * G]; P("new") in each output's state, from its "new" ones:
-        new = torch.cat([g.arm_logp[g.arms == 0][:1].expand(G) for g in groups]).exp()  # P(a memory) = 1 - P(new)
+        arms = torch.cat([g.arms for g in groups])  # [N * G]: 0 "new", 1 a memory, whose P is 1 - P(new)
+        new = torch.stack([g.logp_new for g in groups]).exp().repeat_interleave(G)  # P("new") in each output's state
         adv = compute_all_arms_advantage(rewards, arms, torch.where(arms == 0, new, 1 - new).log(), G, not args.no_adv_scale)
         stats["arm_p_new"] = new[arms == 1].mean().nan_to_num(1.0).item()  # where a memory was shown
         made, expected = torch.stack([arms == 0, arms == 1], -1), torch.stack([new, 1 - new], -1)
