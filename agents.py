@@ -43,11 +43,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 import data.gym as gym
 import data.locomo as locomo  # module attribute access: tests cut the conversations by patching it
 import data.longmemeval as longmemeval
 from data.locomo import Question
-from grammar import guide_for
+from grammar import decision_arms, guide_for
+from grpo import hold_along
 from manager import (OPS, apply_oracle, apply_output, decision, facts_by_turn, oracle_banks, oracle_decision,
                      related_memories, run_manager)
 from memory import FACT_SOURCES, FactRecord, add_all_banks, make_embedder, speaker_memories
@@ -292,6 +295,34 @@ def balanced_states(examples: list, seed: int = 0) -> list:
     change = [ex for ex in examples if oracle_kind(ex) == "UPDATE change" and changeable(ex)]
     n, rng = min(len(add), len(change)), random.Random(f"{seed}-balance")
     return rng.sample(add, n) + rng.sample(change, n)
+
+
+def hold_decision_prior(model, opt, items: list[tuple], args) -> dict:
+    """--hold-mean, between the step's backward and its clipping: the SGD step (opt, lr args.lr) may not move
+    the mean over the step's states of the log-odds of "new" at the first decision slot (temperature 1; the
+    shared prior that every GRPO run on the manager moved first, docs/manager.md), or moves it a share
+    args.mean_rate of the way to args.mean_target, to first order (grpo.hold_along on the parameters' .grad).
+    items: (prompt ids, one output's ids, its format's guide) per state; states with no memory shown (only
+    "new" allowed) are left out. Returns the cosine removed (g . m / |g||m|) and the mean log-odds before."""
+    rows, arms = [], []
+    for prompt, output, guide in items:
+        _, position, new, memory = decision_arms(guide, args.decision_marker)
+        if memory.any():  # the way to the slot is forced, so any output's first `position` tokens lead there
+            rows.append(prompt + output[:position])
+            arms.append((new, memory))
+    if not rows:
+        return {}
+    n, dev = max(map(len, rows)), model.lm_head.weight.device
+    x, real = torch.zeros(len(rows), n, dtype=torch.long), torch.zeros(len(rows), n, dtype=torch.long)
+    for i, r in enumerate(rows):  # left-padded: every row's last position is its decision slot
+        x[i, n - len(r):], real[i, n - len(r):] = torch.tensor(r), 1
+    z = model(x.to(dev), attention_mask=real.to(dev), last_only=True)[:, -1].float()  # [B, V]
+    odds = torch.stack([torch.logsumexp(z[i, new.to(dev)], 0) - torch.logsumexp(z[i, memory.to(dev)], 0)
+                        for i, (new, memory) in enumerate(arms)]).mean()
+    params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
+    direction = torch.autograd.grad(odds, params, allow_unused=True)
+    move = 0.0 if args.mean_target is None else args.mean_rate * (args.mean_target - odds.item())
+    return {"held_cos": hold_along(params, direction, move, args.lr), "log_odds_new": odds.item()}
 
 
 MANAGER_QUESTIONS = ("probe", "shown")

@@ -134,6 +134,12 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
       "choice is tried in every state (grpo.compute_all_arms_advantage; docs/manager.md)")
     g("--prior-keep", type=float, default=0.0, metavar="K", help="with --hold-prior: the share of the push on the "
       "shared prior kept, so the prior follows the reward at K times the rate (0: only drift moves it)")
+    g("--hold-mean", action="store_true", help="the ops format under --optimizer sgd: project each step's gradient "
+      "so that it cannot move the mean over the step's states of the log-odds of \"new\" at the first decision (its "
+      "shared prior), to first order, whatever the network shares between states (agents.hold_decision_prior)")
+    g("--mean-target", type=float, default=None, metavar="L", help="with --hold-mean: move that mean log-odds "
+      "(temperature 1) a share --mean-rate of the way to L each step instead of holding it where it is")
+    g("--mean-rate", type=float, default=0.5, help="with --mean-target: the share of the way moved a step")
     g("--dynamic-sampling", type=int, default=0, metavar="R", help="DAPO's dynamic sampling: drop groups whose "
       "rewards are all equal and sample up to R more rounds of prompts to fill the step (0: off)")
     g("--answer-max-new-tokens", type=int, help="the answerer's response limit")
@@ -206,6 +212,12 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
                           or not args.guided):
         ap.error("--all-arms forces the ops format's first decision: --algo grpo --agent manager --manager-format "
                  "ops --guided")
+    if args.hold_mean and (args.agent != "manager" or args.manager_format != "ops" or not args.guided
+                           or args.optimizer != "sgd" or args.head_lr_scale not in (0, 1) or args.weight_decay):
+        ap.error("--hold-mean projects a plain gradient step on the ops format's first decision: --agent manager "
+                 "--manager-format ops --guided --optimizer sgd, --head-lr-scale 0 or 1, no --weight-decay")
+    if (args.mean_target is not None) > args.hold_mean or not 0 < args.mean_rate <= 1:
+        ap.error("--mean-target moves what --hold-mean holds (it needs --hold-mean), --mean-rate in (0, 1]")
     if args.head_lr_scale < 0 or (args.head_lr_scale != 1 and args.lora_rank):
         ap.error("--head-lr-scale must be >= 0, and LoRA trains no output layer to scale")
     if args.reward == "prob" and args.agent != "manager":

@@ -368,6 +368,18 @@ def first_decision(guide: Guide, marker: int, max_choices: int = 64, limit: int 
                      f"{limit} tokens): --all-arms needs the ops format, whose way to its first decision is forced")
 
 
+def decision_arms(guide: Guide, marker: int) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """(state, position, arm 0, arm 1) of a format's first decision slot (first_decision): arm 0 masks the tokens
+    on the way to "new" (the marker or its prefixes "n", "ne"), arm 1 every other token allowed there (a shown
+    memory's first token; none when no memory is shown). [V] bool masks."""
+    state, position = first_decision(guide, marker)
+    allowed, data = guide.allowed(state), guide.vocab.data
+    way = data[marker] + guide.automaton.forced(guide.automaton.walk(state, data[marker]))  # b'new", "event": ...'
+    new = torch.zeros_like(allowed)
+    new[[t for t in allowed.nonzero()[:, 0].tolist() if way.startswith(data[t])]] = True
+    return state, position, new, allowed & ~new
+
+
 def arm_guides(guide: Guide, marker: int, group_size: int) -> tuple[list, torch.Tensor, int]:
     """A group's --all-arms guides: the first decision slot's two arms alternate over the outputs, "new" (arm 0:
     the tokens that spell the way to "new", the marker or its prefixes "n", "ne") and "a memory" (arm 1: every
@@ -377,12 +389,7 @@ def arm_guides(guide: Guide, marker: int, group_size: int) -> tuple[list, torch.
     tried, not new against a memory; P(a memory) is taken as 1 - P(new), read from the "new" outputs. A state
     with no memory shown has nothing but "new" there: every output keeps the format's own guide, all of arm 0.
     Returns (the G guides, each output's arm [G], the slot's position)."""
-    state, position = first_decision(guide, marker)
-    allowed, data = guide.allowed(state), guide.vocab.data
-    way = data[marker] + guide.automaton.forced(guide.automaton.walk(state, data[marker]))  # b'new", "event": ...'
-    new = torch.zeros_like(allowed)
-    new[[t for t in allowed.nonzero()[:, 0].tolist() if way.startswith(data[t])]] = True
-    masks = (new, allowed & ~new)
+    state, position, *masks = decision_arms(guide, marker)
     if not masks[1].any():
         return [guide] * group_size, torch.zeros(group_size, dtype=torch.long), position
     arms = torch.arange(group_size) % 2

@@ -7,6 +7,7 @@ sampled tokens under logits divided by the sampling temperature.
     advantages = compute_grpo_outcome_advantage(rewards, group_size)          # [B]
     advantages, _ = project_out_choices(advantages, choices, group_size)      # optional: --hold-prior
     advantages = compute_all_arms_advantage(rewards, arms, arm_logp, group_size)  # instead: --all-arms
+    hold_along(params, dL_dparams, move=0.0, lr=lr)   # optional, after backward: --hold-mean (SGD)
     loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages[:, None].expand_as(logp), mask, beta=0.01)
 
 Only torch. Read next: ppo.py.
@@ -102,6 +103,34 @@ def compute_all_arms_advantage(rewards: torch.Tensor, arms: torch.Tensor, arm_lo
     if scale:
         adv = adv / ((w * (r - value).square()).sum(-1, keepdim=True).sqrt() + eps)
     return adv.view(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+
+
+def hold_along(params: list[torch.Tensor], direction: list[torch.Tensor | None], move: float = 0.0,
+               lr: float = 1.0) -> float:
+    """Make an SGD step on params' .grad change a scalar function L(theta) by `move`, to first order (--hold-mean).
+
+    direction = dL/dtheta (None for a parameter L does not depend on). The step theta -= lr * g changes L by
+    -lr g.m to first order (m = direction), so the gradient is replaced in place by
+
+        g' = g - (g.m / m.m) m - move / (lr m.m) m          g'.m = -move / lr
+
+    move = 0 holds L (the manager: the mean log-odds of "new" over a step's states, its shared prior, which
+    project_out_choices holds only for a logit bias: through a network's shared weights the mean moves with
+    whatever the states' gradients share, docs/manager.md). Plain SGD only (Adam rescales each coordinate,
+    so the step would not be -lr g'). Returns g.m / |g| |m|, the cosine the projection removed.
+    """
+    pairs = [(p.grad, d) for p, d in zip(params, direction) if d is not None and p.grad is not None]
+    if not pairs:
+        raise ValueError("hold_along: no parameter has both a gradient and a direction")
+    mm = sum(d.double().square().sum() for _, d in pairs)
+    gm = sum((g.double() * d.double()).sum() for g, d in pairs)
+    gg = sum(g.double().square().sum() for g, _ in pairs)
+    if mm == 0:
+        return 0.0
+    coef = (gm + move / lr) / mm
+    for g, d in pairs:
+        g.sub_((coef * d.double()).to(g.dtype))
+    return float(gm / (gg.sqrt() * mm.sqrt())) if gg > 0 else 0.0
 
 
 def zero_std_group_fraction(rewards: torch.Tensor, group_size: int) -> float:

@@ -10,17 +10,15 @@
 
 One training step (paper Alg. 2 for the Answer Agent, Alg. 1 for the manager; SPEC sections 1 and 5):
     1. rollout   take `questions_per_step` prompts (questions; for the manager, evidence turns); sample
-                 `group_size` completions of each (temperature 1, in the agent's output format by
-                 construction with --guided, the default; log-probs of the sampled tokens under the
-                 sampling distribution = the "old" policy); reward = exact match of the text after
-                 **Answer:** with the gold answer (flag: F1); the manager's: that of a frozen answerer
-                 answering the turn's questions from the bank its events edited
+                 `group_size` completions of each (temperature 1, in the agent's output format by construction
+                 with --guided, the default; log-probs of the sampled tokens = the "old" policy); reward =
+                 exact match of the text after **Answer:** with the gold (flag: F1); the manager's: that of a
+                 frozen answerer answering the turn's questions from the bank its events edited
     2. signal    GRPO: group-normalised advantages, a frozen reference for the beta * k3 KL term;
                  PPO: per-token KL penalty in the reward, a critic's values, GAE advantages and returns
-    3. update    epochs x minibatches over the rollout; each prompt's group is one micro-batch whose
-                 loss pass runs the prompt once (losspass.completion_logprobs); gradients accumulate
-                 over a minibatch, then clip and AdamW; then the rollout engine's copy of the
-                 weights (engine.py) is synced, as verl syncs the actor into vLLM
+    3. update    epochs x minibatches over the rollout; each prompt's group is one micro-batch whose loss
+                 pass runs the prompt once (losspass.completion_logprobs); gradients accumulate over a
+                 minibatch, then clip and AdamW; the rollout engine's weights (engine.py) are then synced
     4. log       one JSON line per step in OUT/metrics.jsonl; greedy validation every `val_every` steps
     5. save      OUT/checkpoint/: a Hugging Face folder (loadable by transformers and model.load_model)
                  plus optimizer state and the step, replaced atomically; --resume continues from it
@@ -54,7 +52,7 @@ import engine
 import lora
 import model as M
 import precision
-from agents import DECISIONS, Example, Task, answer_task, manager_task
+from agents import DECISIONS, Example, Task, answer_task, hold_decision_prior, manager_task
 from checkpoint import (checkpoint_to_resume, export_merged, load_trainable_state, load_training_state,
                         metrics_log, save_training_state)
 from grammar import DecisionTemperature, allowed_masks, arm_guides, choice_slots, decision_slots
@@ -344,6 +342,8 @@ def minibatch_step(policy, opt, minibatch: list[Group], args, critic=None, criti
                 backward(w * vloss)  # token-mean over the minibatch
             stats["value_loss"] += w * vloss.item()
             stats["value_clip_frac"] += w * vclip.item()
+    if args.hold_mean:  # one process (run): the loss pass is Call(model), the model its .inner
+        stats |= hold_decision_prior(policy.inner, opt, [(g.prompt, g.completions[0], g.guide) for g in minibatch], args)
     stats = all_sum(stats)  # every rank's share
     stats["grad_norm"] = clip_gradients(opt, args.grad_clip)
     opt.step()
@@ -446,14 +446,14 @@ def run(args, task: Task | None = None) -> dict:
     main = rank == 0  # rank 0 logs, shows progress and writes checkpoints
     if args.questions_per_step % world:
         raise SystemExit(f"--questions-per-step {args.questions_per_step} must be a multiple of the {world} ranks")
-    if args.dynamic_sampling and world > 1:
-        raise SystemExit("--dynamic-sampling runs in one process (the ranks would keep different groups)")
+    if (args.dynamic_sampling or args.hold_mean) and world > 1:
+        raise SystemExit("--dynamic-sampling and --hold-mean run in one process (ranks would keep other groups)")
     ckpt = checkpoint_to_resume(out, args.resume, args.model)
     dev = torch.device(args.device)
     args.precision = precision.configure(args.precision, dev)  # bf16 products where they pay (before loading)
     base, tok = M.load_model(args.model, getattr(torch, args.dtype), dev)
-    if args.decision_temperature or args.loss_slots == "about" or args.all_arms:  # "new" marks the ops decision slot
-        args.decision_marker = decision_marker(tok)
+    if args.decision_temperature or args.loss_slots == "about" or args.all_arms or args.hold_mean:
+        args.decision_marker = decision_marker(tok)  # the token "new" marks the ops format's decision slot
     if task is None:  # the banks and prompts are built from the starting model, also on resume
         task = (answer_task if args.agent == "answer" else manager_task)(args, tok, base)
     policy, ref, critic = load_models(args, base, ckpt)

@@ -44,7 +44,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data.gym as gym  # noqa: E402
 from agents import balanced_states, conversation_facts, manager_examples, oracle_kind  # noqa: E402
-from grpo import compute_all_arms_advantage, compute_grpo_outcome_advantage, project_out_choices  # noqa: E402
+from grpo import (compute_all_arms_advantage, compute_grpo_outcome_advantage, hold_along,  # noqa: E402
+                  project_out_choices)
 from memory import make_embedder  # noqa: E402
 from metrics import standard_error  # noqa: E402
 from model import OFFLINE_SMOLLM2, load_model  # noqa: E402
@@ -76,15 +77,26 @@ def states_of(split: str, limit: int, tok, vocab: int, embedder) -> list:
     return [arms(tok, ex) for ex in examples]
 
 
-def arm_logprobs(model, batch: list, temperature: float) -> list[torch.Tensor]:
-    """Log-probs over each state's allowed tokens at its about slot (one forward of the padded batch)."""
+def arm_logits(model, batch: list) -> list[torch.Tensor]:
+    """Logits of each state's allowed tokens at its about slot (one forward of the padded batch)."""
     n = max(len(ids) for ids, *_ in batch)
     x = torch.zeros(len(batch), n, dtype=torch.long)
     mask = torch.zeros(len(batch), n, dtype=torch.long)
     for i, (ids, *_) in enumerate(batch):  # left-padded: every state's last position is its about slot
         x[i, n - len(ids):], mask[i, n - len(ids):] = torch.tensor(ids), 1
     logits = model(x, attention_mask=mask, last_only=True)[:, -1].float()  # [B, V]
-    return [torch.log_softmax(logits[i, choices] / temperature, -1) for i, (_, choices, _, _) in enumerate(batch)]
+    return [logits[i, choices] for i, (_, choices, _, _) in enumerate(batch)]
+
+
+def arm_logprobs(model, batch: list, temperature: float) -> list[torch.Tensor]:
+    """Log-probs over each state's allowed tokens at its about slot, at the temperature."""
+    return [torch.log_softmax(z / temperature, -1) for z in arm_logits(model, batch)]
+
+
+def log_odds_new(logits: torch.Tensor, is_new: list[bool]) -> torch.Tensor:
+    """log P(new) - log P(a memory) at temperature 1, from the allowed tokens' logits."""
+    new = torch.tensor(is_new)
+    return torch.logsumexp(logits[new], 0) - torch.logsumexp(logits[~new], 0)
 
 
 @torch.no_grad()
@@ -94,9 +106,8 @@ def validate(model, states: list, batch: int = 16) -> dict:
     odds = {True: [], False: []}  # right_new -> log-odds of new
     for i in range(0, len(states), batch):
         chunk = states[i:i + batch]
-        for lp, (_, _, is_new, right_new) in zip(arm_logprobs(model, chunk, 1.0), chunk):
-            new = torch.tensor(is_new)
-            odds[right_new].append(float(torch.logsumexp(lp[new], 0) - torch.logsumexp(lp[~new], 0)))
+        for z, (_, _, is_new, right_new) in zip(arm_logits(model, chunk), chunk):
+            odds[right_new].append(float(log_odds_new(z, is_new)))
     add, change = [float(x > 0) for x in odds[True]], [float(x <= 0) for x in odds[False]]
     every = odds[True] + odds[False]
     return {"add_right": sum(add) / len(add), "add_se": standard_error(add),
@@ -117,6 +128,11 @@ def main() -> None:
                     "reweighted by the policy's probability of each (grpo.compute_all_arms_advantage), not sampled")
     ap.add_argument("--hold-prior", action="store_true", help="grpo.project_out_choices on the advantages")
     ap.add_argument("--prior-keep", type=float, default=0.0, help="with --hold-prior: the prior's push kept, a share")
+    ap.add_argument("--hold-mean", action="store_true", help="grpo.hold_along: the step cannot move the mean over "
+                    "its states of the log-odds of new (temperature 1), to first order (SGD)")
+    ap.add_argument("--mean-target", type=float, default=None,
+                    help="with --hold-mean: move that mean a share --mean-rate of the way to this value each step")
+    ap.add_argument("--mean-rate", type=float, default=0.5)
     ap.add_argument("--decision-entropy", type=float, default=0.0,
                     help="weight of the entropy of the step's mean P(new) (at the decision temperature), maximised")
     ap.add_argument("--entropy-of", choices=("marginal", "state"), default="marginal",
@@ -129,6 +145,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="the JSONL log (default runs/bandit.jsonl; --smoke: a temporary file)")
     ap.add_argument("--smoke", action="store_true", help="one conversation per split, 2 steps")
     a = ap.parse_args()
+    if a.hold_mean and a.optimizer != "sgd":
+        ap.error("--hold-mean needs --optimizer sgd (AdamW rescales each coordinate, so its step is not -lr g)")
     torch.set_num_threads(2)
     torch.manual_seed(a.seed)
     model, tok = load_model(a.model)
@@ -153,7 +171,7 @@ def main() -> None:
           f"(keep {a.prior_keep}), head lr x {a.head_lr_scale}, all arms {a.all_arms}")
     record(0, {})
     order = list(range(len(train)))
-    t0 = time.perf_counter()
+    t0, step_odds = time.perf_counter(), []  # the step's states' mean log-odds of new before each update
     for step in tqdm(range(1, steps + 1), desc="bandit steps"):
         picks = []
         for i in range((step - 1) * a.questions_per_step, step * a.questions_per_step):
@@ -161,7 +179,8 @@ def main() -> None:
                 rng.shuffle(order)
             picks.append(order[i % len(train)])
         batch = [train[i] for i in picks]
-        logps = arm_logprobs(model, batch, a.decision_temperature)
+        logits = arm_logits(model, batch)
+        logps = [torch.log_softmax(z / a.decision_temperature, -1) for z in logits]
         chosen, rewards, made, tried = [], [], [], []
         for i, lp, (_, _, is_new, right_new) in zip(picks, logps, batch):
             if a.all_arms:  # "new" and "a memory" alternate (grammar.arm_guides); log pi of each arm
@@ -192,13 +211,22 @@ def main() -> None:
             entropy = -(p_new * p_new.log() + (1 - p_new) * (1 - p_new).log()).mean()  # new or not, in nats
             loss = loss - a.decision_entropy * entropy
         opt.zero_grad()
-        loss.backward()
+        loss.backward(retain_graph=a.hold_mean)
+        held = 0.0
+        step_odds.append(round(sum(float(log_odds_new(z.detach(), b[2])) for z, b in zip(logits, batch)) / len(batch), 3))
+        if a.hold_mean:  # the step's states' mean log-odds of new, held (or moved towards --mean-target)
+            mean_odds = torch.stack([log_odds_new(z, b[2]) for z, b in zip(logits, batch)]).mean()
+            params = [p for p in model.parameters() if p.requires_grad]
+            direction = torch.autograd.grad(mean_odds, params, allow_unused=True)
+            move = 0.0 if a.mean_target is None else a.mean_rate * (a.mean_target - mean_odds.item())
+            held = hold_along(params, direction, move, a.lr)
         grad_norm = clip_gradients(opt, 1.0)  # train.py's --grad-clip
         opt.step()
         if step % a.val_every == 0 or step == steps:
-            p_new = [float(torch.logsumexp(lp[torch.tensor(b[2])], 0).exp()) for lp, b in zip(logps, batch)]
-            record(step, {"sampled_new": float(torch.cat(made)[:, 0].mean()), "p_new": sum(p_new) / len(p_new), "adv_prior_share": share, "grad_norm": grad_norm,
+            p_new = [float(torch.logsumexp(lp.detach()[torch.tensor(b[2])], 0).exp()) for lp, b in zip(logps, batch)]
+            record(step, {"sampled_new": float(torch.cat(made)[:, 0].mean()), "p_new": sum(p_new) / len(p_new), "adv_prior_share": share, "held_cos": held, "step_odds": step_odds, "grad_norm": grad_norm,
                           "s": round(time.perf_counter() - t0, 1)})
+            step_odds = []
     log.close()
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from grpo import (agg_loss, compute_all_arms_advantage, compute_grpo_outcome_advantage, compute_policy_loss, grpo_loss,
-                  kl_penalty, project_out_choices, zero_std_group_fraction)
+                  hold_along, kl_penalty, project_out_choices, zero_std_group_fraction)
 from ppo import (Critic, compute_gae_advantage_return, compute_token_rewards, compute_value_loss,
                  last_token_index, masked_whiten)
 
@@ -106,6 +106,49 @@ def test_project_out_choices_zeroes_the_gradient_on_a_shared_logit_bias():
     assert gb_raw[0] > 1.0  # unprojected, the step pushes decision 0's prior up
     assert torch.allclose(gb, torch.zeros(K), atol=1e-5)
     assert gW.abs().max() > 0.1
+
+
+def test_hold_along_hand_computed():
+    # g = ([3, 4], [1]), m = ([1, 0], none for the second): g.m = 3, m.m = 1; move 0.2 at lr 0.1:
+    # coef = (3 + 0.2 / 0.1) / 1 = 5, g' = ([3 - 5, 4], [1]); the step -lr g'.m = 0.2; cosine 3 / (5 * 1)
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(1, requires_grad=True)
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([1.0])
+    cos = hold_along([a, b], [torch.tensor([1.0, 0.0]), None], move=0.2, lr=0.1)
+    assert torch.allclose(a.grad, torch.tensor([-2.0, 4.0])) and b.grad.tolist() == [1.0]
+    assert math.isclose(cos, 0.6, rel_tol=1e-6)
+    assert math.isclose(-0.1 * float(a.grad @ torch.tensor([1.0, 0.0])), 0.2, rel_tol=1e-6)
+    with pytest.raises(ValueError, match="no parameter"):
+        hold_along([b], [None])
+
+
+def test_hold_along_holds_a_networks_mean_logit_where_projecting_the_advantages_does_not():
+    # logit_s = v . tanh(W h_s): no bias, the prior is whatever the states share. A step on advantages that
+    # sum to 0 over the states (what project_out_choices leaves) still moves the mean logit; hold_along on
+    # the gradient of that mean leaves it where it was, to first order (here < 1 % of the unheld move)
+    torch.manual_seed(0)
+    S, D, H, lr = 8, 6, 16, 1e-4
+    h = (torch.randn(S, D) + 2.0).double()  # a large shared component, as a network's hidden states have
+    W0, v0 = (torch.randn(H, D) / D ** 0.5).double(), torch.randn(H).double()
+    W, v = W0.clone().requires_grad_(), v0.clone().requires_grad_()
+    logits = torch.tanh(h @ W.T) @ v  # [S]
+    m = torch.autograd.grad(logits.mean(), (W, v), retain_graph=True)
+    per_state = [torch.autograd.grad(logits[s], (W, v), retain_graph=True) for s in range(S)]
+    align = torch.tensor([sum((a * b).sum() for a, b in zip(g, m)) for g in per_state]).double()  # m . grad logit_s
+    adv = align - align.mean()  # sum 0: no push on a shared bias, but on states whose logits move the mean most
+
+    def mean_logit_after(hold: bool) -> float:
+        W, v = W0.clone().requires_grad_(), v0.clone().requires_grad_()
+        logits = torch.tanh(h @ W.T) @ v  # [S]
+        (-(adv * logits).sum()).backward(retain_graph=True)
+        if hold:
+            hold_along([W, v], torch.autograd.grad(logits.mean(), (W, v)), lr=lr)
+        with torch.no_grad():
+            W -= lr * W.grad
+            v -= lr * v.grad
+            return float((torch.tanh(h @ W.T) @ v).mean() - logits.mean())
+
+    raw, held = mean_logit_after(False), mean_logit_after(True)
+    assert abs(raw) > 1e-5 and abs(held) < 0.01 * abs(raw)  # raw: lr * sum_s adv_s^2 > 0 to first order
 
 
 def test_kl_estimators():
