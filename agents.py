@@ -297,11 +297,14 @@ def balanced_states(examples: list, seed: int = 0) -> list:
     return rng.sample(add, n) + rng.sample(change, n)
 
 
+MAX_MOVE = 1.0  # --mean-target: the most the mean log-odds of "new" is asked to move in one step
+
+
 def hold_decision_prior(model, opt, items: list[tuple], args) -> dict:
     """--hold-mean, between the step's backward and its clipping: the SGD step (opt, lr args.lr) may not move
     the mean over the step's states of the log-odds of "new" at the first decision slot (temperature 1; the
     shared prior that every GRPO run on the manager moved first, docs/manager.md), or moves it a share
-    args.mean_rate of the way to args.mean_target, to first order (grpo.hold_along on the parameters' .grad).
+    args.mean_rate of the way to args.mean_target (at most MAX_MOVE), to first order (grpo.hold_along on .grad).
     items: (prompt ids, one output's ids, its format's guide) per state; states with no memory shown (only
     "new" allowed) are left out. Returns the cosine removed (g . m / |g||m|) and the mean log-odds before."""
     rows, arms = [], []
@@ -322,6 +325,7 @@ def hold_decision_prior(model, opt, items: list[tuple], args) -> dict:
     params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
     direction = torch.autograd.grad(odds, params, allow_unused=True)
     move = 0.0 if args.mean_target is None else args.mean_rate * (args.mean_target - odds.item())
+    move = max(-MAX_MOVE, min(MAX_MOVE, move))  # a bigger move is past the first order (runs/mgr-m1: 8.4 -> +17)
     return {"held_cos": hold_along(params, direction, move, args.lr), "log_odds_new": odds.item()}
 
 

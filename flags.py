@@ -138,7 +138,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
       "so that it cannot move the mean over the step's states of the log-odds of \"new\" at the first decision (its "
       "shared prior), to first order, whatever the network shares between states (agents.hold_decision_prior)")
     g("--mean-target", type=float, default=None, metavar="L", help="with --hold-mean: move that mean log-odds "
-      "(temperature 1) a share --mean-rate of the way to L each step instead of holding it where it is")
+      "(temperature 1) a share --mean-rate of the way to L each step, at most 1, instead of holding it where it is")
     g("--mean-rate", type=float, default=0.5, help="with --mean-target: the share of the way moved a step")
     g("--dynamic-sampling", type=int, default=0, metavar="R", help="DAPO's dynamic sampling: drop groups whose "
       "rewards are all equal and sample up to R more rounds of prompts to fill the step (0: off)")

@@ -6,12 +6,15 @@
     python bench/manager_bandit.py --hold-prior --optimizer sgd --lr 0.1 --head-lr-scale 0 --seed 1
     python bench/manager_bandit.py --hold-prior --optimizer sgd --lr 0.1 --decision-entropy 1.0   # + entropy bonus
     python bench/manager_bandit.py --all-arms --optimizer sgd --lr 0.1 --head-lr-scale 0   # every arm tried
+    python bench/manager_bandit.py --all-arms --hold-mean --mean-target 0 --optimizer sgd --lr 0.1 --head-lr-scale 0
     python bench/manager_bandit.py --smoke                          # 2 steps on one conversation (the tests)
 
 What it keeps of train.py's manager: the real SmolLM2 policy, the gym's states (oracle banks, the 2 memories
 MiniLM shows, the "ops" format's forced prefix up to the "about" slot; train split, --balance-kinds' ADD and
 change states), GRPO's group-normalised advantages (grpo.py), --decision-temperature, --hold-prior
-(grpo.project_out_choices, --prior-keep), --all-arms (grpo.compute_all_arms_advantage), the optimiser (train.make_optimizer: AdamW or SGD, --head-lr-scale).
+(grpo.project_out_choices, --prior-keep), --all-arms (grpo.compute_all_arms_advantage), --hold-mean and
+--mean-target (grpo.hold_along on the gradient of the step's states' mean log-odds of "new", as
+agents.hold_decision_prior does in train.py), the optimiser (train.make_optimizer: AdamW or SGD, --head-lr-scale).
 An optional bonus on the entropy of "new or not" at the decision temperature (--decision-entropy; of the
 step's mean P(new), or of each state's) is the bandit's own: train.py has none. What it replaces: the whole
 output by its first choice, "new" or a shown memory's first token (a bandit with one arm per allowed
