@@ -436,9 +436,17 @@ def weight_names(cfg: Config, fmt: str) -> dict[str, str]:
     return {f"{ours}.{p}": f"{theirs}.{p}" for ours, theirs in rows for p in ("weight", "bias")}
 
 
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """t in memory of its own that the allocator aligned (64 bytes on a CPU). A file's tensors can sit at any
+    offset (safetensors' at 8 bytes), and a CPU matrix-vector product sums in another order at another
+    alignment: the same weights read from a checkpoint gave logits 7e-6 away from those in memory, and a
+    resumed run left the straight one's path (tests/test_agents.py, --hold-mean)."""
+    return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
 def build_model(config: dict, tensors: dict[str, torch.Tensor], fmt: str, source: str, dtype, device) -> Transformer:
     """A Transformer from a checkpoint's config.json dict and its tensors (names of format "hf" or "gguf"):
-    allocated without initialising, then filled, every shape checked against the config."""
+    allocated without initialising, then filled, every shape checked against the config. Empties `tensors`."""
     cfg = Config.from_hf(config, f"{source}/config.json" if fmt == "hf" else source)
     state = {ours: tensors[theirs] for ours, theirs in weight_names(cfg, fmt).items() if theirs in tensors}
     with torch.device("meta"):
@@ -454,7 +462,8 @@ def build_model(config: dict, tensors: dict[str, torch.Tensor], fmt: str, source
         if tuple(state[name].shape) != tuple(shape):
             raise ModelLoadError(f"{source}: weight {name} has shape {tuple(state[name].shape)}, "
                                  f"the config implies {tuple(shape)}")
-    state = {k: state[k].to(device=device, dtype=dtype) for k in expected}
+    tensors.clear()  # from here `state` holds the only reference: each file tensor goes once its copy is made
+    state = {k: aligned(state.pop(k).to(device=device, dtype=dtype)) for k in expected}
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]
     model.load_state_dict(state, strict=True, assign=True)
