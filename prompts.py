@@ -80,6 +80,24 @@ memory it is about, or write "new" when no memory is about the same thing, then 
 Answer with JSON only, one entry per fact, in this shape:
 {"memory": [{"fact": 0, "about": "Alice lives in Paris", "event": "UPDATE"}, {"fact": 1, "about": "new", "event": "ADD"}]}"""
 
+# Worked examples, shown to the "ops" manager as earlier turns of the chat (few-shot): (memories shown, fact,
+# "about", event). Without them the 135M base model's P("new") at the first decision says nothing about the
+# state (AUC 0.33, ADD against change states: it names a memory almost everywhere, the fact being "about"
+# the person its memories are about); with them it leans the right way (bench/manager_priors.py; docs/manager.md).
+# They mirror the gym's kinds of turn, hard cases included (a new fact about somebody's sister, beside the
+# speaker's own memory of the same attribute), alternating, with people and values of their own.
+MANAGER_OPS_DEMOS = (
+    (("Maria works as a pilot", "Maria speaks Italian"), "Maria lives in Oslo", "new", "ADD"),
+    (("Omar lives in Lima", "Omar drives a Ford"), "Omar moved from Lima to Quito on 3 May 2023", "Omar lives in Lima",
+     "UPDATE"),
+    (("Lena works as a chef", "Lena has a cat named Tom"), "Lena's sister works as a nurse", "new", "ADD"),
+    (("Kofi drives a Jeep", "Kofi enjoys running"), "Kofi sold the Jeep and now drives a Mazda", "Kofi drives a Jeep",
+     "UPDATE"),
+    (("Ana's favourite food is ramen", "Ana lives in Cairo"), "Ana drives a Kia", "new", "ADD"),
+    (("Tomas works as a baker", "Tomas speaks Polish"),
+     "Tomas stopped working as a baker and started working as a pilot", "Tomas works as a baker", "UPDATE"),
+)
+
 ANSWER_SYSTEM = """You are an intelligent memory assistant that answers questions from conversation memories.
 
 # CONTEXT
@@ -120,17 +138,29 @@ MANAGER_FORMATS = ("mem0", "ops")
 
 
 def manager_messages(memories: list[dict], facts: list[str], fmt: str = "mem0") -> list[dict]:
-    """memories: [{"id": "0", "text": ...}] with ids already renamed to "0", "1", ... (Mem0's convention)."""
-    shown = json.dumps([{"id": m["id"], "text": m["text"]} for m in memories], ensure_ascii=False)
-    if fmt == "ops":  # facts numbered, as the answer refers to them
-        listed = json.dumps([{"fact": i, "text": f} for i, f in enumerate(facts)], ensure_ascii=False)
-        system = MANAGER_OPS_SYSTEM
-    elif fmt == "mem0":
-        listed, system = json.dumps(list(facts), ensure_ascii=False), MANAGER_SYSTEM
-    else:
+    """memories: [{"id": "0", "text": ...}] with ids already renamed to "0", "1", ... (Mem0's convention).
+    The "ops" format also shows MANAGER_OPS_DEMOS, each as a user turn and the answer the format writes."""
+    if fmt not in MANAGER_FORMATS:
         raise ValueError(f"unknown manager format {fmt!r} (choose from {', '.join(MANAGER_FORMATS)})")
-    user = f"Existing memories:\n{shown}\n\nNew facts:\n{listed}\n\nAnswer with the JSON only."
-    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    system = MANAGER_OPS_SYSTEM if fmt == "ops" else MANAGER_SYSTEM
+    demos = []
+    for shown, fact, about, event in MANAGER_OPS_DEMOS if fmt == "ops" else ():
+        answer = {"memory": [{"fact": 0, "about": about, "event": event}]}
+        demos += [{"role": "user", "content": manager_user([{"id": str(i), "text": t} for i, t in enumerate(shown)],
+                                                            [fact], fmt)},
+                  {"role": "assistant", "content": json.dumps(answer, ensure_ascii=False)}]
+    return [{"role": "system", "content": system}, *demos, {"role": "user", "content": manager_user(memories, facts, fmt)}]
+
+
+def manager_user(memories: list[dict], facts: list[str], fmt: str) -> str:
+    """The manager's user turn: the memories shown and the new facts (numbered in the "ops" format, whose
+    answer refers to them by number)."""
+    shown = json.dumps([{"id": m["id"], "text": m["text"]} for m in memories], ensure_ascii=False)
+    if fmt == "ops":
+        listed = json.dumps([{"fact": i, "text": f} for i, f in enumerate(facts)], ensure_ascii=False)
+    else:
+        listed = json.dumps(list(facts), ensure_ascii=False)
+    return f"Existing memories:\n{shown}\n\nNew facts:\n{listed}\n\nAnswer with the JSON only."
 
 
 def format_memories(memories: list[dict]) -> str:

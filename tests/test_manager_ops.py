@@ -82,6 +82,25 @@ def test_hand_written_outputs_map_to_bank_events():
     assert not P.parse_manager_ops("no json", FACTS).ok
 
 
+def test_the_demonstrations_are_answers_the_format_accepts():
+    """The "ops" prompt's worked examples (prompts.MANAGER_OPS_DEMOS) are shown as earlier chat turns: each answer is
+    one the guide accepts for its shown memories, and parses to what it demonstrates (ADD stores the fact,
+    UPDATE replaces the named memory with it); the real question comes last."""
+    shown = [{"id": "0", "text": "Bruno drives a BMW"}]
+    messages = P.manager_messages(shown, FACTS[:1], "ops")
+    assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * len(P.MANAGER_OPS_DEMOS) + ["user"]
+    assert "Bruno sold the BMW" in messages[-1]["content"] and all("Bruno" not in m["content"] for m in messages[1:-1])
+    kinds = []
+    for (texts, fact, about, event), answer in zip(P.MANAGER_OPS_DEMOS, messages[2:-1:2]):
+        assert P.manager_ops_automaton(texts, 1).matches(answer["content"].encode())
+        parsed = P.parse_manager_ops(answer["content"], [fact], [{"id": str(i), "text": t} for i, t in enumerate(texts)])
+        want = "new" if event == "ADD" else str(texts.index(about))
+        assert parsed.ok and parsed.value == [{"id": want, "text": fact, "event": event}]
+        kinds.append(event)
+    assert kinds.count("ADD") == kinds.count("UPDATE") == len(kinds) // 2  # as many of each: no label is favoured
+    assert len(P.manager_messages(shown, FACTS[:1], "mem0")) == 2  # Mem0's format (the paper preset) has none
+
+
 def test_guided_samples_parse_and_apply_and_forced_tokens_are_alone(smollm2):
     """Random walks over SmolLM2's vocabulary through the format's guide: every finished text parses and applies
     without an invalid event; wherever the format leaves no choice exactly one token is allowed."""
