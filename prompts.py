@@ -82,19 +82,21 @@ Answer with JSON only, one entry per fact, in this shape:
 
 # Worked examples, shown to the "ops" manager as earlier turns of the chat (few-shot): (memories shown, fact,
 # "about", event). Without them the 135M base model's P("new") at the first decision says nothing about the
-# state (AUC 0.33, ADD against change states: it names a memory almost everywhere, the fact being "about"
-# the person its memories are about); with them it leans the right way (bench/manager_priors.py; docs/manager.md).
+# state (AUC 0.33, ADD against change states: it names a memory almost everywhere); with them it leans the
+# right way (AUC 0.66 on val; bench/manager_priors.py, docs/manager.md).
 # They mirror the gym's kinds of turn, hard cases included (a new fact about somebody's sister, beside the
-# speaker's own memory of the same attribute), alternating, with people and values of their own.
+# speaker's own memory of the same attribute), alternating, the memory to change shown first or second (with it
+# always first, the greedy base model was right on 0.39 of the val UPDATE turns, alternated 0.56), with people
+# and values of their own.
 MANAGER_OPS_DEMOS = (
     (("Maria works as a pilot", "Maria speaks Italian"), "Maria lives in Oslo", "new", "ADD"),
-    (("Omar lives in Lima", "Omar drives a Ford"), "Omar moved from Lima to Quito on 3 May 2023", "Omar lives in Lima",
+    (("Omar drives a Ford", "Omar lives in Lima"), "Omar moved from Lima to Quito on 3 May 2023", "Omar lives in Lima",
      "UPDATE"),
     (("Lena works as a chef", "Lena has a cat named Tom"), "Lena's sister works as a nurse", "new", "ADD"),
     (("Kofi drives a Jeep", "Kofi enjoys running"), "Kofi sold the Jeep and now drives a Mazda", "Kofi drives a Jeep",
      "UPDATE"),
     (("Ana's favourite food is ramen", "Ana lives in Cairo"), "Ana drives a Kia", "new", "ADD"),
-    (("Tomas works as a baker", "Tomas speaks Polish"),
+    (("Tomas speaks Polish", "Tomas works as a baker"),
      "Tomas stopped working as a baker and started working as a pilot", "Tomas works as a baker", "UPDATE"),
 )
 

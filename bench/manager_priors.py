@@ -3,6 +3,7 @@
     python bench/manager_priors.py --split val                   # the base SmolLM2, the cpu preset's states
     python bench/manager_priors.py --model runs/grpo-manager/checkpoint
     python bench/manager_priors.py --smoke --model CKPT          # 1 conversation (the test suite runs it)
+    python bench/manager_priors.py --split val --no-demos        # the prompt without its worked examples
 
 In the "ops" format the first choice of each entry is its "about" slot: "new" (then ADD) or the first
 token of a shown memory's text. For each gym state (agents.manager_examples, as train.py builds them:
@@ -26,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data.gym as gym  # noqa: E402
+import prompts  # noqa: E402
 from agents import conversation_facts, manager_examples, oracle_kind  # noqa: E402
 from memory import make_embedder  # noqa: E402
 from metrics import standard_error  # noqa: E402
@@ -116,9 +118,13 @@ def main():
     ap.add_argument("--embedder", default="minilm", help="the manager's retrieval (the cpu preset's minilm)")
     ap.add_argument("--probe", action="store_true", help="also fit a linear probe on train's decision-slot states "
                     "(ADD against change) and print its AUC on --split")
+    ap.add_argument("--no-demos", action="store_true", help="the ops prompt without its worked examples "
+                    "(prompts.MANAGER_OPS_DEMOS), as before they were added")
     ap.add_argument("--smoke", action="store_true", help="one conversation")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.no_demos:
+        prompts.MANAGER_OPS_DEMOS = ()  # manager_messages reads it at each call
     model, tok = load_model(args.model)
     embedder = make_embedder(args.embedder)
     limit = 1 if args.smoke else args.limit

@@ -159,9 +159,10 @@ def test_training_runs_on_the_gym_and_resumes(agent, tiny_checkpoints, tmp_path)
     if agent == "manager":
         assert "op_acc" in rows[1] and "val_op_acc" in rows[2]
         assert any(k.startswith("op_acc_") for k in rows[1])
-        # the cpu preset's manager: the ops format (guided: every output parses), the probability reward,
-        # the sampled decision mix and the groups dynamic sampling looked at
-        assert rows[1]["parse_fail"] == 0.0 and "p_gold" in rows[1] and "sampled_groups" in rows[1]
+        # the cpu preset's manager: the ops format (guided: every output that ends parses; a random model's merge
+        # text can run past the token limit), the probability reward, the sampled decision mix and the groups
+        # dynamic sampling looked at
+        assert rows[1]["parse_fail"] <= rows[1]["truncated"] < 1 and "p_gold" in rows[1] and "sampled_groups" in rows[1]
         assert sum(rows[1][f"dec_{d}"] for d in ("add", "update", "delete", "none", "mixed")) == pytest.approx(1.0)
 
 

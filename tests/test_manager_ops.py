@@ -98,6 +98,7 @@ def test_the_demonstrations_are_answers_the_format_accepts():
         assert parsed.ok and parsed.value == [{"id": want, "text": fact, "event": event}]
         kinds.append(event)
     assert kinds.count("ADD") == kinds.count("UPDATE") == len(kinds) // 2  # as many of each: no label is favoured
+    assert {texts.index(about) for texts, _, about, event in P.MANAGER_OPS_DEMOS if event == "UPDATE"} == {0, 1}
     assert len(P.manager_messages(shown, FACTS[:1], "mem0")) == 2  # Mem0's format (the paper preset) has none
 
 
