@@ -83,7 +83,7 @@ Answer with JSON only, one entry per fact, in this shape:
 # Worked examples, shown to the "ops" manager as earlier turns of the chat (few-shot): (memories shown, fact,
 # "about", event). Without them the 135M base model's P("new") at the first decision says nothing about the
 # state (AUC 0.33, ADD against change states: it names a memory almost everywhere); with them it leans the
-# right way (AUC 0.66 on val; bench/manager_priors.py, docs/manager.md).
+# right way (AUC 0.67 on val; bench/manager_priors.py, docs/manager.md).
 # They mirror the gym's kinds of turn, hard cases included (a new fact about somebody's sister, beside the
 # speaker's own memory of the same attribute), alternating, the memory to change shown first or second (with it
 # always first, the greedy base model was right on 0.39 of the val UPDATE turns, alternated 0.56), with people
