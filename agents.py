@@ -49,6 +49,7 @@ import data.gym as gym
 import data.locomo as locomo  # module attribute access: tests cut the conversations by patching it
 import data.longmemeval as longmemeval
 from data.locomo import Question
+from decision import load_head
 from grammar import decision_arms, guide_for
 from grpo import hold_along
 from manager import (OPS, apply_oracle, apply_output, decision, facts_by_turn, oracle_banks, oracle_decision,
@@ -147,6 +148,8 @@ def answer_task(args, tok, base_model) -> Task:
     banks = {}
     manager = None if args.manager in ("add-all", "oracle") else load_model(
         args.manager, base_model.lm_head.weight.dtype, base_model.lm_head.weight.device)[0]
+    if manager is not None:
+        load_head(manager, args.manager)  # a manager trained with --decision-head decides with its head
     answer_guide = guide_for(answer_automaton(args.distill), base_model, tok, args.guided)
 
     def examples(split: str) -> list[Example]:

@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import decision
 import lora
 import model as M
 from parallel import full_state, load_optimizer_state, optimizer_state, this_rank
@@ -156,6 +157,7 @@ def save_training_state(out: Path, step: int, policy, tok, opt, args, critic=Non
     else:
         save_checkpoint(policy, tok, tmp, state=weights)  # config.json, model.safetensors, tokenizer.json, ...
     save_optimizer(opt_state, tmp / "optimizer.safetensors")
+    decision.save_head(policy, tmp)  # --decision-head: the manager's trained decision head, if it has one
     if critic is not None:
         save_file(trainable_state(critic, critic_weights), str(tmp / "critic.safetensors"))
         save_optimizer(critic_opt_state, tmp / "critic_optimizer.safetensors")

@@ -30,6 +30,7 @@ import model as M
 import precision
 from agents import DATASETS, conversation_banks, conversation_facts, manager_format_of
 from data.locomo import DataError
+from decision import load_head
 from grammar import guide_for
 from manager import run_managers
 from memory import MemoryBank, make_embedder, speaker_memories
@@ -228,6 +229,8 @@ def run(args) -> dict:
     answerer, tok = M.load_model(args.model, getattr(torch, args.dtype), device)
     manager = (None if args.manager in ("add-all", "oracle") else answerer if args.manager == "base" else
                M.load_model(args.manager, getattr(torch, args.dtype), device)[0])
+    if manager is not None and manager is not answerer:
+        load_head(manager, args.manager)  # a manager trained with --decision-head decides with its head
     if args.compile:  # one compiled decode step per model (docs/speed.md: it pays on GPUs, not on CPUs)
         for m in {id(m): m for m in (answerer, manager) if m is not None}.values():
             M.compile_decode(m)

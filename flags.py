@@ -132,6 +132,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     g("--all-arms", action="store_true", help="GRPO on the ops format: the outputs of a group take every choice of "
       "the first decision slot in turn (a memory or new), reweighted by the policy's probability of each, so every "
       "choice is tried in every state (grpo.compute_all_arms_advantage; docs/manager.md)")
+    g("--decision-head", action="store_true", help="with --all-arms: freeze the network and train only a linear "
+      "head on the decision slot's hidden state that adds to the log-odds of \"new\" (decision.py; docs/manager.md)")
     g("--prior-keep", type=float, default=0.0, metavar="K", help="with --hold-prior: the share of the push on the "
       "shared prior kept, so the prior follows the reward at K times the rate (0: only drift moves it)")
     g("--hold-mean", action="store_true", help="the ops format under --optimizer sgd: project each step's gradient "
@@ -212,6 +214,9 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
                           or not args.guided):
         ap.error("--all-arms forces the ops format's first decision: --algo grpo --agent manager --manager-format "
                  "ops --guided")
+    if args.decision_head and (not args.all_arms or args.beta or args.hold_prior or args.hold_mean or args.lora_rank):
+        ap.error("--decision-head trains the head alone by the all-arms gradient: it needs --all-arms, --beta 0 (the "
+                 "network is frozen, so no reference), and no --hold-prior, --hold-mean or --lora-rank")
     if args.hold_mean and (args.agent != "manager" or args.manager_format != "ops" or not args.guided
                            or args.optimizer != "sgd" or args.head_lr_scale not in (0, 1) or args.weight_decay):
         ap.error("--hold-mean projects a plain gradient step on the ops format's first decision: --agent manager "

@@ -20,9 +20,10 @@ from collections import defaultdict
 
 from tqdm import tqdm
 
+from decision import greedy_guides
 from grammar import guide_for
 from memory import FactRecord, HashEmbedder, MemoryBank, add_all_banks
-from prompts import manager_format_automaton, manager_messages, parse_manager_output
+from prompts import decision_marker, manager_format_automaton, manager_messages, parse_manager_output
 from sampling import generate
 
 
@@ -130,8 +131,10 @@ def run_managers(convs: list, facts: list[list[FactRecord]], model, tok, embedde
     with tqdm(total=total, desc="manager calls", disable=not progress, leave=False) as bar:
         while asks:
             order = list(asks)
-            outs = generate(model, [asks[i][0] for i in order], max_new_tokens, temperature=0,
-                            guide=[asks[i][1] for i in order])
+            prompts, guides = [asks[i][0] for i in order], [asks[i][1] for i in order]
+            if getattr(model, "decision_head", None) is not None:  # its first decision is the head's (decision.py)
+                guides = greedy_guides(model, prompts, guides, decision_marker(tok))
+            outs = generate(model, prompts, max_new_tokens, temperature=0, guide=guides)
             for i, out in zip(order, outs):
                 advance(runs[i], i, tok.decode(out), asks, banks)
             bar.update(len(order))

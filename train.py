@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import decision
 import engine
 import lora
 import model as M
@@ -90,6 +91,7 @@ class Group:
     arms: torch.Tensor | None = None  # --all-arms: [G] the arm each output was given, the decision's position,
     arm_slot: int = 0
     logp_new: torch.Tensor | None = None  # and the policy's log P("new") there (a scalar)
+    slot: tuple | None = None  # --decision-head: (L, h) there, None if no memory is shown (decision.py)
 
     def allowed(self) -> torch.Tensor | None:
         """[G, T, V]: what each token was sampled from, for the loss pass (None: the whole vocabulary)."""
@@ -138,8 +140,13 @@ def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, r
             break
     kept = {id(g) for g in groups}
     groups = (groups + [g for g in sampled if id(g) not in kept])[:Q]  # informative groups first
+    if args.decision_head:  # P("new") = sigmoid(L + s(h)): the head's (decision.py); no loss pass is needed
+        for g, st in zip(groups, decision.states_at_slots(policy, groups, args.decision_marker)):
+            g.slot = st
+            g.logp_new = torch.tensor(0.0) if st is None else decision.arm_logp(
+                policy.decision_head, st[0][None], st[1][None], torch.zeros(1)).detach()[0].cpu()
     for g in groups:
-        if g.arms is not None:  # an arm is sampled renormalised over its tokens: log P("new") = the difference
+        if g.arms is not None and not args.decision_head:  # an arm is sampled renormalised over its tokens: log P("new") = the difference
             full, _ = policy.logprobs(g.prompt, g.completions, policy_temperature(args), True, g.allowed())
             g.logp_new, g.old_logp = (full - g.old_logp)[g.arms == 0][0, g.arm_slot].cpu(), full
         if ref is not None:  # the reference's distribution over the same tokens as the policy's
@@ -299,6 +306,18 @@ def update(policy, opt, groups: list[Group], step: int, args, critic=None, criti
     return out
 
 
+def head_update(policy, opt, groups: list[Group], args) -> dict:
+    """--decision-head: one step on the head alone (the network is frozen): the all-arms loss on the first decision
+    of each output, -mean_i A_i log P(a_i | state) (decision.head_loss)."""
+    loss = decision.head_loss(policy.decision_head, [g.slot for g in groups], [g.arms for g in groups],
+                              [g.advantages[:, 0] for g in groups])
+    loss.backward()
+    stats = {"loss": loss.item(), "grad_norm": clip_gradients(opt, args.grad_clip)}
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return stats | {"head_w_norm": policy.decision_head.w.norm().item()}
+
+
 def minibatch_step(policy, opt, minibatch: list[Group], args, critic=None, critic_opt=None,
                    on_policy: bool = False) -> dict:
     """Loss pass and backward group by group (gradients accumulate), then clip and step: one optimizer step.
@@ -370,8 +389,11 @@ def validate(policy, tok, task: Task, args) -> dict:
     scores = []
     for i in tqdm(range(0, len(mine), args.val_batch), desc="validate", leave=False, disable=this_rank() > 0):
         chunk = mine[i:i + args.val_batch]
+        guides = [ex.guide for ex in chunk]
+        if args.decision_head:  # the first decision is the head's likelier arm
+            guides = decision.greedy_guides(policy, [ex.prompt for ex in chunk], guides, args.decision_marker)
         outs = generate(policy, [ex.prompt for ex in chunk], args.max_new_tokens, temperature=0,
-                        sync_steps=args.fsdp, guide=[ex.guide for ex in chunk])
+                        sync_steps=args.fsdp, guide=guides)
         scores += [rows[0] for rows in task.score_all([(ex, [tok.decode(out)]) for ex, out in zip(chunk, outs)])]
     every = gather_lists({"scores": scores[:n_real]})["scores"]
     out = mean_scores(every, "val_")
@@ -452,11 +474,14 @@ def run(args, task: Task | None = None) -> dict:
     dev = torch.device(args.device)
     args.precision = precision.configure(args.precision, dev)  # bf16 products where they pay (before loading)
     base, tok = M.load_model(args.model, getattr(torch, args.dtype), dev)
-    if args.decision_temperature or args.loss_slots == "about" or args.all_arms or args.hold_mean:
+    if args.decision_temperature or args.loss_slots == "about" or args.all_arms or args.hold_mean or args.decision_head:
         args.decision_marker = decision_marker(tok)  # the token "new" marks the ops format's decision slot
     if task is None:  # the banks and prompts are built from the starting model, also on resume
         task = (answer_task if args.agent == "answer" else manager_task)(args, tok, base)
     policy, ref, critic = load_models(args, base, ckpt)
+    if args.decision_head:  # the network frozen, the head's w alone trains (decision.py)
+        decision.attach(policy, ckpt, random.Random(f"{args.seed}-head").sample(task.train, len(task.train)),
+                        args.decision_marker)
     policy_pass, critic_pass = prepare_models(policy, ref, critic, dev, args.fsdp)
     opt = make_optimizer(policy, args.lr, args.optimizer, args.head_lr_scale, args.weight_decay)
     critic_opt = make_optimizer(critic, args.critic_lr, weight_decay=args.weight_decay) if critic is not None else None
@@ -479,7 +504,8 @@ def run(args, task: Task | None = None) -> dict:
         examples, offset = my_share(step_examples(task, step, args))
         groups, roll = rollout(policy, tok, task, examples, step, args, ref, critic, offset)  # sample, score
         t1 = time.perf_counter()
-        upd = update(policy_pass, opt, groups, step, args, critic_pass, critic_opt)  # loss, backward, step
+        upd = (head_update(policy, opt, groups, args) if args.decision_head else  # loss, backward, step
+               update(policy_pass, opt, groups, step, args, critic_pass, critic_opt))
         t2 = time.perf_counter()
         record = {"step": step + 1, **roll, **upd, "lr": args.lr, "rollout_s": t1 - t0, "update_s": t2 - t1}
         if (step + 1) % args.val_every == 0 or step + 1 == args.steps:

@@ -4,6 +4,7 @@
     python bench/manager_priors.py --model runs/grpo-manager/checkpoint
     python bench/manager_priors.py --smoke --model CKPT          # 1 conversation (the test suite runs it)
     python bench/manager_priors.py --split val --no-demos        # the prompt without its worked examples
+    python bench/manager_priors.py --model runs/mgr-head/checkpoint   # with its decision head (decision.py)
 
 In the "ops" format the first choice of each entry is its "about" slot: "new" (then ADD) or the first
 token of a shown memory's text. For each gym state (agents.manager_examples, as train.py builds them:
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data.gym as gym  # noqa: E402
 import prompts  # noqa: E402
 from agents import conversation_facts, manager_examples, oracle_kind  # noqa: E402
+from decision import load_head  # noqa: E402
 from memory import make_embedder  # noqa: E402
 from metrics import standard_error  # noqa: E402
 from model import OFFLINE_SMOLLM2, load_model  # noqa: E402
@@ -57,7 +59,10 @@ def decision_slot(model, tok, example) -> tuple[float, torch.Tensor]:
     choices = allowed.nonzero()[:, 0].tolist()
     is_new = torch.tensor(['new"'.startswith(tok.decode([t])) for t in choices])
     lp = logp[choices]
-    return float(torch.logsumexp(lp[is_new], 0) - torch.logsumexp(lp[~is_new], 0)), hidden
+    odds = torch.logsumexp(lp[is_new], 0) - torch.logsumexp(lp[~is_new], 0)
+    if getattr(model, "decision_head", None) is not None:  # a manager trained with --decision-head: its offset
+        odds = odds + model.decision_head(hidden[None])[0]
+    return float(odds), hidden
 
 
 def auc(pos: list[float], neg: list[float]) -> float:
@@ -126,6 +131,7 @@ def main():
     if args.no_demos:
         prompts.MANAGER_OPS_DEMOS = ()  # manager_messages reads it at each call
     model, tok = load_model(args.model)
+    load_head(model, args.model)  # decision.py: P(new) = sigmoid(L + s(h)) for a manager trained with one
     embedder = make_embedder(args.embedder)
     limit = 1 if args.smoke else args.limit
     states = decision_states(model, tok, args.split, limit, args.manager_k, embedder)

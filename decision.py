@@ -1,0 +1,156 @@
+"""The Memory Manager's decision head: the first decision of the ops format, read from the state by a trained line.
+
+Why (docs/manager.md, "A decision head"): in the ops format (prompts.py) each entry first names the memory the fact
+is about, or "new". Every GRPO run on the whole network moved that decision's prior, shared by every state, faster
+than its dependence on the state, and ended ADDing everything (or nothing). Yet the final hidden state at that slot
+tells new facts from changes almost perfectly (a linear probe: AUC 0.999 on val); the LM head does not read it. So
+the manager's policy at that slot gets a term that reads it:
+
+    s(h)           = w . (h - mu) / sigma                  h [dim]: the final normed hidden state the LM head reads
+    P(new | state) = sigmoid(L + s(h))                     L = log P_LM(way to "new") - log P_LM(a memory), T = 1
+
+mu and sigma are the mean and spread of h over training states, fixed when training starts, and there is no bias:
+s averages 0 over those states, so what w learns is how the decision depends on the state, never a push shared by
+every state (what ran away in every run before). The arms are grammar.decision_arms': the tokens on the way to "new",
+and a shown memory's first token. After the arm, the output is the frozen LM's, guided, within that arm. train.py
+--decision-head trains w alone (576 numbers for SmolLM2) by the all-arms policy gradient on the outcome reward
+(grpo.compute_all_arms_advantage); no operation label enters. Greedy decoding takes the likelier arm.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from grammar import ForcedArm, decision_arms
+from sampling import common_prefix
+
+FILE = "decision_head.safetensors"  # beside model.safetensors in a checkpoint folder
+FIT_STATES = 64  # training states whose hidden states fix the normaliser
+
+
+class DecisionHead(torch.nn.Module):
+    """s(h) = w . (h - mean) / std, added to the log-odds of "new" at the ops format's first decision slot."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(dim))  # 0: the untrained head is the LM's own decision
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h [B, dim] -> s [B]."""
+        return ((h.float() - self.mean) / self.std) @ self.w
+
+    def fit(self, h: torch.Tensor) -> None:
+        """Set mean and std from the hidden states h [N, dim] of training states (standardised features: one
+        learning rate suits every coordinate)."""
+        self.mean.copy_(h.float().mean(0))
+        self.std.copy_(h.float().std(0) + 1e-3 * h.float().std(0).mean())
+
+
+def save_head(model, folder: Path) -> None:
+    if getattr(model, "decision_head", None) is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.decision_head.state_dict().items()},
+                  str(Path(folder) / FILE))
+
+
+def load_head(model, folder) -> bool:
+    """Attach the checkpoint's decision head to `model` (a manager checkpoint trained with --decision-head)."""
+    path = Path(folder) / FILE
+    if not path.is_file():
+        return False
+    state = load_file(str(path))
+    model.decision_head = DecisionHead(state["w"].numel()).to(model.lm_head.weight.device)
+    model.decision_head.load_state_dict(state)
+    return True
+
+
+def slot(prompt: list[int], guide, marker: int):
+    """(ids up to the first decision slot, its guide state, arm masks "new" / a memory [V]), or None when no memory
+    is shown there (the format allows only "new")."""
+    state, position, new, memory = decision_arms(guide, marker)
+    if not memory.any():
+        return None
+    ids, s = list(prompt), guide.start
+    for _ in range(position):  # the way there is forced: one allowed token at each position
+        token = int(guide.allowed(s).nonzero()[0, 0])
+        ids.append(token)
+        s = guide.advance(s, token)
+    return ids, state, new, memory
+
+
+@torch.no_grad()
+def slot_states(model, slots: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L [B]: the LM's log-odds of "new" at temperature 1, h [B, dim]) at each slot. The prompts' common prefix
+    (the system prompt and worked examples: ~900 of ~1,070 tokens) runs once into a KV cache, and each prompt's
+    rest is appended after it in turn, overwriting the last one's (one row at a time: no padding to mask)."""
+    dev, L, H = model.lm_head.weight.device, [], []
+    rows = [ids for ids, *_ in slots]
+    shared = common_prefix([tuple(r) for r in rows]) if len(rows) > 1 else 0
+    cache = model.new_cache(1, max(map(len, rows)))
+    if shared:
+        model.hidden_states(torch.tensor([rows[0][:shared]], device=dev), cache=cache)
+    filled, next_pos = cache.len, cache.next_pos.clone()
+    for ids, _, new, memory in slots:
+        cache.len, cache.next_pos = filled, next_pos.clone()  # back to the prefix alone
+        h = model.hidden_states(torch.tensor([ids[shared:]], device=dev), cache=cache)[0, -1]  # [dim]
+        z = model.lm_head(h[None])[0].float()  # [V]
+        L.append(torch.logsumexp(z[new.to(dev)], 0) - torch.logsumexp(z[memory.to(dev)], 0))
+        H.append(h.float())
+    return torch.stack(L).cpu(), torch.stack(H).cpu()
+
+
+def arm_logp(head: DecisionHead, L: torch.Tensor, h: torch.Tensor, arms: torch.Tensor) -> torch.Tensor:
+    """log P(arm) for arms [B] (0 "new", 1 a memory) in states (L [B], h [B, dim]): a differentiable function of w."""
+    logit = L.to(h.device) + head(h)
+    return torch.nn.functional.logsigmoid(torch.where(arms.to(h.device) == 0, logit, -logit))
+
+
+def head_loss(head: DecisionHead, states: list, arms: list, advantages: list) -> torch.Tensor:
+    """The all-arms policy-gradient loss on the first decision alone: -mean_i A_i log P(a_i | state_i).
+    states: per group (L, h) or None (no memory shown: nothing to decide); arms, advantages: per group [G]."""
+    terms = [-(a * arm_logp(head, s[0].expand(len(r)), s[1].expand(len(r), -1), r)).sum()
+             for s, r, a in zip(states, arms, advantages) if s is not None]
+    n = sum(len(r) for r in arms)
+    return torch.stack(terms).sum() / n if terms else torch.zeros((), requires_grad=True)
+
+
+def greedy_guides(model, prompts: list[list[int]], guides: list, marker: int) -> list:
+    """Greedy decoding under the head: each guide restricted, at its first decision slot, to the arm the policy
+    finds likelier (L + s(h) > 0: "new"); guides without a memory shown, or a model without a head, unchanged."""
+    head = getattr(model, "decision_head", None)
+    if head is None:
+        return guides
+    slots = [slot(p, g, marker) for p, g in zip(prompts, guides)]
+    real = [s for s in slots if s is not None]
+    if not real:
+        return guides
+    L, h = slot_states(model, real)
+    with torch.no_grad():
+        new = iter((L + head(h.to(head.w.device)).cpu() > 0).tolist())
+    return [g if s is None else ForcedArm(g, s[1], s[2] if next(new) else s[3]) for g, s in zip(guides, slots)]
+
+
+def states_at_slots(model, examples, marker: int) -> list:
+    """Per example (anything with .prompt and .guide): (L, h) at its first decision slot, or None (no memory shown)."""
+    slots = [slot(ex.prompt, ex.guide, marker) for ex in examples]
+    real = iter(zip(*slot_states(model, [s for s in slots if s is not None]))) if any(slots) else iter(())
+    return [None if s is None else next(real) for s in slots]
+
+
+def attach(model, ckpt: Path | None, examples: list, marker: int) -> None:
+    """train.py --decision-head: the checkpoint's head, or a new one (w = 0) whose normaliser is fit on the first
+    FIT_STATES of `examples` (a shuffle of the training states) that show a memory; then only w trains."""
+    if ckpt is not None:
+        if not load_head(model, ckpt):
+            raise SystemExit(f"{ckpt}: no {FILE} to resume (the run was not started with --decision-head)")
+    else:
+        slots = [s for s in (slot(ex.prompt, ex.guide, marker) for ex in examples[:4 * FIT_STATES]) if s][:FIT_STATES]
+        _, h = slot_states(model, slots)
+        model.decision_head = DecisionHead(h.shape[1]).to(model.lm_head.weight.device)
+        model.decision_head.fit(h.to(model.lm_head.weight.device))
+    model.requires_grad_(False)
+    model.decision_head.w.requires_grad_(True)

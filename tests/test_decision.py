@@ -1,0 +1,91 @@
+"""The manager's decision head (decision.py): its offset, its loss's gradient, and greedy decoding under it."""
+
+import torch
+
+import decision
+import model as M
+import prompts as P
+from grammar import allowed_masks, arm_guides
+from grpo import compute_all_arms_advantage
+from sampling import generate
+
+SHOWN = [{"id": "0", "text": "Bruno drives a BMW"}, {"id": "1", "text": "Bruno has a dog named Rocky"}]
+FACTS = ["Bruno sold the BMW and now drives a Subaru"]
+
+
+def test_the_offset_is_standardised_and_averages_zero_over_the_states_it_was_fit_on():
+    """s(h) = w . (h - mean) / std by hand; over the fitting states it sums to 0 whatever w is: the head has no
+    push shared by every state (its reason to exist, decision.py)."""
+    h = torch.tensor([[1.0, 2.0], [3.0, 6.0], [2.0, 1.0]])
+    head = decision.DecisionHead(2)
+    head.fit(h)
+    sd = torch.tensor([1.0, 2.6457513])  # sample standard deviations of the columns (n - 1)
+    sd = sd + 1e-3 * sd.mean()
+    with torch.no_grad():
+        head.w.copy_(torch.tensor([0.5, -2.0]))
+    x = (h - torch.tensor([2.0, 3.0])) / sd
+    assert torch.allclose(head(h), x @ torch.tensor([0.5, -2.0]), atol=1e-5)
+    assert abs(head(h).sum().item()) < 1e-5
+
+
+def test_the_head_loss_is_the_exact_gradient_of_the_expected_reward():
+    """One state, both arms tried (G = 2), rewards R_new = 0.7, R_memory = 0.2: the all-arms advantages make
+    grad_w of head_loss equal -grad_w V / std_w, V = P(new) R_new + (1 - P(new)) R_memory, std_w the arms'
+    spread under the policy (grpo.compute_all_arms_advantage), with V's gradient from autograd."""
+    torch.manual_seed(0)
+    head = decision.DecisionHead(3)
+    head.fit(torch.randn(5, 3))
+    with torch.no_grad():
+        head.w.copy_(torch.tensor([0.3, -0.1, 0.4]))
+    L, h = torch.tensor(-0.8), torch.randn(3)
+    arms, rewards = torch.tensor([0, 1]), torch.tensor([0.7, 0.2])
+    logp = decision.arm_logp(head, L.expand(2), h.expand(2, -1), arms).detach()
+    adv = compute_all_arms_advantage(rewards, arms, logp, 2, scale=True, eps=0.0)
+    decision.head_loss(head, [(L, h)], [arms], [adv]).backward()
+    got = head.w.grad.clone()
+
+    head.w.grad = None
+    p = torch.sigmoid(L + head(h[None])[0])
+    value = p * 0.7 + (1 - p) * 0.2
+    value.backward()
+    spread = (p * (1 - p)).sqrt().detach() * 0.5
+    assert torch.allclose(got, -head.w.grad / spread, atol=1e-5)
+    assert decision.head_loss(head, [None], [torch.zeros(2, dtype=torch.long)], [adv]).item() == 0  # nothing shown
+
+
+def test_the_slot_log_odds_are_the_loss_pass_arm_probabilities_and_greedy_follows_the_head(smollm2_path, tmp_path):
+    """On the real SmolLM2: L at the first decision slot equals log P(new) - log P(a memory) read from the loss
+    pass over --all-arms samples (another code path); a head that pushes the state towards "new" makes greedy
+    decoding ADD the fact, one that pushes away names a memory; the head survives a save and a load."""
+    net, tok = M.load_model(smollm2_path)
+    V, marker = net.lm_head.weight.shape[0], P.decision_marker(tok)
+    g = P.manager_ops_automaton([m["text"] for m in SHOWN], 1).guide(tok, V)
+    prompt = tok.chat(P.manager_messages(SHOWN, FACTS, "ops"))
+    other = tok.chat(P.manager_messages(SHOWN[::-1], FACTS, "ops"))
+    guides, arms, slot = arm_guides(g, marker, 2)
+    comps, logps = generate(net, [prompt] * 2, 64, 1.0, seed=0, return_logprobs=True, guide=guides)
+    lp, _ = net.logprobs(prompt, comps, 1.0, False, allowed_masks(comps, V, g))
+    arm_logp = lp[:, slot] - torch.tensor([row[slot] for row in logps])  # [2]: log P("new"), log P(a memory)
+    (L, h), = decision.states_at_slots(net, [type("Ex", (), {"prompt": prompt, "guide": g})], marker)
+    assert abs(L.item() - (arm_logp[0] - arm_logp[1]).item()) < 1e-3
+
+    g2 = P.manager_ops_automaton([m["text"] for m in SHOWN[::-1]], 1).guide(tok, V)
+    both = decision.slot_states(net, [decision.slot(prompt, g, marker), decision.slot(other, g2, marker)])
+    alone = decision.slot_states(net, [decision.slot(other, g2, marker)])  # no shared prefix, no cache reuse
+    assert torch.allclose(both[0][1], alone[0][0], atol=1e-4) and torch.allclose(both[1][1], alone[1][0], atol=1e-4)
+    decision.attach(net, None, [type("Ex", (), {"prompt": p, "guide": x}) for p, x in ((prompt, g), (other, g2))],
+                    marker)
+    assert [n for n, p in net.named_parameters() if p.requires_grad] == ["decision_head.w"]  # the network frozen
+    x = (h - net.decision_head.mean) / net.decision_head.std
+    for sign, adds in ((1, True), (-1, False)):
+        with torch.no_grad():
+            net.decision_head.w.copy_(sign * 50 * x / x.square().sum())  # s(h) = +-50
+        chosen = decision.greedy_guides(net, [prompt], [g], marker)
+        out = generate(net, [prompt], 64, temperature=0, guide=chosen)[0]
+        parsed = P.parse_manager_ops(tok.decode(out), FACTS, SHOWN)
+        assert parsed.ok and (parsed.value[0]["event"] == "ADD") == adds, tok.decode(out)
+    decision.save_head(net, tmp_path)
+    fresh = M.load_model(smollm2_path)[0]
+    assert decision.load_head(fresh, tmp_path) and not decision.load_head(fresh, tmp_path / "nowhere")
+    for k, v in net.decision_head.state_dict().items():
+        assert torch.equal(fresh.decision_head.state_dict()[k], v)
