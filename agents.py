@@ -53,7 +53,7 @@ from decision import load_head
 from grammar import decision_arms, guide_for
 from grpo import hold_along
 from manager import (OPS, apply_oracle, apply_output, decision, facts_by_turn, oracle_banks, oracle_decision,
-                     related_memories, run_manager)
+                     related_memories, run_manager, run_managers)
 from memory import FACT_SOURCES, FactRecord, add_all_banks, make_embedder, speaker_memories
 from metrics import exact_match, f1
 from model import load_model
@@ -151,6 +151,12 @@ def answer_task(args, tok, base_model) -> Task:
     if manager is not None:
         load_head(manager, args.manager)  # a manager trained with --decision-head decides with its head
     answer_guide = guide_for(answer_automaton(args.distill), base_model, tok, args.guided)
+    if manager is not None:  # its calls batched over every conversation at once (manager.run_managers)
+        needed = [convs[i] for i in dict.fromkeys(q.conv_id for s in ("train", "val") for q in dataset.load_split(s))]
+        facts = [conversation_facts(c, args.facts, base_model, tok, guided=args.guided) for c in needed]
+        built = run_managers(needed, facts, manager, tok, embedder, args.manager_k, args.manager_max_new_tokens,
+                             guided=args.guided, fmt=manager_format_of(args.manager, args.manager_format))
+        banks.update({c.sample_id: b for c, b in zip(needed, built)})
 
     def examples(split: str) -> list[Example]:
         out = []

@@ -45,6 +45,14 @@ PRESETS = {
 }
 
 
+# --decision-head brings its own recipe (docs/manager.md, "A decision head"): only the head's 576 numbers train, so
+# no reference model (beta 0), plain gradient descent at a rate fit for a linear read-out of standardised
+# features, every arm tried in every state (--all-arms), and 8 balanced states x 4 outputs a step. Explicit flags
+# win; without --decision-head nothing here applies, so every earlier command in docs/ keeps its meaning.
+DECISION_HEAD = dict(all_arms=True, balance_kinds=True, beta=0.0, optimizer="sgd", lr=0.5, questions_per_step=8,
+                     group_size=4)
+
+
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """Every flag of train.py; `description` heads --help (train.py passes its docstring: the commands)."""
     ap = argparse.ArgumentParser(description=description or __doc__,
@@ -115,7 +123,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
       "gold's probability (1: as it samples; towards 0: whether its greedy answer is the gold)")
     g("--gym-train-attributes", default="", metavar="A,B", help="train on gym conversations whose people have "
       "only these attributes (data/gym.py Level; e.g. city,job,car,food: no sets to merge); val stays the default")
-    g("--balance-kinds", action="store_true", help="the gym: train on new facts and changed values only, as many "
+    g("--balance-kinds", action=argparse.BooleanOptionalAction, default=False, help="the gym: train on new facts and "
+      "changed values only, as many "
       "of each (agents.balanced_states; the kinds the reward ranks right, docs/manager.md)")
     g("--decision-temperature", type=float, default=0.0, metavar="T", help="the ops format: sample the \"about\" "
       "slot (a memory or new) at T and the rest at --temperature; log-probs use the same (0: off; "
@@ -129,11 +138,14 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     g("--hold-prior", action="store_true", help="GRPO: remove from the advantages what the decision made (ADD, "
       "UPDATE, ...) explains across the step's states, so a step cannot move a decision's shared prior, only how "
       "it depends on the state (grpo.project_out_choices; docs/manager.md)")
-    g("--all-arms", action="store_true", help="GRPO on the ops format: the outputs of a group take every choice of "
+    g("--all-arms", action=argparse.BooleanOptionalAction, default=False, help="GRPO on the ops format: the outputs "
+      "of a group take every choice of "
       "the first decision slot in turn (a memory or new), reweighted by the policy's probability of each, so every "
       "choice is tried in every state (grpo.compute_all_arms_advantage; docs/manager.md)")
-    g("--decision-head", action="store_true", help="with --all-arms: freeze the network and train only a linear "
-      "head on the decision slot's hidden state that adds to the log-odds of \"new\" (decision.py; docs/manager.md)")
+    g("--decision-head", action=argparse.BooleanOptionalAction, default=False, help="the manager's recipe: freeze "
+      "the network and train only a line through the decision slot's hidden state, added to the log-odds of \"new\" "
+      "(decision.py); brings DECISION_HEAD's flags: --all-arms --balance-kinds --beta 0 --optimizer sgd --lr 0.5 "
+      "--questions-per-step 8 --group-size 4 (docs/manager.md)")
     g("--prior-keep", type=float, default=0.0, metavar="K", help="with --hold-prior: the share of the push on the "
       "shared prior kept, so the prior follows the reward at K times the rate (0: only drift moves it)")
     g("--hold-mean", action="store_true", help="the ops format under --optimizer sgd: project each step's gradient "
@@ -181,10 +193,13 @@ def add_scale_flags(ap: argparse.ArgumentParser) -> None:
 
 def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
     ap = build_parser(description)
-    preset = ap.parse_known_args(argv)[0].preset
+    first = ap.parse_known_args(argv)[0]
+    preset = first.preset
     if preset == "auto":
         preset = "paper" if torch.cuda.is_available() else "cpu"
     ap.set_defaults(**PRESETS[preset])
+    if first.decision_head:
+        ap.set_defaults(**DECISION_HEAD)
     args = ap.parse_args(argv)
     args.preset = preset
     for name, value in vars(args).items():  # not given: the preset's value for this agent

@@ -146,7 +146,8 @@ def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, r
             g.logp_new = torch.tensor(0.0) if st is None else decision.arm_logp(
                 policy.decision_head, st[0][None], st[1][None], torch.zeros(1)).detach()[0].cpu()
     for g in groups:
-        if g.arms is not None and not args.decision_head:  # an arm is sampled renormalised over its tokens: log P("new") = the difference
+        # an arm is sampled renormalised over its tokens: log P("new") = the difference (the head's: above)
+        if g.arms is not None and not args.decision_head:
             full, _ = policy.logprobs(g.prompt, g.completions, policy_temperature(args), True, g.allowed())
             g.logp_new, g.old_logp = (full - g.old_logp)[g.arms == 0][0, g.arm_slot].cpu(), full
         if ref is not None:  # the reference's distribution over the same tokens as the policy's
@@ -489,9 +490,10 @@ def run(args, task: Task | None = None) -> dict:
     engine.sync(policy)  # weights loaded in place: the rollout engine's copies follow
     log = metrics_log(out / "metrics.jsonl", start if ckpt else None, main)
     if main:
-        print(f"{args.algo} on the {args.agent} agent, preset {args.preset}, {world} rank(s), "
-              f"{'LoRA rank ' + str(args.lora_rank) if args.lora_rank else 'full fine-tuning'}: {len(task.train)} "
-              f"training and {len(task.val)} validation prompts; steps {start} -> {args.steps} in {out}",
+        what = (f"LoRA rank {args.lora_rank}" if args.lora_rank else "the decision head alone" if args.decision_head
+                else "full fine-tuning")
+        print(f"{args.algo} on the {args.agent} agent, preset {args.preset}, {world} rank(s), {what}: "
+              f"{len(task.train)} training and {len(task.val)} validation prompts; steps {start} -> {args.steps} in {out}",
               file=sys.stderr)
     val = {}
     if start == 0 and args.steps > 0:

@@ -211,15 +211,15 @@ def test_answer_agent_banks_built_by_a_manager_checkpoint(tiny_checkpoints, tmp_
                                                          first_sessions_only):
     """Phase two of the recipe: --manager CKPT runs that manager over the conversations' facts (cut to
     their first session here to keep the test short) and the Answer Agent trains on its banks: every
-    prompt is rebuilt here from the banks run_manager returned (and those differ from add-all banks)."""
+    prompt is rebuilt here from the banks run_managers returned (and those differ from add-all banks)."""
     from data.locomo import load_split
     from memory import add_all_banks, speaker_memories
     from prompts import answer_messages
 
     built, tasks = {}, []
-    real_run_manager, real_answer_task = agents.run_manager, train.answer_task
-    monkeypatch.setattr(agents, "run_manager",
-                        lambda *a, **k: built.setdefault(a[0].sample_id, (a[0], real_run_manager(*a, **k)))[1])
+    real_run_managers, real_answer_task = agents.run_managers, train.answer_task
+    monkeypatch.setattr(agents, "run_managers", lambda convs, *a, **k: [
+        built.setdefault(c.sample_id, (c, b))[1] for c, b in zip(convs, real_run_managers(convs, *a, **k))])
     monkeypatch.setattr(train, "answer_task", lambda *a, **k: tasks.append(real_answer_task(*a, **k)) or tasks[-1])
     ckpt = tiny_checkpoints["qwen2"][0]
     args = flags(ckpt, tmp_path, "--manager", ckpt, "--manager-max-new-tokens", 6, "--memories-per-speaker", 1,
