@@ -175,11 +175,10 @@ def test_manager_training_writes_metrics_and_checkpoint_and_resumes(algo, tiny_c
                                                                        s.get("logp_mismatch", 0)) < 1e-5
 
 
-@pytest.mark.parametrize("decision", ["hold-prior", "all-arms", "hold-mean"])
+@pytest.mark.parametrize("decision", ["all-arms", "hold-mean"])  # --hold-prior resumes in the GRPO test above
 def test_slot_loss_flags_run_the_ops_manager_and_resume(decision, smollm2_path, tmp_path):
     """--loss-slots about with --slot-beta (the KL on the other choices), SGD with the output layer at its own
-    rate (two parameter groups in the saved optimizer state), and --hold-prior keeping a share or --all-arms
-    (each group's two outputs given "new" and "a memory" at the first decision), with or without --hold-mean
+    rate (two parameter groups in the saved optimizer state), and --all-arms (each group's two outputs given "new" and "a memory" at the first decision), with or without --hold-mean
     (the output layer frozen: the step projected off the mean log-odds of "new"), on the gym's ops format with
     the real SmolLM2 as manager and answerer (its tokenizer has "new" as one token, which the decision slot
     needs; guided: every output parses): the steps run and log, and a run killed after step 1 and resumed
@@ -191,7 +190,7 @@ def test_slot_loss_flags_run_the_ops_manager_and_resume(decision, smollm2_path, 
               "--val-limit", 1, "--save-every", 1, "--val-every", 1, "--dynamic-sampling", 0,
               "--decision-temperature", 2.5, "--loss-slots", "about", "--slot-beta", 1.0, "--beta", 0.01,
               "--optimizer", "sgd", "--lr", 0.1, "--loss-agg", "seq-mean-token-sum", "--head-lr-scale", 0.5]
-    common += ["--hold-prior", "--prior-keep", 0.1] if decision == "hold-prior" else ["--all-arms"]
+    common += ["--all-arms"]
     common += ["--hold-mean", "--mean-target", 0.0, "--head-lr-scale", 0] if decision == "hold-mean" else []
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     train.run(train.parse_args([str(x) for x in common + ["--out", killed, "--steps", 1]]))
@@ -201,8 +200,7 @@ def test_slot_loss_flags_run_the_ops_manager_and_resume(decision, smollm2_path, 
     assert [r["step"] for r in rows] == [0, 1, 2] and rows[1]["parse_fail"] == 0.0
     assert rows[1]["grad_norm"] > 0 or rows[1]["zero_std_groups"] == 1.0  # it trained, unless the group tied
     assert rows[2]["grad_norm"] > 0 or rows[2]["zero_std_groups"] == 1.0
-    if decision != "hold-prior":  # the policy's P(new) at the first decision is logged; a memory was always tried
-        assert all(0 < r["arm_p_new"] < 1 for r in rows[1:]) and rows[1]["dec_add"] <= 0.5
+    assert all(0 < r["arm_p_new"] < 1 for r in rows[1:]) and rows[1]["dec_add"] <= 0.5  # P(new) logged; a memory tried
     if decision == "hold-mean":  # the mean log-odds of "new" before each step and the share of the step removed
         assert all(-1 <= r["held_cos"] <= 1 and r["log_odds_new"] < 0 for r in rows[1:])
         with pytest.raises(SystemExit):  # the projection is exact for a plain gradient step only
