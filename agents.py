@@ -151,10 +151,11 @@ def answer_task(args, tok, base_model) -> Task:
     if manager is not None:
         load_head(manager, args.manager)  # a manager trained with --decision-head decides with its head
     answer_guide = guide_for(answer_automaton(args.distill), base_model, tok, args.guided)
+    k = trained_setting(args.manager, "manager_k", args.manager_k)  # a checkpoint: as many as it learned to choose from
     if manager is not None:  # its calls batched over every conversation at once (manager.run_managers)
         needed = [convs[i] for i in dict.fromkeys(q.conv_id for s in ("train", "val") for q in dataset.load_split(s))]
         facts = [conversation_facts(c, args.facts, base_model, tok, guided=args.guided) for c in needed]
-        built = run_managers(needed, facts, manager, tok, embedder, args.manager_k, args.manager_max_new_tokens,
+        built = run_managers(needed, facts, manager, tok, embedder, k, args.manager_max_new_tokens,
                              guided=args.guided, fmt=manager_format_of(args.manager, args.manager_format))
         banks.update({c.sample_id: b for c, b in zip(needed, built)})
 
@@ -164,7 +165,7 @@ def answer_task(args, tok, base_model) -> Task:
             conv = convs[q.conv_id]
             if conv.sample_id not in banks:
                 banks[conv.sample_id] = conversation_banks(conv, args.manager, manager, args.facts, base_model, tok,
-                                                           embedder, args.manager_k, args.manager_max_new_tokens,
+                                                           embedder, k, args.manager_max_new_tokens,
                                                            guided=args.guided,
                                                            fmt=manager_format_of(args.manager, args.manager_format))
             mems_a, mems_b = speaker_memories(conv, banks[conv.sample_id], q.question, args.memories_per_speaker)
@@ -180,14 +181,19 @@ def answer_task(args, tok, base_model) -> Task:
     return Task(examples("train"), examples("val"), score)
 
 
-def manager_format_of(manager: str, default: str = "mem0") -> str:
-    """The output format a manager checkpoint was trained in (its trainer_state.json records train.py's flags),
-    else `default`: a manager can only be run in the format it learned."""
+def trained_setting(manager: str, key: str, default):
+    """A flag a manager checkpoint was trained with (its trainer_state.json records train.py's flags), else
+    `default`: a manager runs in the format it learned, shown as many memories as it learned to choose from."""
     state = Path(manager) / "trainer_state.json"
     try:
-        return json.loads(state.read_text())["args"].get("manager_format") or default
+        value = json.loads(state.read_text())["args"].get(key)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return default
+    return default if value is None else value
+
+
+def manager_format_of(manager: str, default: str = "mem0") -> str:
+    return trained_setting(manager, "manager_format", None) or default
 
 
 def conversation_banks(conv, builder: str, manager, fact_source: str, model, tok, embedder, k: int = 5,

@@ -5,6 +5,7 @@
     save_training_state(out, step, ...)     OUT/checkpoint: the policy (a HF folder, or with LoRA its adapters
                                             in PEFT's layout), AdamW's state, the critic, the step, the args
     checkpoint_to_resume(out, ...), load_training_state(ckpt, ...)     what --resume reads
+    make_optimizer(module, lr, ...)         the optimizer whose state is saved and resumed (AdamW or SGD)
     metrics_log(path, resumed_at, is_main)  OUT/metrics.jsonl, one line per step; a resumed run drops the lines
                                             of the steps it takes again
     export_merged(run_dir, dest)            a LoRA run's adapters folded into a plain HF folder
@@ -105,6 +106,20 @@ def swap_folder(tmp, folder) -> None:
 # --------------------------------------------------------------------------------------------------
 # Training state: OUT/checkpoint = the policy + optimizer state + step, swapped in atomically
 # --------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(module: torch.nn.Module, lr: float, kind: str = "adamw", head_lr_scale: float = 1.0,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW on the trainable parameters, or plain gradient descent (--optimizer sgd). The output layer (tied to
+    the input embedding in SmolLM2) steps at lr x head_lr_scale, and 0 freezes it (docs/manager.md: why)."""
+    head = {id(m.weight) for name, m in module.named_modules() if name.rsplit(".", 1)[-1] == "lm_head"}
+    for p in module.parameters():
+        p.requires_grad_(p.requires_grad and not (id(p) in head and head_lr_scale == 0))
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) not in head]},
+              {"params": [p for p in params if id(p) in head], "lr": lr * head_lr_scale}]
+    optimizer = torch.optim.SGD if kind == "sgd" else torch.optim.AdamW
+    return optimizer([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
 
 
 def save_optimizer(sd: dict, path: Path) -> None:

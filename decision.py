@@ -118,27 +118,59 @@ def head_loss(head: DecisionHead, states: list, arms: list, advantages: list) ->
     return torch.stack(terms).sum() / n if terms else torch.zeros((), requires_grad=True)
 
 
+def _states(model, prompts: list, guides: list, marker: int) -> tuple[list, list]:
+    """Per prompt: its slot (see slot) and (L, h) there, both None where no memory is shown."""
+    slots = [slot(p, g, marker) for p, g in zip(prompts, guides)]
+    real = iter(zip(*slot_states(model, [s for s in slots if s is not None]))) if any(slots) else iter(())
+    return slots, [None if s is None else next(real) for s in slots]
+
+
+@torch.no_grad()
+def _logits(head: DecisionHead, states: list) -> iter:
+    """The policy's log-odds of "new", L + s(h), one per state that is not None, in order."""
+    real = [st for st in states if st is not None]
+    if not real:
+        return iter(())
+    L, h = torch.stack([L for L, _ in real]), torch.stack([h for _, h in real])  # [B], [B, dim]
+    return iter((L + head(h.to(head.w.device)).cpu()).tolist())
+
+
 def greedy_guides(model, prompts: list[list[int]], guides: list, marker: int) -> list:
     """Greedy decoding under the head: each guide restricted, at its first decision slot, to the arm the policy
     finds likelier (L + s(h) > 0: "new"); guides without a memory shown, or a model without a head, unchanged."""
-    head = getattr(model, "decision_head", None)
-    if head is None:
+    if getattr(model, "decision_head", None) is None:
         return guides
-    slots = [slot(p, g, marker) for p, g in zip(prompts, guides)]
-    real = [s for s in slots if s is not None]
-    if not real:
-        return guides
-    L, h = slot_states(model, real)
-    with torch.no_grad():
-        new = iter((L + head(h.to(head.w.device)).cpu() > 0).tolist())
-    return [g if s is None else ForcedArm(g, s[1], s[2] if next(new) else s[3]) for g, s in zip(guides, slots)]
+    slots, states = _states(model, prompts, guides, marker)
+    logit = _logits(model.decision_head, states)
+    return [g if s is None else ForcedArm(g, s[1], s[2] if next(logit) > 0 else s[3]) for g, s in zip(guides, slots)]
 
 
 def states_at_slots(model, examples, marker: int) -> list:
     """Per example (anything with .prompt and .guide): (L, h) at its first decision slot, or None (no memory shown)."""
-    slots = [slot(ex.prompt, ex.guide, marker) for ex in examples]
-    real = iter(zip(*slot_states(model, [s for s in slots if s is not None]))) if any(slots) else iter(())
-    return [None if s is None else next(real) for s in slots]
+    return _states(model, [ex.prompt for ex in examples], [ex.guide for ex in examples], marker)[1]
+
+
+def mark_rollout(model, groups: list, marker: int) -> None:
+    """train.py --decision-head, after sampling: each group's state at its slot, kept for the update (g.slot), and
+    log P("new") there under the head (g.logp_new: the all-arms advantage's weight, grpo.compute_all_arms_advantage).
+    The head's own probability: no loss pass over the network is needed."""
+    states = states_at_slots(model, groups, marker)
+    logit = _logits(model.decision_head, states)
+    for g, st in zip(groups, states):
+        g.slot = st
+        g.logp_new = torch.tensor(0.0) if st is None else torch.nn.functional.logsigmoid(torch.tensor(next(logit)))
+
+
+def head_step(model, opt, groups: list, max_norm: float) -> dict:
+    """train.py --decision-head's update: one optimizer step on w alone (the network is frozen), the all-arms loss
+    on the first decision of each output, -mean_i A_i log P(a_i | state) (head_loss)."""
+    head = model.decision_head
+    loss = head_loss(head, [g.slot for g in groups], [g.arms for g in groups], [g.advantages[:, 0] for g in groups])
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_([head.w], max_norm).item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {"loss": loss.item(), "grad_norm": grad_norm, "head_w_norm": head.w.norm().item()}
 
 
 def attach(model, ckpt: Path | None, examples: list, marker: int) -> None:

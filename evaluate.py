@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import model as M
 import precision
-from agents import DATASETS, conversation_banks, conversation_facts, manager_format_of
+from agents import DATASETS, conversation_banks, conversation_facts, manager_format_of, trained_setting
 from data.locomo import DataError
 from decision import load_head
 from grammar import guide_for
@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--split", choices=("train", "val", "test"), default="test", help="Memory-R1's split (SPEC section 2)")
     a("--limit", type=int, default=0, help="answer at most N questions, in file order (0: all)")
     a("--k", type=int, default=30, help="memories retrieved from each speaker's bank (paper: 30)")
-    a("--manager-k", type=int, default=5, help="related memories the manager sees per fact (Mem0: 5)")
+    a("--manager-k", type=int, default=None, help="related memories the manager sees per fact (default: what its "
+      "checkpoint was trained with, else Mem0's 5)")
     a("--manager-max-new-tokens", type=int, default=256, help="the manager's response limit")
     a("--manager-format", choices=MANAGER_FORMATS, default=None, help="the manager's output format (prompts.py; "
       "default: the one its checkpoint was trained in, else mem0)")
@@ -104,6 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     args.manager = args.manager or "add-all"
     args.manager_format = args.manager_format or manager_format_of(args.manager)
+    args.manager_k = args.manager_k or trained_setting(args.manager, "manager_k", 5)
     args.facts = args.facts or ("turn" if args.data == "longmemeval" else "observation")
     args.distill = True if args.distill is None else args.distill
     if args.limit < 0 or args.k < 1 or args.batch < 1 or args.max_new_tokens < 1:

@@ -47,10 +47,12 @@ PRESETS = {
 
 # --decision-head brings its own recipe (docs/manager.md, "A decision head"): only the head's 576 numbers train, so
 # no reference model (beta 0), plain gradient descent at a rate fit for a linear read-out of standardised
-# features, every arm tried in every state (--all-arms), and 8 balanced states x 4 outputs a step. Explicit flags
+# features, every arm tried in every state (--all-arms), and 8 balanced states x 4 outputs a step. One memory shown
+# per fact (--manager-k 1): the frozen LM then cannot name the wrong one, which it did on 31 % of val changes at
+# k = 2, while the memory to change is the most similar one on every val change (docs/manager.md). Explicit flags
 # win; without --decision-head nothing here applies, so every earlier command in docs/ keeps its meaning.
 DECISION_HEAD = dict(all_arms=True, balance_kinds=True, beta=0.0, optimizer="sgd", lr=0.5, questions_per_step=8,
-                     group_size=4)
+                     group_size=4, manager_k=1)
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -145,7 +147,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     g("--decision-head", action=argparse.BooleanOptionalAction, default=False, help="the manager's recipe: freeze "
       "the network and train only a line through the decision slot's hidden state, added to the log-odds of \"new\" "
       "(decision.py); brings DECISION_HEAD's flags: --all-arms --balance-kinds --beta 0 --optimizer sgd --lr 0.5 "
-      "--questions-per-step 8 --group-size 4 (docs/manager.md)")
+      "--questions-per-step 8 --group-size 4 --manager-k 1 (docs/manager.md)")
     g("--prior-keep", type=float, default=0.0, metavar="K", help="with --hold-prior: the share of the push on the "
       "shared prior kept, so the prior follows the reward at K times the rate (0: only drift moves it)")
     g("--hold-mean", action="store_true", help="the ops format under --optimizer sgd: project each step's gradient "

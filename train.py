@@ -55,7 +55,7 @@ import model as M
 import precision
 from agents import DECISIONS, Example, Task, answer_task, hold_decision_prior, manager_task
 from checkpoint import (checkpoint_to_resume, export_merged, load_trainable_state, load_training_state,
-                        metrics_log, save_training_state)
+                        make_optimizer, metrics_log, save_training_state)
 from grammar import DecisionTemperature, allowed_masks, arm_guides, choice_slots, decision_slots
 from flags import parse_args
 from grpo import (agg_denominator, agg_loss, compute_all_arms_advantage, compute_grpo_outcome_advantage, grpo_loss,
@@ -140,11 +140,8 @@ def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, r
             break
     kept = {id(g) for g in groups}
     groups = (groups + [g for g in sampled if id(g) not in kept])[:Q]  # informative groups first
-    if args.decision_head:  # P("new") = sigmoid(L + s(h)): the head's (decision.py); no loss pass is needed
-        for g, st in zip(groups, decision.states_at_slots(policy, groups, args.decision_marker)):
-            g.slot = st
-            g.logp_new = torch.tensor(0.0) if st is None else decision.arm_logp(
-                policy.decision_head, st[0][None], st[1][None], torch.zeros(1)).detach()[0].cpu()
+    if args.decision_head:  # P("new") = sigmoid(L + s(h)): the head's, and its states for the update
+        decision.mark_rollout(policy, groups, args.decision_marker)
     for g in groups:
         # an arm is sampled renormalised over its tokens: log P("new") = the difference (the head's: above)
         if g.arms is not None and not args.decision_head:
@@ -307,18 +304,6 @@ def update(policy, opt, groups: list[Group], step: int, args, critic=None, criti
     return out
 
 
-def head_update(policy, opt, groups: list[Group], args) -> dict:
-    """--decision-head: one step on the head alone (the network is frozen): the all-arms loss on the first decision
-    of each output, -mean_i A_i log P(a_i | state) (decision.head_loss)."""
-    loss = decision.head_loss(policy.decision_head, [g.slot for g in groups], [g.arms for g in groups],
-                              [g.advantages[:, 0] for g in groups])
-    loss.backward()
-    stats = {"loss": loss.item(), "grad_norm": clip_gradients(opt, args.grad_clip)}
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return stats | {"head_w_norm": policy.decision_head.w.norm().item()}
-
-
 def minibatch_step(policy, opt, minibatch: list[Group], args, critic=None, critic_opt=None,
                    on_policy: bool = False) -> dict:
     """Loss pass and backward group by group (gradients accumulate), then clip and step: one optimizer step.
@@ -441,20 +426,6 @@ def load_models(args, base, ckpt: Path | None):
     return policy, ref, critic
 
 
-def make_optimizer(module: torch.nn.Module, lr: float, kind: str = "adamw", head_lr_scale: float = 1.0,
-                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """AdamW on the trainable parameters, or plain gradient descent (--optimizer sgd). The output layer (tied to
-    the input embedding in SmolLM2) steps at lr x head_lr_scale, and 0 freezes it (docs/manager.md: why)."""
-    head = {id(m.weight) for name, m in module.named_modules() if name.rsplit(".", 1)[-1] == "lm_head"}
-    for p in module.parameters():
-        p.requires_grad_(p.requires_grad and not (id(p) in head and head_lr_scale == 0))
-    params = [p for p in module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if id(p) not in head]},
-              {"params": [p for p in params if id(p) in head], "lr": lr * head_lr_scale}]
-    optimizer = torch.optim.SGD if kind == "sgd" else torch.optim.AdamW
-    return optimizer([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
-
-
 # --------------------------------------------------------------------------------------------------
 # 5. The loop
 # --------------------------------------------------------------------------------------------------
@@ -506,7 +477,7 @@ def run(args, task: Task | None = None) -> dict:
         examples, offset = my_share(step_examples(task, step, args))
         groups, roll = rollout(policy, tok, task, examples, step, args, ref, critic, offset)  # sample, score
         t1 = time.perf_counter()
-        upd = (head_update(policy, opt, groups, args) if args.decision_head else  # loss, backward, step
+        upd = (decision.head_step(policy, opt, groups, args.grad_clip) if args.decision_head else  # loss, step
                update(policy_pass, opt, groups, step, args, critic_pass, critic_opt))
         t2 = time.perf_counter()
         record = {"step": step + 1, **roll, **upd, "lr": args.lr, "rollout_s": t1 - t0, "update_s": t2 - t1}

@@ -21,7 +21,6 @@ Prints the CPU, then four tables, float32 and bf16 side by side, best of --repea
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -116,7 +115,7 @@ def mismatch(net, tok, group: int, max_new: int) -> None:
     prompts = [tok.chat([{"role": "user", "content": q}]) for q in (
         "Caroline adopted a dog named Buddy in May. What did Caroline adopt?",
         "Name three colours and say which one you like best.")]
-    print(f"\n| precision | tokens | mean abs delta log-prob | max abs delta | ratio exp(delta): min .. max |")
+    print("\n| precision | tokens | mean abs delta log-prob | max abs delta | ratio exp(delta): min .. max |")
     print("|---|---|---|---|---|")
     for p in ("float32", "bf16"):
         set_precision(net, p)

@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as M  # noqa: E402
 import precision  # noqa: E402
+import checkpoint  # noqa: E402
 import train  # noqa: E402
 from agents import answer_task  # noqa: E402
 from flags import parse_args  # noqa: E402
@@ -57,7 +58,7 @@ def main():
     train.validate(policy, tok, task, args)
     mark(f"greedy validation, {min(args.val_limit or len(task.val), len(task.val))} prompts in batches of "
          f"{args.val_batch} ({time.perf_counter() - t0:.0f} s)")
-    opt = train.make_optimizer(policy, args.lr, args.optimizer, args.head_lr_scale, args.weight_decay)
+    opt = checkpoint.make_optimizer(policy, args.lr, args.optimizer, args.head_lr_scale, args.weight_decay)
     groups, _ = train.rollout(policy, tok, task, train.step_examples(task, 0, args), 0, args, ref)
     mark("one rollout (samples, the reference's log-probs)")
     policy_pass, _ = prepare_models(policy, ref, None, torch.device("cpu"), False)

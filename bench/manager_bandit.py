@@ -14,7 +14,7 @@ MiniLM shows, the "ops" format's forced prefix up to the "about" slot; train spl
 change states), GRPO's group-normalised advantages (grpo.py), --decision-temperature, --hold-prior
 (grpo.project_out_choices, --prior-keep), --all-arms (grpo.compute_all_arms_advantage), --hold-mean and
 --mean-target (grpo.hold_along on the gradient of the step's states' mean log-odds of "new", as
-agents.hold_decision_prior does in train.py), the optimiser (train.make_optimizer: AdamW or SGD, --head-lr-scale).
+agents.hold_decision_prior does in train.py), the optimiser (checkpoint.make_optimizer: AdamW or SGD, --head-lr-scale).
 An optional bonus on the entropy of "new or not" at the decision temperature (--decision-entropy; of the
 step's mean P(new), or of each state's) is the bandit's own: train.py has none. What it replaces: the whole
 output by its first choice, "new" or a shown memory's first token (a bandit with one arm per allowed
@@ -34,7 +34,6 @@ validation to --out. Settings are read on train and val, never on test.
 
 import argparse
 import json
-import math
 import random
 import sys
 import tempfile
@@ -53,17 +52,21 @@ from memory import make_embedder  # noqa: E402
 from metrics import standard_error  # noqa: E402
 from model import OFFLINE_SMOLLM2, load_model  # noqa: E402
 from parallel import clip_gradients  # noqa: E402
-from train import make_optimizer  # noqa: E402
+from checkpoint import make_optimizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from manager_priors import auc, forced_prefix  # noqa: E402
+from manager_priors import auc  # noqa: E402
 
 
 def arms(tok, example) -> tuple[list[int], list[int], list[bool], bool]:
     """(prompt + forced prefix ids, the allowed token ids at the about slot, which of them start "new", whether
-    "new" is the right choice here)."""
-    ids, allowed = forced_prefix(example)
-    choices = allowed.nonzero()[:, 0].tolist()
+    "new" is the right choice here). Read by bytes, not by decision.slot, so any tokenizer works (the tests run
+    this on a tiny one that splits "new")."""
+    ids, state = list(example.prompt), example.guide.start
+    while int(example.guide.allowed(state).sum()) == 1:  # the forced run up to the first choice
+        ids.append(int(example.guide.allowed(state).nonzero()[0, 0]))
+        state = example.guide.advance(state, ids[-1])
+    choices = example.guide.allowed(state).nonzero()[:, 0].tolist()
     return ids, choices, ['new"'.startswith(tok.decode([t])) for t in choices], oracle_kind(example) == "ADD"
 
 

@@ -30,39 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data.gym as gym  # noqa: E402
 import prompts  # noqa: E402
 from agents import conversation_facts, manager_examples, oracle_kind  # noqa: E402
-from decision import load_head  # noqa: E402
+from decision import load_head, slot, slot_states  # noqa: E402
 from memory import make_embedder  # noqa: E402
 from metrics import standard_error  # noqa: E402
 from model import OFFLINE_SMOLLM2, load_model  # noqa: E402
-
-
-def forced_prefix(example) -> tuple[list[int], torch.Tensor]:
-    """The prompt followed through the guide's forced run to the first choice: (ids, allowed-token mask there)."""
-    guide, state, ids = example.guide, example.guide.start, list(example.prompt)
-    while True:  # the forced run: exactly one allowed token at each position
-        allowed = guide.allowed(state)
-        if int(allowed.sum()) != 1:
-            return ids, allowed
-        token = int(allowed.nonzero()[0, 0])
-        ids.append(token)
-        state = guide.advance(state, token)
-
-
-@torch.no_grad()
-def decision_slot(model, tok, example) -> tuple[float, torch.Tensor]:
-    """At the example's first choice, under its guide (temperature 1): (log P(new) - log P(a memory), the final
-    hidden state [dim] the LM head reads there)."""
-    ids, allowed = forced_prefix(example)
-    hidden = model.hidden_states(torch.tensor([ids]))[0, -1].float()  # [dim]
-    logits = model.lm_head(hidden[None])[0]  # [V]
-    logp = torch.log_softmax(logits.masked_fill(~allowed, -math.inf), -1)
-    choices = allowed.nonzero()[:, 0].tolist()
-    is_new = torch.tensor(['new"'.startswith(tok.decode([t])) for t in choices])
-    lp = logp[choices]
-    odds = torch.logsumexp(lp[is_new], 0) - torch.logsumexp(lp[~is_new], 0)
-    if getattr(model, "decision_head", None) is not None:  # a manager trained with --decision-head: its offset
-        odds = odds + model.decision_head(hidden[None])[0]
-    return float(odds), hidden
 
 
 def auc(pos: list[float], neg: list[float]) -> float:
@@ -72,15 +43,24 @@ def auc(pos: list[float], neg: list[float]) -> float:
 
 
 def decision_states(model, tok, split: str, limit: int, manager_k: int, embedder) -> dict:
-    """oracle kind -> [(log-odds of new, hidden state at the decision slot)] over a split's gym states."""
+    """oracle kind -> [(log-odds of new, hidden state at the decision slot)] over a split's gym states: the LM's
+    log-odds L at temperature 1 (decision.slot_states), plus s(h) for a manager trained with a decision head."""
     convs = [c for c in gym.load_conversations() if gym.split_of(c.sample_id) == split][:limit or None]
-    by_kind = defaultdict(list)
+    kinds, slots = [], []
     for conv in convs:
         for ex in manager_examples(conv, [], conversation_facts(conv, "observation"), tok, embedder, k=manager_k,
                                    vocab_size=model.lm_head.weight.shape[0], fmt="ops"):
-            if not ex.meta["id_map"]:  # an empty bank: "new" is the only choice (run_manager ADDs without asking)
-                continue
-            by_kind[oracle_kind(ex)].append(decision_slot(model, tok, ex))
+            s = slot(ex.prompt, ex.guide, prompts.decision_marker(tok))
+            if s is not None:  # None: an empty bank, "new" is the only choice (run_manager ADDs without asking)
+                kinds.append(oracle_kind(ex))
+                slots.append(s)
+    L, h = slot_states(model, slots)  # [N], [N, dim]
+    if getattr(model, "decision_head", None) is not None:
+        with torch.no_grad():
+            L = L + model.decision_head(h)
+    by_kind = defaultdict(list)
+    for kind, odds, hidden in zip(kinds, L.tolist(), h):
+        by_kind[kind].append((odds, hidden))
     return by_kind
 
 

@@ -46,7 +46,7 @@ def test_every_bench_script_is_covered():
     ("sample_rewards.py", "llama", "groups with signal"),
     ("manager_rewards.py", "llama", "| oracle kind (turns) |"),
     ("manager_bandit.py", "llama", "with the reward inverted"),
-    ("manager_priors.py", "llama", "AUC of P(new), ADD against UPDATE change states: "),
+    ("manager_priors.py", None, "AUC of P(new), ADD against UPDATE change states: "),
 ])
 def test_bench_script_smoke(script, model, expect, tiny_checkpoints):
     out = run_bench(script, *(["--model", tiny_checkpoints[model][0]] if model else []))

@@ -100,6 +100,18 @@ def test_baselines_set_their_flags_and_explicit_flags_win():
     assert (full.manager, full.facts, full.distill) == ("runs/manager/checkpoint", "observation", True)
 
 
+def test_a_manager_checkpoint_runs_in_the_format_and_k_it_was_trained_with(tmp_path):
+    """train.py records its flags in trainer_state.json: evaluate.py (and phase two, agents.answer_task) show the
+    manager as many memories as it learned to choose from, in its format; an explicit flag wins."""
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 16, "args": {"manager_k": 1,
+                                                                                  "manager_format": "ops"}}))
+    trained = E.parse_args(["--manager", str(tmp_path), "--out", "x"])
+    assert (trained.manager_k, trained.manager_format) == (1, "ops")
+    assert E.parse_args(["--manager", str(tmp_path), "--manager-k", "3", "--out", "x"]).manager_k == 3
+    assert (E.parse_args(["--manager", "add-all", "--out", "x"]).manager_k,
+            E.parse_args(["--manager", "add-all", "--out", "x"]).manager_format) == (5, "mem0")  # Mem0's
+
+
 def test_the_untrained_manager_builds_the_banks(tiny_checkpoints, tmp_path, first_sessions_only):
     """mem0 baseline: the base model manages memory; its broken JSON is counted and the run completes.
     (conv-30 is cut to its first session to keep the test short.)"""

@@ -94,7 +94,7 @@ def test_optimizer_state_round_trips_through_safetensors(tmp_path):
 def test_head_lr_scale_steps_the_tied_output_layer_at_its_own_rate(tiny_checkpoints, scale):
     policy = M.load_model(tiny_checkpoints["qwen2"][0])[0]  # tied: lm_head.weight is tok_emb.weight
     assert policy.lm_head.weight is policy.tok_emb.weight
-    opt = train.make_optimizer(policy, 0.5, "sgd", head_lr_scale=scale)
+    opt = checkpoint.make_optimizer(policy, 0.5, "sgd", head_lr_scale=scale)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     policy(torch.tensor([[3, 1, 4, 1, 5]]))[0, -1, 7].backward()  # one logit: its gradient reaches every weight
     grads = {n: None if p.grad is None else p.grad.clone() for n, p in policy.named_parameters()}
