@@ -5,6 +5,7 @@
     python bench/manager_priors.py --smoke --model CKPT          # 1 conversation (the test suite runs it)
     python bench/manager_priors.py --split val --no-demos        # the prompt without its worked examples
     python bench/manager_priors.py --model runs/mgr-head/checkpoint   # with its decision head (decision.py)
+    python bench/manager_priors.py --split val --which-memory    # and which memory the LM names after the decision
 
 In the "ops" format the first choice of each entry is its "about" slot: "new" (then ADD) or the first
 token of a shown memory's text. For each gym state (agents.manager_examples, as train.py builds them:
@@ -31,9 +32,11 @@ import data.gym as gym  # noqa: E402
 import prompts  # noqa: E402
 from agents import conversation_facts, manager_examples, oracle_kind  # noqa: E402
 from decision import load_head, slot, slot_states  # noqa: E402
+from grammar import ForcedArm  # noqa: E402
 from memory import make_embedder  # noqa: E402
 from metrics import standard_error  # noqa: E402
 from model import OFFLINE_SMOLLM2, load_model  # noqa: E402
+from sampling import generate  # noqa: E402
 
 
 def auc(pos: list[float], neg: list[float]) -> float:
@@ -94,6 +97,33 @@ def linear_probe(train_by_kind: dict, val_by_kind: dict, l2: float = 1e-2) -> tu
     return probe_auc(train_by_kind), probe_auc(val_by_kind)
 
 
+@torch.no_grad()
+def memory_picks(model, tok, split: str, limit: int, manager_k: int, embedder, most: int = 0, batch: int = 8) -> dict:
+    """Which memory does the frozen LM name once the decision is "a memory"? oracle kind -> [(is the memory to
+    change the most similar one shown, does greedy decoding, made to take the memory arm, name it)] over the
+    split's states about an existing memory that is shown (the first `most` of them; 0: all)."""
+    convs = [c for c in gym.load_conversations() if gym.split_of(c.sample_id) == split][:limit or None]
+    rows = []
+    for conv in convs:
+        for ex in manager_examples(conv, [], conversation_facts(conv, "observation"), tok, embedder, k=manager_k,
+                                   vocab_size=model.lm_head.weight.shape[0], fmt="ops"):
+            target = next((e["id"] for e in conv.oracle[ex.meta["dia_id"]]["events"] if e["event"] != "ADD"), None)
+            shown = {real: i for i, real in ex.meta["id_map"].items()}
+            s = slot(ex.prompt, ex.guide, prompts.decision_marker(tok))
+            if target in shown and s is not None:
+                rows.append((oracle_kind(ex), shown[target], ex, ForcedArm(ex.guide, s[1], s[3])))
+    picks, rows = defaultdict(list), rows[:most or None]
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        outs = generate(model, [ex.prompt for _, _, ex, _ in chunk], 64, temperature=0, guide=[g for *_, g in chunk])
+        for (kind, target, ex, _), out in zip(chunk, outs):
+            bank = ex.meta["banks"][ex.meta["speaker"]]
+            shown = [{"id": i, "text": bank.memories[real].text} for i, real in ex.meta["id_map"].items()]
+            events = prompts.parse_manager_ops(tok.decode(out), [f.text for f in ex.meta["facts"]], shown).value
+            picks[kind].append((target == "0", bool(events) and events[0]["id"] == target))
+    return picks
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=OFFLINE_SMOLLM2, help="the manager's policy (a checkpoint or the base)")
@@ -105,6 +135,8 @@ def main():
                     "(ADD against change) and print its AUC on --split")
     ap.add_argument("--no-demos", action="store_true", help="the ops prompt without its worked examples "
                     "(prompts.MANAGER_OPS_DEMOS), as before they were added")
+    ap.add_argument("--which-memory", action="store_true", help="also: on the states about a shown memory, is it the "
+                    "most similar one, and does the LM, made to name a memory, name it (memory_picks)")
     ap.add_argument("--smoke", action="store_true", help="one conversation")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -132,6 +164,14 @@ def main():
         best = max(rates, key=lambda b: min(rates[b]))  # the shift that does best on the worse of the two
         for b in sorted({i / 2 for i in range(-8, 9)} | {best}):
             print(f"| {b:+.2f}{' (best)' if b == best else ''} | {rates[b][0]:.2f} | {rates[b][1]:.2f} |")
+    if args.which_memory or args.smoke:  # the smoke test runs every part
+        print("| oracle kind | states | the memory to change is shown first | the LM, made to name a memory, names it |")
+        print("|---|---|---|---|")
+        picks = memory_picks(model, tok, args.split, limit, args.manager_k, embedder, 4 if args.smoke else 0)
+        for kind, rows in sorted(picks.items()):
+            first, named = [float(f) for f, _ in rows], [float(n) for _, n in rows]
+            print(f"| {kind} | {len(rows)} | {sum(first) / len(rows):.2f} +- {standard_error(first):.2f} | "
+                  f"{sum(named) / len(rows):.2f} +- {standard_error(named):.2f} |")
     if args.probe:
         train = states if args.split == "train" else decision_states(model, tok, "train", limit, args.manager_k,
                                                                      embedder)
