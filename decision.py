@@ -19,6 +19,7 @@ and a shown memory's first token. After the arm, the output is the frozen LM's, 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -126,7 +127,7 @@ def _states(model, prompts: list, guides: list, marker: int) -> tuple[list, list
 
 
 @torch.no_grad()
-def _logits(head: DecisionHead, states: list) -> iter:
+def _logits(head: DecisionHead, states: list) -> Iterator[float]:
     """The policy's log-odds of "new", L + s(h), one per state that is not None, in order."""
     real = [st for st in states if st is not None]
     if not real:
