@@ -26,9 +26,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from grammar import ForcedArm, decision_arms
+from grpo import compute_all_arms_advantage
 from sampling import common_prefix
 
 FILE = "decision_head.safetensors"  # beside model.safetensors in a checkpoint folder
+REPLAY_FILE = "decision_replay.safetensors"  # --head-replay: every state the run has scored, beside it
 FIT_STATES = 64  # training states whose hidden states fix the normaliser
 
 
@@ -53,9 +55,11 @@ class DecisionHead(torch.nn.Module):
 
 
 def save_head(model, folder: Path) -> None:
-    if getattr(model, "decision_head", None) is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.decision_head.state_dict().items()},
-                  str(Path(folder) / FILE))
+    head = getattr(model, "decision_head", None)
+    if head is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(Path(folder) / FILE))
+        if getattr(head, "replay", None):
+            save_file({k: v.contiguous() for k, v in head.replay.items()}, str(Path(folder) / REPLAY_FILE))
 
 
 def load_head(model, folder) -> bool:
@@ -66,6 +70,8 @@ def load_head(model, folder) -> bool:
     state = load_file(str(path))
     model.decision_head = DecisionHead(state["w"].numel()).to(model.lm_head.weight.device)
     model.decision_head.load_state_dict(state)
+    if (Path(folder) / REPLAY_FILE).is_file():  # a --head-replay run's scored states, for --resume
+        model.decision_head.replay = load_file(str(Path(folder) / REPLAY_FILE))
     return True
 
 
@@ -162,16 +168,60 @@ def mark_rollout(model, groups: list, marker: int) -> None:
         g.logp_new = torch.tensor(0.0) if st is None else torch.nn.functional.logsigmoid(torch.tensor(next(logit)))
 
 
-def head_step(model, opt, groups: list, max_norm: float) -> dict:
+def head_step(model, opt, groups: list, max_norm: float, replay_passes: int = 0, scale: bool = True) -> dict:
     """train.py --decision-head's update: one optimizer step on w alone (the network is frozen), the all-arms loss
-    on the first decision of each output, -mean_i A_i log P(a_i | state) (head_loss)."""
+    on the first decision of each output, -mean_i A_i log P(a_i | state) (head_loss). With --head-replay
+    (replay_passes > 0): the step's states join every earlier one and the update is replay_step's instead."""
     head = model.decision_head
+    if replay_passes:
+        remember(head, groups)
+        return replay_step(model, opt, max_norm, replay_passes, scale)
     loss = head_loss(head, [g.slot for g in groups], [g.arms for g in groups], [g.advantages[:, 0] for g in groups])
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_([head.w], max_norm).item()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return {"loss": loss.item(), "grad_norm": grad_norm, "head_w_norm": head.w.norm().item()}
+
+
+def remember(head: DecisionHead, groups: list) -> None:
+    """--head-replay: append this step's scored states to head.replay, a dict of tensors: L [n], h [n, dim] at the
+    slot, and per output arms [n, G] and rewards [n, G]. Groups with no memory shown (nothing to decide) are left out."""
+    real = [g for g in groups if g.slot is not None]
+    if not real:
+        return
+    new = {"L": torch.stack([g.slot[0] for g in real]).float(), "h": torch.stack([g.slot[1] for g in real]).float(),
+           "arms": torch.stack([g.arms.cpu() for g in real]),
+           "rewards": torch.tensor([[s["reward"] for s in g.scores] for g in real], dtype=torch.float32)}
+    old = getattr(head, "replay", None) or {}
+    head.replay = {k: torch.cat([old[k], v]) if k in old else v for k, v in new.items()}
+
+
+def replay_step(model, opt, max_norm: float, passes: int = 1, scale: bool = True) -> dict:
+    """--head-replay's update: `passes` optimizer steps on w, each on every state the run has scored so far.
+
+    Why this is sound: the network is frozen and the head moves only the first decision, so the reward of an arm
+    in a state does not depend on w; what a state's outputs measured (each arm's rewards) stays a fair sample
+    however far w has moved. The all-arms gradient sum_a pi_w(a) (R_a - V) grad log pi_w(a) needs nothing else,
+    so it is recomputed at the current w over every remembered state (grpo.compute_all_arms_advantage with
+    today's pi_w): the gradient of the mean expected reward over all of them, not over this step's 8 alone."""
+    head, rep = model.decision_head, model.decision_head.replay
+    n, G = rep["arms"].shape
+    dev = head.w.device
+    L, h, arms = rep["L"].to(dev), rep["h"].to(dev), rep["arms"].to(dev)
+    stats = {}
+    for _ in range(passes):
+        with torch.no_grad():  # pi_w(new) in each remembered state: the advantages' weights, no gradient
+            logp_new = torch.nn.functional.logsigmoid(L + head(h))[:, None].expand(n, G)  # [n, G]
+            p_arm = torch.where(arms == 0, logp_new, torch.log1p(-logp_new.exp().clamp(max=1 - 1e-7)))
+            adv = compute_all_arms_advantage(rep["rewards"].flatten(), arms.flatten(), p_arm.flatten(), G, scale)
+        loss = -(adv.to(dev) * arm_logp(head, L.repeat_interleave(G), h.repeat_interleave(G, 0), arms.flatten())).mean()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_([head.w], max_norm).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        stats = {"loss": loss.item(), "grad_norm": grad_norm}
+    return {**stats, "head_w_norm": head.w.norm().item(), "replay_states": n}
 
 
 def attach(model, ckpt: Path | None, examples: list, marker: int) -> None:

@@ -148,6 +148,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
       "the network and train only a line through the decision slot's hidden state, added to the log-odds of \"new\" "
       "(decision.py); brings DECISION_HEAD's flags: --all-arms --balance-kinds --beta 0 --optimizer sgd --lr 0.5 "
       "--questions-per-step 8 --group-size 4 --manager-k 1 (docs/manager.md)")
+    g("--head-replay", action=argparse.BooleanOptionalAction, default=False, help="with --decision-head: each "
+      "step updates w on every state scored so far, not this step's alone, --ppo-epochs steps of it (an arm's reward "
+      "does not depend on w: decision.replay_step)")
     g("--prior-keep", type=float, default=0.0, metavar="K", help="with --hold-prior: the share of the push on the "
       "shared prior kept, so the prior follows the reward at K times the rate (0: only drift moves it)")
     g("--hold-mean", action="store_true", help="the ops format under --optimizer sgd: project each step's gradient "
@@ -234,6 +237,8 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
     if args.decision_head and (not args.all_arms or args.beta or args.hold_prior or args.hold_mean or args.lora_rank):
         ap.error("--decision-head trains the head alone by the all-arms gradient: it needs --all-arms, --beta 0 (the "
                  "network is frozen, so no reference), and no --hold-prior, --hold-mean or --lora-rank")
+    if args.head_replay and not args.decision_head:
+        ap.error("--head-replay replays the states --decision-head's head was scored on: it needs --decision-head")
     if args.hold_mean and (args.agent != "manager" or args.manager_format != "ops" or not args.guided
                            or args.optimizer != "sgd" or args.head_lr_scale not in (0, 1) or args.weight_decay):
         ap.error("--hold-mean projects a plain gradient step on the ops format's first decision: --agent manager "

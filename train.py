@@ -477,7 +477,8 @@ def run(args, task: Task | None = None) -> dict:
         examples, offset = my_share(step_examples(task, step, args))
         groups, roll = rollout(policy, tok, task, examples, step, args, ref, critic, offset)  # sample, score
         t1 = time.perf_counter()
-        upd = (decision.head_step(policy, opt, groups, args.grad_clip) if args.decision_head else  # loss, step
+        upd = (decision.head_step(policy, opt, groups, args.grad_clip, args.ppo_epochs if args.head_replay else 0,
+                                  not args.no_adv_scale) if args.decision_head else  # loss, step
                update(policy_pass, opt, groups, step, args, critic_pass, critic_opt))
         t2 = time.perf_counter()
         record = {"step": step + 1, **roll, **upd, "lr": args.lr, "rollout_s": t1 - t0, "update_s": t2 - t1}

