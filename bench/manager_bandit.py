@@ -34,6 +34,7 @@ validation to --out. Settings are read on train and val, never on test.
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -153,7 +154,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.hold_mean and a.optimizer != "sgd":
         ap.error("--hold-mean needs --optimizer sgd (AdamW rescales each coordinate, so its step is not -lr g)")
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))  # both cores, unless told fewer
     torch.manual_seed(a.seed)
     model, tok = load_model(a.model)
     embedder, vocab, limit = make_embedder("minilm"), model.lm_head.weight.shape[0], 1 if a.smoke else 0

@@ -21,6 +21,7 @@ states: 0.5 is no information). Settings are read on train and val, never on tes
 
 import argparse
 import math
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -139,7 +140,7 @@ def main():
                     "most similar one, and does the LM, made to name a memory, name it (memory_picks)")
     ap.add_argument("--smoke", action="store_true", help="one conversation")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))  # both cores, unless told fewer
     if args.no_demos:
         prompts.MANAGER_OPS_DEMOS = ()  # manager_messages reads it at each call
     model, tok = load_model(args.model)

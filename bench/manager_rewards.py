@@ -74,7 +74,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="states scored (0: all of the split)")
     ap.add_argument("--smoke", action="store_true", help="4 states with a tiny model")
     a = ap.parse_args()
-    smoke = ["--answerer", str(a.model)] if a.smoke else []  # never the main command's answerer in runs/
+    # the smoke test: never the main command's answerer in runs/, and hashed retrieval (MiniLM would embed every
+    # state of both splits to score 4 of them)
+    smoke = ["--answerer", str(a.model), "--embedder", "hash"] if a.smoke else []
     args = train.parse_args(["--model", str(a.model), "--out", "unused", "--agent", "manager",
                              "--manager-format", "ops", *smoke, *shlex.split(a.flags)])
     base, tok = M.load_model(args.model)

@@ -14,6 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # workers' torch threads do not fight over them.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    # and the scripts the tests start (bench smoke runs, CLIs) inherit that share: on 2 cores, a subprocess
+    # taking both beside the other worker made them wait on each other (a 29 s smoke run took 126 s)
+    os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>",
             "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -140,6 +143,14 @@ def smollm2_path(smollm2_gguf, tmp_path_factory):
     from checkpoint import save_checkpoint
     net, tok = M.load_model(smollm2_gguf)
     return save_checkpoint(net, tok, tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")
+
+
+@pytest.fixture
+def one_ops_demo(monkeypatch):
+    """The ops prompt with one worked example instead of six (~330 tokens instead of ~1,070): for the tests that
+    train or differentiate the whole network on it, whose subject is not the examples (test_manager_ops tests those)."""
+    import prompts
+    monkeypatch.setattr(prompts, "MANAGER_OPS_DEMOS", prompts.MANAGER_OPS_DEMOS[:1])
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """agents.py: the Memory Manager's environment on a hand-written conversation, and training runs."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -178,7 +179,7 @@ def test_manager_training_writes_metrics_and_checkpoint_and_resumes(algo, tiny_c
 # one setting that runs them all (--all-arms with --hold-mean): --hold-prior resumes in the GRPO test above,
 # the output layer's own rate is tested in test_train, and CI has 15 minutes
 @pytest.mark.parametrize("decision", ["hold-mean"])
-def test_slot_loss_flags_run_the_ops_manager_and_resume(decision, smollm2_path, tmp_path):
+def test_slot_loss_flags_run_the_ops_manager_and_resume(decision, smollm2_path, tmp_path, one_ops_demo):
     """--loss-slots about with --slot-beta (the KL on the other choices), SGD with the output layer at its own
     rate (two parameter groups in the saved optimizer state), and --all-arms (each group's two outputs given "new" and "a memory" at the first decision), with or without --hold-mean
     (the output layer frozen: the step projected off the mean log-odds of "new"), on the gym's ops format with
@@ -204,7 +205,9 @@ def test_slot_loss_flags_run_the_ops_manager_and_resume(decision, smollm2_path, 
     assert rows[2]["grad_norm"] > 0 or rows[2]["zero_std_groups"] == 1.0
     assert all(0 < r["arm_p_new"] < 1 for r in rows[1:]) and rows[1]["dec_add"] <= 0.5  # P(new) logged; a memory tried
     if decision == "hold-mean":  # the mean log-odds of "new" before each step and the share of the step removed
-        assert all(-1 <= r["held_cos"] <= 1 and r["log_odds_new"] < 0 for r in rows[1:])
+        # (its sign depends on the prompt: with one worked example SmolLM2 may lean towards "new"; the projection
+        # itself is checked against a plain step in test_manager_ops)
+        assert all(-1 <= r["held_cos"] <= 1 and math.isfinite(r["log_odds_new"]) for r in rows[1:])
         with pytest.raises(SystemExit):  # the projection is exact for a plain gradient step only
             train.parse_args(["--agent", "manager", "--hold-mean", "--optimizer", "adamw"])
     a, b = load_file(straight / "checkpoint" / "model.safetensors"), load_file(killed / "checkpoint" / "model.safetensors")

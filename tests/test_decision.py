@@ -137,7 +137,7 @@ def test_the_slot_log_odds_are_the_loss_pass_arm_probabilities_and_greedy_follow
         assert torch.equal(fresh.decision_head.state_dict()[k], v)
 
 
-def test_a_decision_head_run_trains_the_head_alone_and_resumes(smollm2_path, tmp_path, monkeypatch):
+def test_a_decision_head_run_trains_the_head_alone_and_resumes(smollm2_path, tmp_path, monkeypatch, one_ops_demo):
     """train.py --decision-head --head-replay on the gym's ops format, the real SmolLM2 as manager and answerer:
     the network's weights stay those it started from, the head moves, its P(new) is logged, the replay grows by
     the step's states, and a run killed after step 1 and resumed ends bit for bit where an unbroken run does
