@@ -186,14 +186,17 @@ def head_step(model, opt, groups: list, max_norm: float, replay_passes: int = 0,
 
 def remember(head: DecisionHead, groups: list) -> None:
     """--head-replay: append this step's scored states to head.replay, a dict of tensors: L [n], h [n, dim] at the
-    slot, and per output arms [n, G] and rewards [n, G]. Groups with no memory shown (nothing to decide) are left out."""
+    slot, per output arms [n, G] and rewards [n, G], and the update each state joined at, step [n] (0, 1, ...).
+    Groups with no memory shown (nothing to decide) are left out; a step that shows none is not numbered."""
+    old = getattr(head, "replay", None) or {}
+    step = int(old["step"][-1]) + 1 if old else 0
     real = [g for g in groups if g.slot is not None]
     if not real:
         return
     new = {"L": torch.stack([g.slot[0] for g in real]).float(), "h": torch.stack([g.slot[1] for g in real]).float(),
            "arms": torch.stack([g.arms.cpu() for g in real]),
-           "rewards": torch.tensor([[s["reward"] for s in g.scores] for g in real], dtype=torch.float32)}
-    old = getattr(head, "replay", None) or {}
+           "rewards": torch.tensor([[s["reward"] for s in g.scores] for g in real], dtype=torch.float32),
+           "step": torch.full((len(real),), step)}
     head.replay = {k: torch.cat([old[k], v]) if k in old else v for k, v in new.items()}
 
 
@@ -205,8 +208,11 @@ def replay_step(model, opt, max_norm: float, passes: int = 1, scale: bool = True
     however far w has moved. The all-arms gradient sum_a pi_w(a) (R_a - V) grad log pi_w(a) needs nothing else,
     so it is recomputed at the current w over every remembered state (grpo.compute_all_arms_advantage with
     today's pi_w): the gradient of the mean expected reward over all of them, not over this step's 8 alone."""
-    head, rep = model.decision_head, model.decision_head.replay
-    n, G = rep["arms"].shape
+    head = model.decision_head
+    rep = getattr(head, "replay", None)
+    if not rep or not len(rep["L"]):  # nothing scored yet with a memory shown: nothing to decide, no step
+        return {"loss": 0.0, "grad_norm": 0.0, "head_w_norm": head.w.norm().item(), "replay_states": 0}
+    n, G = rep["arms"].shape  # [n, G]
     dev = head.w.device
     L, h, arms = rep["L"].to(dev), rep["h"].to(dev), rep["arms"].to(dev)
     stats = {}

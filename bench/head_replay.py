@@ -1,6 +1,7 @@
 """Choose the decision head's update rule on val in seconds: replay a run's scored training states offline.
 
     python bench/head_replay.py --run runs/mgr-replay      # a finished `train.py ... --decision-head --head-replay`
+    python bench/head_replay.py --run runs/mgr-replay --val-limit 256 --also runs/grpo-manager   # + another head
     python bench/head_replay.py --smoke --run RUN           # 2 val states (the test suite runs it)
 
 Why this is exact, not a model of training: under --decision-head the network is frozen and --all-arms forces
@@ -78,18 +79,19 @@ def val_scores(head, states, rows) -> dict:
 
 def replay(start_state: dict, rep: dict, per_step: int, steps: int, lr: float, passes: int, remember_all: bool,
            scale: bool = True):
-    """The head after `steps` steps of the rule: each step's `per_step` states join (or replace) the remembered
-    ones, then `passes` SGD steps of decision.replay_step (clip 1, as train.py; scale=False: advantages not
-    divided by the arms' reward spread, --no-adv-scale)."""
+    """The head after `steps` steps of the rule: each step's states (rep["step"], or `per_step` a step for a replay
+    saved without it) join (or replace) the remembered ones, then `passes` SGD steps of decision.replay_step
+    (clip 1, as train.py; scale=False: advantages not divided by the arms' reward spread, --no-adv-scale)."""
     head = decision.DecisionHead(start_state["w"].numel())
     head.load_state_dict(start_state)
     with torch.no_grad():
         head.w.zero_()
     net = type("Net", (), {"decision_head": head})()
     opt = torch.optim.SGD([head.w], lr=lr)
+    joined = rep["step"] if "step" in rep else torch.arange(len(rep["L"])) // per_step  # [n]
     for t in range(steps):
-        lo = 0 if remember_all else t * per_step
-        head.replay = {k: v[lo:(t + 1) * per_step] for k, v in rep.items()}
+        keep = (joined <= t) if remember_all else (joined == t)
+        head.replay = {k: v[keep] for k, v in rep.items()}
         decision.replay_step(net, opt, 1.0, passes, scale)
     return head
 
@@ -102,6 +104,8 @@ def main():
                     "advantages are the reward differences themselves, ~10x smaller than divided by their spread)")
     ap.add_argument("--passes", default="1,2,4,8", help="SGD steps over the remembered states per training step")
     ap.add_argument("--val-limit", type=int, default=None, help="val states (default: the run's --val-limit)")
+    ap.add_argument("--also", default="", help="other runs (comma-separated) whose trained heads are scored on the "
+                    "same val states, as they are (any --decision-head run with the same manager states)")
     ap.add_argument("--smoke", action="store_true", help="2 val states and one rule (the test suite)")
     cli = ap.parse_args()
     ckpt = cli.run / "checkpoint"
@@ -111,7 +115,7 @@ def main():
     args.decision_marker = decision_marker(tok)
     task = manager_task(args, tok, net)
     states, rows = val_table(net, tok, task, args, 2 if cli.smoke else cli.val_limit or args.val_limit)
-    steps = len(rep["L"]) // args.questions_per_step
+    steps = int(rep["step"][-1]) + 1 if "step" in rep else len(rep["L"]) // args.questions_per_step
     print(f"{cli.run}: {len(rep['L'])} remembered training states ({steps} steps of {args.questions_per_step}), "
           f"{len(rows)} val states, {sum(s is not None for s in states)} with a memory shown")
 
@@ -128,8 +132,12 @@ def main():
         (name, scale, lr, p, keep) for scale, lrs in ((True, cli.lrs), (False, cli.lrs_no_std))
         for lr in map(float, lrs.split(",")) for p in map(int, cli.passes.split(","))
         for name, keep in (("replay", True), ("this step", False)) if keep or p == 1][:2 if cli.smoke else None]
+    for other in filter(None, cli.also.split(",")):
+        head = decision.DecisionHead(head_state["w"].numel())
+        head.load_state_dict(load_file(str(Path(other) / "checkpoint" / decision.FILE)))
+        rules.append((f"{other}'s head", True, 0, 0, head))
     for name, scale, lr, p, keep in rules:
-        head = (untrained if name == "untrained" else
+        head = (untrained if name == "untrained" else keep if isinstance(keep, decision.DecisionHead) else
                 replay(head_state, rep, args.questions_per_step, steps, lr, p, keep, scale))
         v = val_scores(head, states, rows)
         cell = lambda k: f"{v[k]:.3f} +- {v[k + '_se']:.3f} (n={v[k + '_n']})" if k in v else "-"  # noqa: E731

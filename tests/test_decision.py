@@ -83,6 +83,7 @@ def test_replay_steps_on_every_remembered_state_with_todays_probabilities(tmp_pa
     decision.remember(head, [group(0), empty])
     decision.remember(head, [group(1), group(2)])
     assert head.replay["h"].shape == (3, 3) and head.replay["arms"].shape == (3, 4)
+    assert head.replay["step"].tolist() == [0, 1, 1]  # the update each state joined at
 
     p = torch.sigmoid(L + head(h))
     value = (p * R[:, 0] + (1 - p) * R[:, 1])
