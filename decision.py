@@ -175,7 +175,7 @@ def head_step(model, opt, groups: list, max_norm: float, replay_passes: int = 0,
     head = model.decision_head
     if replay_passes:
         remember(head, groups)
-        return replay_step(model, opt, max_norm, replay_passes, scale)
+        return replay_step(head, opt, max_norm, replay_passes, scale)
     loss = head_loss(head, [g.slot for g in groups], [g.arms for g in groups], [g.advantages[:, 0] for g in groups])
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_([head.w], max_norm).item()
@@ -200,7 +200,7 @@ def remember(head: DecisionHead, groups: list) -> None:
     head.replay = {k: torch.cat([old[k], v]) if k in old else v for k, v in new.items()}
 
 
-def replay_step(model, opt, max_norm: float, passes: int = 1, scale: bool = True) -> dict:
+def replay_step(head: DecisionHead, opt, max_norm: float, passes: int = 1, scale: bool = True) -> dict:
     """--head-replay's update: `passes` optimizer steps on w, each on every state the run has scored so far.
 
     Why this is sound: the network is frozen and the head moves only the first decision, so the reward of an arm
@@ -208,20 +208,18 @@ def replay_step(model, opt, max_norm: float, passes: int = 1, scale: bool = True
     however far w has moved. The all-arms gradient sum_a pi_w(a) (R_a - V) grad log pi_w(a) needs nothing else,
     so it is recomputed at the current w over every remembered state (grpo.compute_all_arms_advantage with
     today's pi_w): the gradient of the mean expected reward over all of them, not over this step's 8 alone."""
-    head = model.decision_head
     rep = getattr(head, "replay", None)
     if not rep or not len(rep["L"]):  # nothing scored yet with a memory shown: nothing to decide, no step
         return {"loss": 0.0, "grad_norm": 0.0, "head_w_norm": head.w.norm().item(), "replay_states": 0}
     n, G = rep["arms"].shape  # [n, G]
     dev = head.w.device
-    L, h, arms = rep["L"].to(dev), rep["h"].to(dev), rep["arms"].to(dev)
+    L, h = rep["L"].to(dev).repeat_interleave(G), rep["h"].to(dev).repeat_interleave(G, 0)  # [n * G], [n * G, dim]
+    arms = rep["arms"].to(dev).flatten()  # [n * G]
     stats = {}
     for _ in range(passes):
-        with torch.no_grad():  # pi_w(new) in each remembered state: the advantages' weights, no gradient
-            logp_new = torch.nn.functional.logsigmoid(L + head(h))[:, None].expand(n, G)  # [n, G]
-            p_arm = torch.where(arms == 0, logp_new, torch.log1p(-logp_new.exp().clamp(max=1 - 1e-7)))
-            adv = compute_all_arms_advantage(rep["rewards"].flatten(), arms.flatten(), p_arm.flatten(), G, scale)
-        loss = -(adv.to(dev) * arm_logp(head, L.repeat_interleave(G), h.repeat_interleave(G, 0), arms.flatten())).mean()
+        logp = arm_logp(head, L, h, arms)  # log pi_w(a_i): the loss's term, and (detached) the advantages' weight
+        adv = compute_all_arms_advantage(rep["rewards"].flatten(), arms, logp.detach(), G, scale)
+        loss = -(adv.to(dev) * logp).mean()
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_([head.w], max_norm).item()
         opt.step()

@@ -86,13 +86,12 @@ def replay(start_state: dict, rep: dict, per_step: int, steps: int, lr: float, p
     head.load_state_dict(start_state)
     with torch.no_grad():
         head.w.zero_()
-    net = type("Net", (), {"decision_head": head})()
     opt = torch.optim.SGD([head.w], lr=lr)
     joined = rep["step"] if "step" in rep else torch.arange(len(rep["L"])) // per_step  # [n]
     for t in range(steps):
         keep = (joined <= t) if remember_all else (joined == t)
         head.replay = {k: v[keep] for k, v in rep.items()}
-        decision.replay_step(net, opt, 1.0, passes, scale)
+        decision.replay_step(head, opt, 1.0, passes, scale)
     return head
 
 
@@ -126,23 +125,24 @@ def main():
 
     print("\n| rule | advantages | lr | passes | decisions right | ADD turns | UPDATE turns | NONE turns | val reward |")
     print("|---|---|---|---|---|---|---|---|---|")
-    untrained = decision.DecisionHead(head_state["w"].numel())
-    untrained.load_state_dict({**head_state, "w": torch.zeros_like(head_state["w"])})
-    rules = [("untrained", True, 0, 0, True)] + [
-        (name, scale, lr, p, keep) for scale, lrs in ((True, cli.lrs), (False, cli.lrs_no_std))
-        for lr in map(float, lrs.split(",")) for p in map(int, cli.passes.split(","))
-        for name, keep in (("replay", True), ("this step", False)) if keep or p == 1][:2 if cli.smoke else None]
-    for other in filter(None, cli.also.split(",")):
-        head = decision.DecisionHead(head_state["w"].numel())
-        head.load_state_dict(load_file(str(Path(other) / "checkpoint" / decision.FILE)))
-        rules.append((f"{other}'s head", True, 0, 0, head))
-    for name, scale, lr, p, keep in rules:
-        head = (untrained if name == "untrained" else keep if isinstance(keep, decision.DecisionHead) else
-                replay(head_state, rep, args.questions_per_step, steps, lr, p, keep, scale))
+    def row(name: str, scale: bool, lr: float, passes: int, head) -> None:
         v = val_scores(head, states, rows)
         cell = lambda k: f"{v[k]:.3f} +- {v[k + '_se']:.3f} (n={v[k + '_n']})" if k in v else "-"  # noqa: E731
-        print(f"| {name} | {'/ spread' if scale else 'r - V'} | {lr:g} | {p} | {cell('op_acc')} | "
+        print(f"| {name} | {'/ spread' if scale else 'r - V'} | {lr:g} | {passes} | {cell('op_acc')} | "
               f"{cell('op_acc_add')} | {cell('op_acc_update')} | {cell('op_acc_none')} | {cell('reward')} |")
+
+    untrained = decision.DecisionHead(head_state["w"].numel())
+    untrained.load_state_dict({**head_state, "w": torch.zeros_like(head_state["w"])})
+    row("untrained", True, 0, 0, untrained)
+    rules = [(name, scale, lr, p, keep) for scale, lrs in ((True, cli.lrs), (False, cli.lrs_no_std))
+             for lr in map(float, lrs.split(",")) for p in map(int, cli.passes.split(","))
+             for name, keep in (("replay", True), ("this step", False)) if keep or p == 1][:1 if cli.smoke else None]
+    for name, scale, lr, p, keep in rules:
+        row(name, scale, lr, p, replay(head_state, rep, args.questions_per_step, steps, lr, p, keep, scale))
+    for other in filter(None, cli.also.split(",")):  # other runs' trained heads, as they are
+        head = decision.DecisionHead(head_state["w"].numel())
+        head.load_state_dict(load_file(str(Path(other) / "checkpoint" / decision.FILE)))
+        row(f"{other}'s head", True, 0, 0, head)
 
 
 if __name__ == "__main__":

@@ -91,8 +91,8 @@ def test_replay_steps_on_every_remembered_state_with_todays_probabilities(tmp_pa
     (value / spread.detach()).mean().backward()
     want = head.w.detach() + 0.1 * head.w.grad  # gradient ascent on the mean scaled value
     head.w.grad = None
-    net = type("Net", (), {"decision_head": head, "lm_head": torch.nn.Linear(1, 1)})()
-    stats = decision.replay_step(net, torch.optim.SGD([head.w], lr=0.1), max_norm=1e9)
+    stats = decision.replay_step(head, torch.optim.SGD([head.w], lr=0.1), max_norm=1e9)
+    net = type("Net", (), {"decision_head": head, "lm_head": torch.nn.Linear(1, 1)})()  # what save/load_head use
     assert stats["replay_states"] == 3 and torch.allclose(head.w.detach(), want, atol=1e-4)
     decision.save_head(net, tmp_path)
     fresh = type("Net", (), {"lm_head": net.lm_head})()
