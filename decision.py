@@ -152,6 +152,13 @@ def greedy_guides(model, prompts: list[list[int]], guides: list, marker: int) ->
     return [g if s is None else ForcedArm(g, s[1], s[2] if next(logit) > 0 else s[3]) for g, s in zip(guides, slots)]
 
 
+def force_arm(prompt: list[int], guide, marker: int, new: bool):
+    """The guide with its first decision made: "new" (new=True) or a memory; unchanged where no memory is shown.
+    (evaluate.py --manager-arm: the oracle's arm instead of the head's, a decision head's ceiling.)"""
+    s = slot(prompt, guide, marker)
+    return guide if s is None else ForcedArm(guide, s[1], s[2] if new else s[3])
+
+
 def states_at_slots(model, examples, marker: int) -> list:
     """Per example (anything with .prompt and .guide): (L, h) at its first decision slot, or None (no memory shown)."""
     return _states(model, [ex.prompt for ex in examples], [ex.guide for ex in examples], marker)[1]

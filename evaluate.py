@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from agents import DATASETS, conversation_banks, conversation_facts, manager_for
 from data.locomo import DataError
 from decision import load_head
 from grammar import guide_for
-from manager import run_managers
+from manager import oracle_arm, run_managers
 from memory import MemoryBank, make_embedder, speaker_memories
 from metrics import (JudgeError, add_judge_flags, bleu1, evidence_recall, exact_match, f1, locomo_f1,
                      make_judge, standard_error)
@@ -52,7 +53,7 @@ BASELINES = {
 }
 # Settings a resumed run must share with the run that wrote the folder (--limit and the judge may change).
 RUN_KEYS = ("data", "data_file", "model", "manager", "facts", "split", "k", "distill", "max_new_tokens", "embedder",
-            "manager_k", "dtype", "manager_max_new_tokens", "guided", "manager_format")
+            "manager_k", "dtype", "manager_max_new_tokens", "guided", "manager_format", "manager_arm")
 SCORES = ("f1", "bleu1", "locomo_f1", "em", "judge", "recall")
 
 
@@ -79,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--manager-max-new-tokens", type=int, default=256, help="the manager's response limit")
     a("--manager-format", choices=MANAGER_FORMATS, default=None, help="the manager's output format (prompts.py; "
       "default: the one its checkpoint was trained in, else mem0)")
+    a("--manager-arm", choices=("oracle", "keep-sets"), default=None, help="the gym, the ops format: each "
+      "call's first decision made by the oracle (\"new\" on a new fact, a memory otherwise; keep-sets: \"new\" "
+      "also when a set grows) instead of the manager's head, the frozen LM writing the rest: the ceiling of a "
+      "decision head with this manager LM (docs/manager.md)")
     a("--embedder", default="hash", help="retrieval embeddings: hash, minilm, model, or a sentence-transformers "
       "folder / hub id (memory.make_embedder)")
     a("--max-new-tokens", type=int, default=128, help="answer length limit (distillation lists memories first)")
@@ -108,6 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.manager_k = args.manager_k or trained_setting(args.manager, "manager_k", 5)
     args.facts = args.facts or ("turn" if args.data == "longmemeval" else "observation")
     args.distill = True if args.distill is None else args.distill
+    if args.manager_arm and (args.data != "gym" or args.manager_format != "ops" or args.manager in ("add-all", "oracle")):
+        ap.error("--manager-arm needs --data gym and a manager model in the ops format (its first decision is the arm)")
     if args.limit < 0 or args.k < 1 or args.batch < 1 or args.max_new_tokens < 1:
         ap.error("--limit must be >= 0, and --k, --batch, --max-new-tokens >= 1")
     return args
@@ -212,7 +219,8 @@ def build_banks(convs: list, args, folder: Path, answerer, tok, manager, embedde
     if manager is not None:
         facts = [conversation_facts(c, args.facts, answerer, tok, stats=stats, guided=args.guided) for c in convs]
         built = run_managers(convs, facts, manager, tok, embedder, args.manager_k, args.manager_max_new_tokens,
-                             stats, guided=args.guided, fmt=args.manager_format)
+                             stats, guided=args.guided, fmt=args.manager_format,
+                             arm=args.manager_arm and partial(oracle_arm, keep_sets=args.manager_arm == "keep-sets"))
     else:
         built = [conversation_banks(c, args.manager, None, args.facts, answerer, tok, embedder, stats=stats,
                                     guided=args.guided) for c in convs]

@@ -20,7 +20,7 @@ from collections import defaultdict
 
 from tqdm import tqdm
 
-from decision import greedy_guides
+from decision import force_arm, greedy_guides
 from grammar import guide_for
 from memory import FactRecord, HashEmbedder, MemoryBank, add_all_banks
 from prompts import decision_marker, manager_format_automaton, manager_messages, parse_manager_output
@@ -105,6 +105,17 @@ def oracle_decision(conv, dia_id: str) -> tuple[str, frozenset]:
     return decision([{"op": e["event"], "id": e["id"]} for e in conv.oracle[dia_id]["events"] if e["event"] != "NONE"])
 
 
+def oracle_arm(conv, dia_id: str, facts: list[FactRecord], keep_sets: bool = False) -> bool:
+    """Whether the gym's right first decision in the ops format is "new" for this call (a new fact, ADD), rather
+    than naming a shown memory (UPDATE, DELETE, NONE). keep_sets: "new" also when a set grows (the oracle's
+    UPDATE merges the fact into the set's memory; "new" stores the fact beside the set instead, which keeps every
+    member where the frozen LM's merge text would not: agents.oracle_kind's "UPDATE merge")."""
+    target = next((e for e in conv.oracle[dia_id]["events"] if e["event"] != "ADD"), None)
+    if target is None:
+        return True
+    return keep_sets and target["event"] == "UPDATE" and target.get("text") != facts[0].text
+
+
 def run_manager(conv, facts: list[FactRecord], model, tok, embedder=None, k: int = 5, max_new_tokens: int = 256,
                 stats: dict | None = None, progress: bool = True, guided: bool = False,
                 fmt: str = "mem0") -> dict[str, MemoryBank]:
@@ -119,11 +130,13 @@ def run_manager(conv, facts: list[FactRecord], model, tok, embedder=None, k: int
 
 def run_managers(convs: list, facts: list[list[FactRecord]], model, tok, embedder=None, k: int = 5,
                  max_new_tokens: int = 256, stats: dict | None = None, progress: bool = True, guided: bool = False,
-                 fmt: str = "mem0") -> list[dict[str, MemoryBank]]:
+                 fmt: str = "mem0", arm=None) -> list[dict[str, MemoryBank]]:
     """run_manager for several conversations at once: each conversation's calls are sequential (each edits the
-    bank the next one reads), but the conversations are independent, so their n-th calls share one batch."""
+    bank the next one reads), but the conversations are independent, so their n-th calls share one batch.
+    arm (the gym, the ops format): a function (conv, dia_id, facts) -> "new"?, e.g. oracle_arm, that makes each
+    call's first decision instead of the model's head (evaluate.py --manager-arm)."""
     stats = stats if stats is not None else {}
-    runs = [manager_calls(c, f, model, tok, embedder, k, stats, guided, fmt) for c, f in zip(convs, facts)]
+    runs = [manager_calls(c, f, model, tok, embedder, k, stats, guided, fmt, arm) for c, f in zip(convs, facts)]
     banks, asks = [None] * len(runs), {}
     for i, run in enumerate(runs):
         advance(run, i, None, asks, banks)
@@ -132,7 +145,7 @@ def run_managers(convs: list, facts: list[list[FactRecord]], model, tok, embedde
         while asks:
             order = list(asks)
             prompts, guides = [asks[i][0] for i in order], [asks[i][1] for i in order]
-            if getattr(model, "decision_head", None) is not None:  # its first decision is the head's (decision.py)
+            if arm is None and getattr(model, "decision_head", None) is not None:  # the head's decision (decision.py)
                 guides = greedy_guides(model, prompts, guides, decision_marker(tok))
             outs = generate(model, prompts, max_new_tokens, temperature=0, guide=guides)
             for i, out in zip(order, outs):
@@ -150,7 +163,8 @@ def advance(run, i: int, output, asks: dict, banks: list) -> None:
         banks[i] = done.value
 
 
-def manager_calls(conv, facts: list[FactRecord], model, tok, embedder, k: int, stats: dict, guided: bool, fmt: str):
+def manager_calls(conv, facts: list[FactRecord], model, tok, embedder, k: int, stats: dict, guided: bool, fmt: str,
+                  arm=None):
     """One conversation's manager run as a generator: it yields (prompt, guide) for each call, receives the
     manager's output text, applies it, and finally returns the banks (run_managers batches the calls)."""
     banks = add_all_banks(conv, [], embedder or HashEmbedder())  # one empty bank per speaker
@@ -170,6 +184,8 @@ def manager_calls(conv, facts: list[FactRecord], model, tok, embedder, k: int, s
                 continue
             prompt = tok.chat(manager_messages(shown, [f.text for f in mine], fmt))
             shape = guide_for(manager_format_automaton(fmt, shown, len(mine)), model, tok, guided)
+            if arm is not None:  # the first decision made for the model (the gym's fact turns all have an oracle)
+                shape = force_arm(prompt, shape, decision_marker(tok), arm(conv, turn.dia_id, mine))
             output = yield prompt, shape
             banks[speaker], counts = apply_output(bank, output, id_map, mine, fmt)
             for key, v in counts.items():

@@ -165,12 +165,16 @@ class MemoryBank:
         self.log.append({"op": "ADD", "id": mid, "text": text})
         return mid
 
-    def update(self, mid: str, text: str, dia_ids=()) -> None:
+    def update(self, mid: str, text: str, timestamp=None, dia_ids=()) -> None:
+        """The memory keeps its id and takes the new text, and the update's timestamp when one is given: the
+        answer prompt dates each memory by it, and a changed value dates from the change (Mem0's _update_memory
+        stores the update call's metadata, which carries the message's timestamp in its LoCoMo evaluation)."""
         mem = self._get(mid)
         text = self._check_text(text)
         self._vecs[self._row_of[mid]] = self.embedder([text])[0]
         self.log.append({"op": "UPDATE", "id": mid, "old": mem.text, "text": text})
         mem.text = text
+        mem.timestamp = timestamp or mem.timestamp
         mem.dia_ids = list(dict.fromkeys(mem.dia_ids + list(dia_ids)))
 
     def delete(self, mid: str) -> None:
@@ -213,7 +217,7 @@ class MemoryBank:
                 if op == "ADD":
                     self.add(text, **meta)
                 elif op == "UPDATE":
-                    self.update(mid, text, dia_ids=meta.get("dia_ids", ()))
+                    self.update(mid, text, meta.get("timestamp"), meta.get("dia_ids", ()))
                 elif op == "DELETE":
                     self.delete(mid)
                 elif op != "NONE":

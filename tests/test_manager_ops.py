@@ -232,6 +232,35 @@ def test_managers_batched_over_conversations_build_the_same_banks(tiny_checkpoin
     assert sum(len(b) for banks in together for b in banks.values()) > len(convs) * 2  # it did write memories
 
 
+def test_oracle_arm_is_new_on_new_facts_and_with_keep_sets_on_growing_sets():
+    """manager.oracle_arm against agents.oracle_kind (the kinds the reward bench and --balance-kinds use)."""
+    for conv in gym.load_conversations(splits=("val",))[:2]:
+        for dia_id, mine in manager.facts_by_turn(agents.conversation_facts(conv, "observation")).items():
+            kind = agents.oracle_kind(SimpleNamespace(meta={"conv": conv, "dia_id": dia_id, "facts": mine}))
+            assert manager.oracle_arm(conv, dia_id, mine) == (kind == "ADD")
+            assert manager.oracle_arm(conv, dia_id, mine, keep_sets=True) == (kind in ("ADD", "UPDATE merge"))
+
+
+def test_manager_arm_makes_each_first_decision_the_oracles(smollm2):
+    """evaluate.py --manager-arm keep-sets: with the first decision forced by manager.oracle_arm, the base SmolLM2
+    (which on its own names a memory for most new facts) ADDs on every new fact and every growing set, and on no
+    other turn. The run is cut to the first two later turns of a val conversation (a change, a set growing) and
+    the introductions they are about, to keep it short."""
+    net, tok = smollm2
+    conv = gym.load_conversations(splits=("val",))[0]
+    turns = manager.facts_by_turn(agents.conversation_facts(conv, "observation"))
+    later = [d for d in turns if conv.oracle[d]["events"][0]["event"] != "ADD"][:2]
+    about = {e.get("old_memory") for d in later for e in conv.oracle[d]["events"]} | {turns[d][0].text for d in later}
+    facts = [f for d, fs in turns.items() if d in later or fs[0].text in about for f in fs]
+    stats = {}
+    manager.run_managers([conv], [facts], net, tok, k=1, max_new_tokens=64, guided=True, fmt="ops", stats=stats,
+                         progress=False, arm=lambda c, d, f: manager.oracle_arm(c, d, f, keep_sets=True))
+    merges = sum(e["event"] == "UPDATE" and e["text"] != turns[d][0].text for d in later for e in conv.oracle[d]["events"])
+    table = stats["decisions"]
+    assert merges and set(table["ADD"]) == {"ADD"} and table["UPDATE"].get("ADD", 0) == merges
+    assert sum(table["UPDATE"].values()) > merges  # a change too, and it was not ADDed
+
+
 def test_balanced_states_hold_as_many_new_facts_as_changed_values(smollm2):
     """--balance-kinds: only ADD states and UPDATE-change states whose memory to change is shown, as many of
     each; the kinds agree with the oracle's events read here by hand (a change: the fact is the memory's new

@@ -20,19 +20,23 @@ def test_hash_embedder_is_deterministic_unit_and_semantic():
 
 def test_add_update_delete_and_search_order():
     bank = MemoryBank()
-    ids = [bank.add(t, speaker="Melanie") for t in
+    ids = [bank.add(t, speaker="Melanie", timestamp="8 May 2023") for t in
            ["Melanie adopted a dog named Buddy", "Melanie likes pottery", "Melanie ran a charity race"]]
     assert len(bank) == 3
     top = bank.search("Which dog did Melanie adopt?", k=2)
     assert [m["id"] for m in top][0] == ids[0] and len(top) == 2
     assert top[0]["score"] >= top[1]["score"]
-    bank.update(ids[0], "Melanie adopted two dogs, Buddy and Scout")
+    bank.apply([{"id": "0", "event": "UPDATE", "text": "Melanie adopted two dogs, Buddy and Scout"}], {"0": ids[0]},
+               speaker="Melanie", timestamp="2 June 2023", dia_ids=["D2:1"])
     assert bank.memories[ids[0]].text == "Melanie adopted two dogs, Buddy and Scout"
+    assert bank.memories[ids[0]].timestamp == "2 June 2023"  # dated by the update, as Mem0 does
+    bank.update(ids[2], "Melanie ran two charity races")
+    assert bank.memories[ids[2]].timestamp == "8 May 2023"  # no date given: it keeps its own
     assert bank.search("Scout", k=1)[0]["id"] == ids[0]
     bank.delete(ids[1])
     assert len(bank) == 2 and ids[1] not in bank
     assert {m["id"] for m in bank.search("pottery", k=10)} == {ids[0], ids[2]}
-    assert [e["op"] for e in bank.log] == ["ADD", "ADD", "ADD", "UPDATE", "DELETE"]
+    assert [e["op"] for e in bank.log] == ["ADD", "ADD", "ADD", "UPDATE", "UPDATE", "DELETE"]
 
 
 def test_search_equals_brute_force_after_many_operations():
