@@ -53,6 +53,7 @@ from decision import load_head
 from grammar import decision_arms, guide_for
 from grpo import hold_along
 from manager import (OPS, apply_oracle, apply_output, decision, facts_by_turn, oracle_banks, oracle_decision,
+                     oracle_kind as manager_oracle_kind,
                      related_memories, run_manager, run_managers)
 from memory import FACT_SOURCES, FactRecord, add_all_banks, make_embedder, speaker_memories
 from metrics import exact_match, f1
@@ -285,16 +286,10 @@ ORACLE_KINDS = ("ADD", "UPDATE change", "UPDATE merge", "DELETE", "NONE")
 
 
 def oracle_kind(example) -> str:
-    """A gym state's right decision, one of ORACLE_KINDS: ADD (a new fact), UPDATE change (the fact replaces
-    a memory's value), UPDATE merge (a set grows: the memory becomes a merged text), DELETE (a retraction),
-    NONE (a restatement). Operation labels may choose training states (--balance-kinds), never the reward."""
+    """A gym state's right decision, one of ORACLE_KINDS (manager.oracle_kind). Operation labels may choose
+    training states (--balance-kinds), never the reward."""
     meta = example.meta
-    target = next((e for e in meta["conv"].oracle[meta["dia_id"]]["events"] if e["event"] != "ADD"), None)
-    if target is None:
-        return "ADD"
-    if target["event"] == "UPDATE":
-        return "UPDATE change" if target.get("text") == meta["facts"][0].text else "UPDATE merge"
-    return target["event"]
+    return manager_oracle_kind(meta["conv"], meta["dia_id"], meta["facts"])
 
 
 def balanced_states(examples: list, seed: int = 0) -> list:

@@ -105,15 +105,24 @@ def oracle_decision(conv, dia_id: str) -> tuple[str, frozenset]:
     return decision([{"op": e["event"], "id": e["id"]} for e in conv.oracle[dia_id]["events"] if e["event"] != "NONE"])
 
 
+def oracle_kind(conv, dia_id: str, facts: list[FactRecord]) -> str:
+    """A gym fact turn's right decision: ADD (a new fact), UPDATE change (the fact replaces a memory's value),
+    UPDATE merge (a set grows: the memory becomes a merged text), DELETE (a retraction), NONE (a restatement)."""
+    target = next((e for e in conv.oracle[dia_id]["events"] if e["event"] != "ADD"), None)
+    if target is None:
+        return "ADD"
+    if target["event"] == "UPDATE":
+        return "UPDATE change" if target.get("text") == facts[0].text else "UPDATE merge"
+    return target["event"]
+
+
 def oracle_arm(conv, dia_id: str, facts: list[FactRecord], keep_sets: bool = False) -> bool:
     """Whether the gym's right first decision in the ops format is "new" for this call (a new fact, ADD), rather
     than naming a shown memory (UPDATE, DELETE, NONE). keep_sets: "new" also when a set grows (the oracle's
     UPDATE merges the fact into the set's memory; "new" stores the fact beside the set instead, which keeps every
-    member where the frozen LM's merge text would not: agents.oracle_kind's "UPDATE merge")."""
-    target = next((e for e in conv.oracle[dia_id]["events"] if e["event"] != "ADD"), None)
-    if target is None:
-        return True
-    return keep_sets and target["event"] == "UPDATE" and target.get("text") != facts[0].text
+    member where the frozen LM's merge text would not)."""
+    kind = oracle_kind(conv, dia_id, facts)
+    return kind == "ADD" or (keep_sets and kind == "UPDATE merge")
 
 
 def run_manager(conv, facts: list[FactRecord], model, tok, embedder=None, k: int = 5, max_new_tokens: int = 256,
