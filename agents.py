@@ -1,4 +1,4 @@
-"""The two agents of Memory-R1 as environments: their prompts, their rewards, and running them (SPEC section 1).
+"""The two agents of Memory-R1 as environments: their prompts, their rewards, and running them (paper Alg. 1 and 2; docs/method.md section 1).
 
     facts = conversation_facts(conv, "observation")             # what the agents remember, turn by turn
     banks = conversation_banks(conv, "add-all", None, ...)      # or "oracle", or a manager run (manager.py)
@@ -11,7 +11,7 @@ completions (one dict per completion, "reward" first). evaluate.py runs the same
 1. Facts. From a data.locomo.Conversation: the dataset's observations, each turn's raw text, or the
    fact-extraction prompt run by a model.
 2. The Answer Agent. Per question, the top k memories of each speaker's bank go into the answer prompt
-   (with memory distillation, SPEC section 1); reward = exact match (flag: F1) of the text after **Answer:**.
+   (with memory distillation, docs/method.md section 1.2); reward = exact match (flag: F1) of the text after **Answer:**.
    The banks come from add-all, the gym's oracle, or a manager model run over the facts (manager.py).
 3. The Memory Manager as an RL environment (choices the paper leaves open, each a train.py flag):
    - examples: every turn of the conversation that is evidence for at least one question, with those
@@ -29,7 +29,7 @@ completions (one dict per completion, "reward" first). evaluate.py runs the same
    oracle's (op_acc, and per kind: a measure no LoCoMo run can give). The cpu preset's reward is the
    answerer's probability of the gold answers (--reward prob), its output format "ops" (prompts.py);
    what each choice does to the ranking of operations is in docs/manager.md.
-Read next: grpo.py and ppo.py (the losses), then train.py (the loop).
+Read next: grpo.py and ppo.py (the losses), then memory.py.
 """
 
 from __future__ import annotations
@@ -50,8 +50,7 @@ import data.locomo as locomo  # module attribute access: tests cut the conversat
 import data.longmemeval as longmemeval
 from data.locomo import Question
 from decision import load_head
-from grammar import decision_arms, guide_for
-from grpo import hold_along
+from grammar import guide_for
 from manager import (OPS, apply_oracle, apply_output, decision, facts_by_turn, oracle_banks, oracle_decision,
                      oracle_kind as manager_oracle_kind,
                      related_memories, run_manager, run_managers)
@@ -132,7 +131,7 @@ class Task:
 
 
 def score_answer(text: str, gold: str, reward: str = "em", require_marker: bool = True) -> dict:
-    """Outcome reward of one Answer Agent output (SPEC section 1): EM (or F1) of the text after **Answer:**."""
+    """Outcome reward of one Answer Agent output (docs/method.md section 1.4): EM (or F1) of the text after **Answer:**."""
     parsed = parse_answer(text)
     scorable = parsed.ok or (not require_marker and bool(parsed.value))
     em = exact_match(parsed.value, gold) if scorable else 0.0
@@ -307,45 +306,12 @@ def balanced_states(examples: list, seed: int = 0) -> list:
     return rng.sample(add, n) + rng.sample(change, n)
 
 
-MAX_MOVE = 1.0  # --mean-target: the most the mean log-odds of "new" is asked to move in one step
-
-
-def hold_decision_prior(model, opt, items: list[tuple], args) -> dict:
-    """--hold-mean, between the step's backward and its clipping: the SGD step (opt, lr args.lr) may not move
-    the mean over the step's states of the log-odds of "new" at the first decision slot (temperature 1; the
-    shared prior that every GRPO run on the manager moved first, docs/manager.md), or moves it a share
-    args.mean_rate of the way to args.mean_target (at most MAX_MOVE), to first order (grpo.hold_along on .grad).
-    items: (prompt ids, one output's ids, its format's guide) per state; states with no memory shown (only
-    "new" allowed) are left out. Returns the cosine removed (g . m / |g||m|) and the mean log-odds before."""
-    rows, arms = [], []
-    for prompt, output, guide in items:
-        _, position, new, memory = decision_arms(guide, args.decision_marker)
-        if memory.any():  # the way to the slot is forced, so any output's first `position` tokens lead there
-            rows.append(prompt + output[:position])
-            arms.append((new, memory))
-    if not rows:
-        return {}
-    n, dev = max(map(len, rows)), model.lm_head.weight.device
-    x, real = torch.zeros(len(rows), n, dtype=torch.long), torch.zeros(len(rows), n, dtype=torch.long)
-    for i, r in enumerate(rows):  # left-padded: every row's last position is its decision slot
-        x[i, n - len(r):], real[i, n - len(r):] = torch.tensor(r), 1
-    z = model(x.to(dev), attention_mask=real.to(dev), last_only=True)[:, -1].float()  # [B, V]
-    odds = torch.stack([torch.logsumexp(z[i, new.to(dev)], 0) - torch.logsumexp(z[i, memory.to(dev)], 0)
-                        for i, (new, memory) in enumerate(arms)]).mean()
-    params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
-    direction = torch.autograd.grad(odds, params, allow_unused=True)
-    move = 0.0 if args.mean_target is None else args.mean_rate * (args.mean_target - odds.item())
-    move = max(-MAX_MOVE, min(MAX_MOVE, move))  # a bigger move is past the first order (runs/mgr-m1: 8.4 -> +17)
-    return {"held_cos": hold_along(params, direction, move, args.lr), "log_odds_new": odds.item()}
-
-
-MANAGER_QUESTIONS = ("probe", "shown")
 MAIN_ANSWERER = Path("runs/grpo-answer/checkpoint")  # where the main command (train.py --algo grpo) leaves it
 
 
 def frozen_answerer(args) -> str:
     """The Answer Agent that scores the manager: --answerer, else the main command's trained one where it is,
-    else --model. The base SmolLM2 answers almost nothing right, whatever the bank (SPEC section 9): the
+    else --model. The base SmolLM2 answers almost nothing right, whatever the bank (docs/method.md section 9): the
     manager's recipe trains the answerer first (paper: the agents co-adapt)."""
     if args.answerer:
         return args.answerer
@@ -371,21 +337,13 @@ def manager_task(args, tok, base_model):
     answer_guide = guide_for(answer_automaton(args.distill), answerer, tok, args.guided)
 
     def examples(split):
-        if split == "train" and args.data == "gym" and args.gym_train_attributes:  # a curriculum: another level
-            level = gym.Level(attributes=tuple(args.gym_train_attributes.split(",")))
-            out = []
-            for conv in map(locomo.parse_conversation, gym.generate_split("train", level)):
-                out += manager_examples(conv, [], conversation_facts(conv, args.facts), tok, embedder, args.window,
-                                        args.manager_k, vocab_size, args.manager_format, args.manager_questions)
-            return out
         qs = dataset.load_split(split)
         out = []
         for conv_id in dict.fromkeys(q.conv_id for q in qs):
             conv = convs[conv_id]
             facts = conversation_facts(conv, args.facts, base_model, tok, guided=args.guided)
             out += manager_examples(conv, [q for q in qs if q.conv_id == conv_id], facts, tok, embedder,
-                                    args.window, args.manager_k, vocab_size, args.manager_format,
-                                    args.manager_questions)
+                                    args.window, args.manager_k, vocab_size, args.manager_format, "shown")
         return out
 
     def score_many(pairs):

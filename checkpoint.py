@@ -14,7 +14,7 @@ Every folder is built aside and swapped in with two renames (swap_folder), so a 
 checkpoint or the new one, never half of one. Tensors go to safetensors, everything else to JSON: nothing
 is ever pickled. Under torchrun, sharded weights and optimizer state are gathered first (parallel.py) and
 rank 0 writes, so a checkpoint is the same files whatever the number of ranks.
-Read next: train.py.
+Read next: evaluate.py.
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import decision
+import engine
 import lora
 import model as M
 from parallel import full_state, load_optimizer_state, optimizer_state, this_rank
+from ppo import Critic
 from tokenizer import Tokenizer
 
 # --------------------------------------------------------------------------------------------------
@@ -104,22 +106,53 @@ def swap_folder(tmp, folder) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# The models a run trains from: policy, frozen reference, PPO critic
+# --------------------------------------------------------------------------------------------------
+
+
+def load_models(args, base, ckpt: Path | None):
+    """(policy, ref, critic) from the starting model `base` and a checkpoint to resume. The reference is the
+    starting model (also on resume); with LoRA it is the policy itself with its adapters disabled, so no
+    second copy is held. ref and critic are None when not needed."""
+    dtype, dev = base.lm_head.weight.dtype, base.lm_head.weight.device
+    ref = None
+    if args.lora_rank:
+        policy = (lora.load_adapter(base, ckpt) if ckpt else
+                  lora.add_lora(base, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets))
+        ref = policy if args.beta > 0 else None
+    else:
+        policy = M.load_model(str(ckpt), dtype, dev)[0] if ckpt else base
+        if args.beta > 0:
+            ref = base if ckpt else M.load_model(args.model, dtype, dev)[0]
+            ref.requires_grad_(False)
+            engine.unpack(ref)  # it scores, never decodes: its decoding copy would cost 538 MB for SmolLM2
+    critic = None
+    if args.algo == "ppo":
+        backbone = M.load_model(args.model, dtype, dev)[0]
+        if args.lora_rank:
+            lora.add_lora(backbone, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets, seed=1)
+        critic = Critic(backbone)
+        if ckpt:
+            load_trainable_state(critic, ckpt / "critic.safetensors")
+    if args.compile:
+        for m in (policy, critic.backbone if critic is not None else None):
+            if m is not None:
+                M.compile_blocks(m, dynamic=True)
+        M.compile_decode(policy)
+    return policy, ref, critic
+
+
+# --------------------------------------------------------------------------------------------------
 # Training state: OUT/checkpoint = the policy + optimizer state + step, swapped in atomically
 # --------------------------------------------------------------------------------------------------
 
 
-def make_optimizer(module: torch.nn.Module, lr: float, kind: str = "adamw", head_lr_scale: float = 1.0,
+def make_optimizer(module: torch.nn.Module, lr: float, kind: str = "adamw",
                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """AdamW on the trainable parameters, or plain gradient descent (--optimizer sgd). The output layer (tied to
-    the input embedding in SmolLM2) steps at lr x head_lr_scale, and 0 freezes it (docs/manager.md: why)."""
-    head = {id(m.weight) for name, m in module.named_modules() if name.rsplit(".", 1)[-1] == "lm_head"}
-    for p in module.parameters():
-        p.requires_grad_(p.requires_grad and not (id(p) in head and head_lr_scale == 0))
+    """AdamW on the trainable parameters, or plain gradient descent (kind "sgd": the decision head's recipe)."""
     params = [p for p in module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if id(p) not in head]},
-              {"params": [p for p in params if id(p) in head], "lr": lr * head_lr_scale}]
     optimizer = torch.optim.SGD if kind == "sgd" else torch.optim.AdamW
-    return optimizer([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
+    return optimizer(params, lr=lr, weight_decay=weight_decay)
 
 
 def save_optimizer(sd: dict, path: Path) -> None:

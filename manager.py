@@ -1,5 +1,6 @@
 """The Memory Manager run over a conversation: each turn's facts and the memories they relate to go into the
-update-memory prompt, and the events the manager answers edit the speaker's bank (SPEC section 1, Alg. 1).
+update-memory prompt, and the events the manager answers edit the speaker's bank (paper Alg. 1;
+docs/method.md section 1).
 
     banks = run_manager(conv, facts, model, tok, embedder)       # one MemoryBank per speaker
     banks = run_managers(convs, facts, model, tok, embedder)     # many conversations, their calls batched
@@ -11,7 +12,7 @@ Malformed output is applied as far as it is valid and counted, never a crash.
 On the gym (data/gym.py) the right operations are known: oracle_banks applies them, and `decision` names
 what a list of applied operations did (ADD, UPDATE, DELETE, NONE), so a manager's choice can be compared
 with the oracle's.
-Used by agents.py (the RL environment and the Answer Agent's banks) and evaluate.py. Read next: metrics.py.
+Used by agents.py (the RL environment and the Answer Agent's banks) and evaluate.py. Read next: decision.py (the manager's small-model recipe).
 """
 
 from __future__ import annotations

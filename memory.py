@@ -312,7 +312,7 @@ def make_embedder(kind: str, model=None, tokenizer=None):
 
 
 def speaker_memories(conv, banks: dict[str, MemoryBank], question: str, k: int) -> tuple[list[dict], list[dict]]:
-    """The Answer Agent's retrieval (SPEC section 1): the top k memories of each speaker's bank, A then B."""
+    """The Answer Agent's retrieval (docs/method.md section 1): the top k memories of each speaker's bank, A then B."""
     return banks[conv.speaker_a].search(question, k), banks[conv.speaker_b].search(question, k)
 
 

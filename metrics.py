@@ -1,6 +1,6 @@
-"""The paper's metrics (SPEC section 3): the RL reward, the scores of its tables, and the LLM judge.
+"""The paper's metrics (docs/method.md section 3): the RL reward, the scores of its tables, and the LLM judge.
 
-    exact_match(pred, gold)          SQuAD normalisation, the RL reward (SPEC section 1)
+    exact_match(pred, gold)          SQuAD normalisation, the RL reward (docs/method.md section 1)
     f1(pred, gold)                   Mem0's token-set F1, the F1 of the paper's tables
     bleu1(pred, gold)                NLTK sentence_bleu, weights (1,0,0,0), smoothing method1, Treebank tokens
     locomo_f1(pred, gold, category)  the official LoCoMo F1 (stemmed, per category), always labelled as such
@@ -8,7 +8,7 @@
     evidence_recall(...)             how many of a question's evidence turns reached the retrieved memories
 
 Rewards (agents.py) and the evaluation command (evaluate.py) both score with these.
-Read next: agents.py.
+Read next: checkpoint.py, evaluate.py, then model.py.
 """
 
 from __future__ import annotations
@@ -27,9 +27,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from nltk.stem import PorterStemmer  # the stemmer LoCoMo's own F1 uses (README, "Dependencies")
 
+from grpo import zero_std_group_fraction
 from model import load_model
+from parallel import all_sum, gather_lists
 from sampling import generate
 
 # --------------------------------------------------------------------------------------------------
@@ -54,7 +57,7 @@ def mem0_tokens(text) -> set[str]:
 
 
 def f1(pred, gold) -> float:
-    """Mem0's token-set F1 (SPEC section 3): overlap of token sets; empty prediction or gold -> 0."""
+    """Mem0's token-set F1 (docs/method.md section 3): overlap of token sets; empty prediction or gold -> 0."""
     if not str(pred).strip() or not str(gold).strip():
         return 0.0
     p, g = mem0_tokens(pred), mem0_tokens(gold)
@@ -322,6 +325,29 @@ def standard_error(values: list[float]) -> float:
         return 0.0
     mean = sum(values) / n
     return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
+
+
+def rollout_stats(groups: list, args, stop_ids) -> dict:
+    """Means over a training step's groups (train.Group; every rank's): the scores, the reward's spread, lengths, and
+    for PPO the rollout's KL to the reference (k1: what the reward is penalised by)."""
+    stops = set(stop_ids)
+    mine = {"scores": [s for g in groups for s in g.scores],
+            "group_rewards": [sum(s["reward"] for s in g.scores) / len(g.scores) for g in groups],
+            "lengths": [len(c) for g in groups for c in g.completions],
+            "truncated": [len(c) == args.max_new_tokens and c[-1] not in stops for g in groups for c in g.completions]}
+    every = gather_lists(mine)
+    rewards = torch.tensor([s["reward"] for s in every["scores"]])
+    stats = mean_scores(every["scores"])  # reward first, then em, f1, parse_fail, ...
+    stats.update({"reward_se": standard_error(every["group_rewards"]),  # over prompts: groups are independent
+                  "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+                  "zero_std_groups": zero_std_group_fraction(rewards, args.group_size) if args.group_size > 1 else 1.0,
+                  "response_len": sum(every["lengths"]) / len(every["lengths"]),
+                  "truncated": sum(every["truncated"]) / len(every["truncated"])})
+    if args.algo == "ppo" and groups[0].ref_logp is not None:  # k1 at rollout time: what the reward is penalised by
+        kl, n = all_sum([torch.cat([(g.old_logp - g.ref_logp)[g.mask] for g in groups]).sum().item(),
+                         sum(g.mask.sum().item() for g in groups)])
+        stats["kl"] = kl / n
+    return stats
 
 
 def peak_rss_gb() -> float:

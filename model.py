@@ -1,7 +1,7 @@
 """LLaMA-3.x / Qwen-2.5 / Qwen-3 decoder in plain PyTorch: config, transformer, KV cache, loading.
 
 Read top to bottom:
-  1. Config          - read from a checkpoint's config.json (SPEC section 6; never hard-coded)
+  1. Config          - read from a checkpoint's config.json (docs/method.md section 6; never hard-coded)
   2. RoPE, RMSNorm   - computed in float32, rotate-half layout as in Hugging Face checkpoints
   3. Transformer     - model(input_ids [B, T]) -> logits [B, T, V]; left padding; a preallocated KV cache;
                        decode_step, one token per row with static shapes (compile_decode compiles it)
@@ -117,7 +117,8 @@ class Config:
 
 
 def rope_inv_freq(cfg: Config) -> torch.Tensor:
-    """Inverse frequencies f_i = theta^(-2i/d), with Llama-3.1's frequency-dependent scaling (SPEC section 6)."""
+    """Inverse frequencies f_i = theta^(-2i/d), with Llama-3.1's frequency-dependent scaling
+    (docs/method.md section 6)."""
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
     if cfg.rope_scaling is None:
         return inv_freq

@@ -1,5 +1,5 @@
 """PPO's pieces beyond the clipped surrogate (which grpo.py holds): the critic, the per-token reward with
-its KL penalty, GAE, and the clipped value loss (SPEC section 5; names as in verl's core_algos).
+its KL penalty, GAE, and the clipped value loss (docs/method.md section 5; names as in verl's core_algos).
 
 Shapes: B sequences, T response tokens, right-padded; `mask` [B, T] is 1 on generated tokens.
 
@@ -8,7 +8,7 @@ Shapes: B sequences, T response tokens, right-padded; `mask` [B, T] is 1 on gene
     actor: grpo.compute_policy_loss(logp, old_logp, adv, mask) -> grpo.agg_loss
     critic: compute_value_loss(new_values, values, ret, mask)
 
-Read next: parallel.py (several processes; skip it for one), checkpoint.py, then train.py.
+Read next: memory.py (the bank the agents read and write).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from losspass import completion_hidden
+from parallel import concat_over_ranks
 
 
 class Critic(nn.Module):
@@ -61,8 +62,8 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
 
 def compute_token_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor | None,
                           mask: torch.Tensor, beta: float) -> torch.Tensor:
-    """Per-token rewards, SPEC 5: -beta * (logp - ref_logp) on every response token, plus the task score
-    on the last response token. scores [B]; the rest [B, T]; returns [B, T] (0 on padding)."""
+    """Per-token rewards, docs/method.md section 5: -beta * (logp - ref_logp) on every response token, plus
+    the task score on the last response token. scores [B]; the rest [B, T]; returns [B, T] (0 on padding)."""
     m = mask.float()
     rewards = torch.zeros_like(m)
     if beta > 0:
@@ -84,7 +85,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tor
 def compute_gae_advantage_return(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                                  gamma: float = 1.0, lam: float = 1.0,
                                  whiten: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation, SPEC 5, from t = T-1 down to 0:
+    """Generalised advantage estimation, docs/method.md section 5, from t = T-1 down to 0:
 
         delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = delta_t + gamma * lam * A_{t+1},   R_t = A_t + V_t
 
@@ -109,7 +110,7 @@ def compute_gae_advantage_return(token_rewards: torch.Tensor, values: torch.Tens
 
 def compute_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                        mask: torch.Tensor, clip: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped value loss, SPEC 5: 0.5 * token-mean(max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2)).
+    """Clipped value loss, docs/method.md section 5: 0.5 * token-mean(max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2)).
 
     Returns (loss, clip fraction: the share of tokens where the clipped error is the larger one).
     """
@@ -119,3 +120,22 @@ def compute_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     n = m.sum().clamp(min=1)
     loss = 0.5 * (torch.maximum(err, err_clipped) * m).sum() / n
     return loss, ((err_clipped > err).float() * m).sum().detach() / n
+
+
+def step_advantages(groups: list, rewards: torch.Tensor, group_size: int, beta: float, gamma: float = 1.0,
+                    lam: float = 1.0) -> None:
+    """A training step's PPO signal, on train.py's groups (each with mask, old_logp, ref_logp, old_values [G, T]):
+    the reward at each completion's last token minus beta * KL at every token, GAE over the critic's values (sets
+    .returns), then the advantages whitened over the whole step's tokens, every rank's, as verl does (.advantages)."""
+    G = group_size
+    for k, g in enumerate(groups):
+        token_rewards = compute_token_rewards(rewards[k * G:(k + 1) * G].to(g.mask.device), g.old_logp, g.ref_logp,
+                                              g.mask, beta)
+        g.advantages, g.returns = compute_gae_advantage_return(token_rewards, g.old_values, g.mask,
+                                                               gamma, lam, whiten=False)
+    every, start = concat_over_ranks(torch.cat([g.advantages[g.mask] for g in groups]))  # every response token
+    flat = masked_whiten(every, torch.ones(len(every)))
+    for g in groups:
+        n = int(g.mask.sum())
+        g.advantages = torch.zeros_like(g.advantages).masked_scatter(g.mask, flat[start:start + n].to(g.mask.device))
+        start += n

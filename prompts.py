@@ -1,4 +1,4 @@
-"""The three prompts of Memory-R1 (SPEC section 1) and parsers for their outputs that never raise.
+"""The three prompts of Memory-R1 (docs/method.md section 1) and parsers for their outputs that never raise.
 
     facts_messages(turn_text, date)             -> chat messages; the model answers {"facts": [...]}
     manager_messages(memories, facts, fmt)      -> chat messages; the model answers {"memory": [events]}
@@ -15,7 +15,7 @@ paper reuses them); the answer prompt adds Memory-R1's two rules: list the usefu
 (memory distillation), then the final answer after `**Answer:**`. Model output is often malformed
 (code fences, prose around the JSON, cut off at the token limit, wrong types): the parsers recover
 what they can and say so in `ok` / `error`, so callers count failures instead of crashing.
-Read next: memory.py.
+Read next: metrics.py.
 """
 
 from __future__ import annotations
@@ -60,11 +60,11 @@ Answer with JSON only, in this shape:
 List every existing memory with its id and event (NONE if unchanged), and new memories with new ids.
 For UPDATE, put the previous text in "old_memory". Write nothing outside the JSON."""
 
-# The "ops" format (the cpu preset's manager; SPEC section 9): decisions first, texts by reference. For each
+# The "ops" format (the cpu preset's manager; docs/method.md section 9): decisions first, texts by reference. For each
 # new fact, in order, the manager names the memory the fact is about ("new" for none), then what to do with
 # it. Only a merge writes text; ADD stores the fact's own text and UPDATE replaces the memory with it. A
 # 135M model's free-written memories are rarely usable, and its prior names the right memory on most
-# changes (SPEC 9), so every choice it makes is a handful of tokens that outcome reward can rank.
+# changes (docs/method.md section 9), so every choice it makes is a handful of tokens that outcome reward can rank.
 MANAGER_OPS_SYSTEM = """You are the manager of a memory. For each new fact, in order, first copy the existing
 memory it is about, or write "new" when no memory is about the same thing, then say what to do:
 
@@ -240,11 +240,10 @@ def manager_ops_automaton(shown: tuple[str, ...], n_facts: int) -> Automaton:
 
 
 def decision_marker(tok) -> int:
-    """The token that says "new" at the ops format's "about" slot (grammar.DecisionTemperature finds the slot
-    by it)."""
+    """The token that says "new" at the ops format's "about" slot (decision.py finds the slot by it)."""
     ids = tok.encode("new")
     if len(ids) != 1:
-        raise ValueError(f'this tokenizer splits "new" into {len(ids)} tokens; --decision-temperature needs one')
+        raise ValueError(f'this tokenizer splits "new" into {len(ids)} tokens; the decision head needs one')
     return ids[0]
 
 
@@ -255,7 +254,7 @@ def manager_format_automaton(fmt: str, shown: list[dict], n_facts: int) -> Autom
     return manager_automaton(len(shown) + n_facts)
 
 
-# Distillation keeps "the few memories that matter" (SPEC section 1); after this many lines the format allows
+# Distillation keeps "the few memories that matter" (docs/method.md section 1); after this many lines the format allows
 # only **Answer:**. Unbounded, a small model copies memory after memory and never answers: SmolLM2 greedy,
 # 5 + 5 memories, 64 new tokens (the cpu preset and docs/results.md's evaluation rows): 81 of 81 val answers cut
 # off before **Answer:**; at most 2 lines, 16 of the first 16; at most 1, none (each line copies a dated

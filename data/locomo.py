@@ -1,4 +1,4 @@
-"""LoCoMo: conversations, their dataset-written facts, and the Memory-R1 question split (SPEC section 2).
+"""LoCoMo: conversations, their dataset-written facts, and the Memory-R1 question split (docs/method.md section 2).
 
     from data.locomo import load_conversations, load_split
     convs = load_conversations()            # 10 Conversation objects, sessions and turns in order
@@ -18,7 +18,7 @@ DATA_FILE = Path(__file__).resolve().parent / "locomo10.json"
 SHA256 = "79fa87e90f04081343b8c8debecb80a9a6842b76a7aa537dc9fdf651ea698ff4"
 MIRROR = ("KimmoZZZ/locomo", "locomo10.json")  # Hugging Face dataset repo and file (data/README.md)
 
-# Memory-R1's conversation-level split (SPEC section 2); test = every other conversation.
+# Memory-R1's conversation-level split (docs/method.md section 2); test = every other conversation.
 SPLIT_CONVERSATIONS = {"train": ("conv-26",), "val": ("conv-30",)}
 # The paper's table labels (the LoCoMo paper names 1 and 4 the other way round; always print the ids too).
 CATEGORY_LABELS = {1: "single-hop", 2: "temporal", 3: "multi-hop", 4: "open-domain", 5: "adversarial"}
@@ -99,7 +99,7 @@ def normalise_evidence(items) -> list[str]:
 
 
 def turn_text(raw: dict) -> str:
-    """The turn as a text model sees it: an image turn adds "[shares a photo of <caption>]" (SPEC section 2).
+    """The turn as a text model sees it: an image turn adds "[shares a photo of <caption>]" (docs/method.md section 2).
 
     BLIP captions mostly begin with "a photo of" already; that prefix is dropped so it is not said twice.
     """

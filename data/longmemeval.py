@@ -5,9 +5,9 @@
     qs = longmemeval.load_split("test")          # 500 Question records; category = the task type
 
 Memory-R1 trains on LoCoMo only and evaluates the same agents on LongMemEval's oracle file (only the
-evidence sessions of each question's history) with F1 / BLEU-1 / J per task type (SPEC, results). Each
-item of the published JSON (question_id, question_type, question, answer, question_date,
-haystack_session_ids, haystack_dates, haystack_sessions of {role, content, has_answer},
+evidence sessions of each question's history) with F1 / BLEU-1 / J per task type (the paper's results,
+docs/method.md section 4). Each item of the published JSON (question_id, question_type, question, answer,
+question_date, haystack_session_ids, haystack_dates, haystack_sessions of {role, content, has_answer},
 answer_session_ids) becomes one two-speaker Conversation, "user" and "assistant", its sessions in date
 order (the oracle file does not sort them), and one Question:
 

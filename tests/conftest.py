@@ -18,7 +18,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # taking both beside the other worker made them wait on each other (a 29 s smoke run took 126 s)
     os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>",
+CONTROL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>",
             "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
@@ -27,11 +27,11 @@ def save_byte_tokenizer(folder: Path) -> None:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {t: i for i, t in enumerate(SPECIALS + alphabet)}
+    vocab = {t: i for i, t in enumerate(CONTROL_TOKENS + alphabet)}
     tk = Tokenizer(models.BPE(vocab, []))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CONTROL_TOKENS])
     tk.save(str(folder / "tokenizer.json"))
 
 

@@ -1,7 +1,6 @@
 """agents.py: the Memory Manager's environment on a hand-written conversation, and training runs."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -104,8 +103,8 @@ def test_reward_is_the_frozen_answerers_score_on_the_edited_bank(conversation, s
     """A real model (SmolLM2) answers; the reward must equal scoring its answer from a bank built by hand."""
     conv, facts, questions = conversation
     answerer, tok = M.load_model(smollm2_path)
-    args = train.parse_args(["--agent", "manager", "--preset", "cpu", "--reward", "f1", "--answer-max-new-tokens",
-                             "24", "--memories-per-speaker", "3", "--manager-format", "mem0"])
+    args = train.parse_args(["--agent", "manager", "--preset", "cpu", "--reward", "f1", "--memories-per-speaker", "3"],
+                            settings=dict(answer_max_new_tokens=24, manager_format="mem0"))
     ex3 = agents.manager_examples(conv, questions, facts, tok, HashEmbedder())[1]
     merge = reply(event("0", "Melanie adopted two dogs, Buddy and Scout", "UPDATE"))
     rows = agents.manager_score(ex3, [merge, "no json here"], answerer, tok, args)
@@ -133,23 +132,24 @@ def test_manager_training_writes_metrics_and_checkpoint_and_resumes(algo, tiny_c
     every step still completes, counts the failures and checkpoints; a run killed after step 1 and resumed
     ends bit for bit where an unbroken run does."""
     ckpt = tiny_checkpoints["qwen2"][0]
-    common = ["--agent", "manager", "--data", "locomo", "--manager-format", "mem0", "--reward", "em", "--embedder", "hash",
-              "--algo", algo, "--model", ckpt, "--max-new-tokens", 12,
-              "--answer-max-new-tokens", 3, "--group-size", 2, "--questions-per-step", 1, "--lr", 1e-3,
-              "--memories-per-speaker", 1, "--window", 4, "--val-limit", 1, "--save-every", 1, "--val-every", 1]
-    # GRPO here also runs the advantages' projection (logged every step) and plain SGD, saved and resumed
-    common += ["--hold-prior", "--optimizer", "sgd", "--loss-agg", "seq-mean-token-sum"] * (algo == "grpo")
+    common = ["--agent", "manager", "--data", "locomo", "--reward", "em", "--embedder", "hash",
+              "--algo", algo, "--model", ckpt, "--max-new-tokens", 12, "--group-size", 2, "--questions-per-step", 1,
+              "--lr", 1e-3, "--memories-per-speaker", 1, "--val-limit", 1, "--save-every", 1, "--val-every", 1]
+    # GRPO here also runs plain SGD (a setting, not a flag) and another loss aggregation, saved and resumed
+    common += ["--loss-agg", "seq-mean-token-sum"] * (algo == "grpo")
+    settings = dict(manager_format="mem0", answer_max_new_tokens=3, window=4, optimizer="sgd" if algo == "grpo" else "adamw")
     killed, straight = tmp_path / "killed", tmp_path / "straight"
-    train.run(train.parse_args([str(x) for x in common + ["--out", killed, "--steps", 1]]))
-    train.run(train.parse_args([str(x) for x in common + ["--out", killed, "--steps", 2, "--resume"]]))
-    train.run(train.parse_args([str(x) for x in common + ["--out", straight, "--steps", 2]]))
+
+    def parse(*extra):
+        return train.parse_args([str(x) for x in common + list(extra)], settings=settings)
+    train.run(parse("--out", killed, "--steps", 1))
+    train.run(parse("--out", killed, "--steps", 2, "--resume"))
+    train.run(parse("--out", straight, "--steps", 2))
     rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
     for key in ("add", "update", "delete", "none", "invalid_events", "parse_fail", "bank_size", "reward"):
         assert key in rows[1] and f"val_{key}" in rows[2], key
     assert rows[1]["parse_fail"] == 1.0
-    if algo == "grpo":
-        assert rows[1]["adv_prior_share"] == 0.0  # logged; all rewards 0: nothing to project out
     state = json.loads((killed / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["args"]["agent"] == "manager"
     assert {p.suffix for p in (killed / "checkpoint").iterdir()} == {".json", ".safetensors"}  # no pickle
@@ -174,45 +174,3 @@ def test_manager_training_writes_metrics_and_checkpoint_and_resumes(algo, tiny_c
     for r, s in zip(rows, straight_rows):
         assert ("logp_mismatch" in r) == ("logp_mismatch" in s) and abs(r.get("logp_mismatch", 0) -
                                                                        s.get("logp_mismatch", 0)) < 1e-5
-
-
-# one setting that runs them all (--all-arms with --hold-mean): --hold-prior resumes in the GRPO test above,
-# the output layer's own rate is tested in test_train, and CI has 15 minutes
-@pytest.mark.parametrize("decision", ["hold-mean"])
-def test_slot_loss_flags_run_the_ops_manager_and_resume(decision, smollm2_path, tmp_path, one_ops_demo):
-    """--loss-slots about with --slot-beta (the KL on the other choices), SGD with the output layer at its own
-    rate (two parameter groups in the saved optimizer state), and --all-arms (each group's two outputs given "new" and "a memory" at the first decision), with or without --hold-mean
-    (the output layer frozen: the step projected off the mean log-odds of "new"), on the gym's ops format with
-    the real SmolLM2 as manager and answerer (its tokenizer has "new" as one token, which the decision slot
-    needs; guided: every output parses): the steps run and log, and a run killed after step 1 and resumed
-    ends bit for bit where an unbroken run does."""
-    ckpt = smollm2_path
-    common = ["--agent", "manager", "--data", "gym", "--manager-format", "ops", "--reward", "prob", "--embedder", "hash",
-              "--model", ckpt, "--answerer", ckpt, "--max-new-tokens", 48, "--answer-max-new-tokens", 3,
-              "--group-size", 2, "--questions-per-step", 1, "--memories-per-speaker", 1, "--manager-k", 2,
-              "--val-limit", 1, "--save-every", 1, "--val-every", 1, "--dynamic-sampling", 0,
-              "--decision-temperature", 2.5, "--loss-slots", "about", "--slot-beta", 1.0, "--beta", 0.01,
-              "--optimizer", "sgd", "--lr", 0.1, "--loss-agg", "seq-mean-token-sum", "--head-lr-scale", 0.5]
-    common += ["--all-arms"]
-    common += ["--hold-mean", "--mean-target", 0.0, "--head-lr-scale", 0] if decision == "hold-mean" else []
-    killed, straight = tmp_path / "killed", tmp_path / "straight"
-    train.run(train.parse_args([str(x) for x in common + ["--out", killed, "--steps", 1]]))
-    train.run(train.parse_args([str(x) for x in common + ["--out", killed, "--steps", 2, "--resume"]]))
-    train.run(train.parse_args([str(x) for x in common + ["--out", straight, "--steps", 2]]))
-    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2] and rows[1]["parse_fail"] == 0.0
-    assert rows[1]["grad_norm"] > 0 or rows[1]["zero_std_groups"] == 1.0  # it trained, unless the group tied
-    assert rows[2]["grad_norm"] > 0 or rows[2]["zero_std_groups"] == 1.0
-    assert all(0 < r["arm_p_new"] < 1 for r in rows[1:]) and rows[1]["dec_add"] <= 0.5  # P(new) logged; a memory tried
-    if decision == "hold-mean":  # the mean log-odds of "new" before each step and the share of the step removed
-        # (its sign depends on the prompt: with one worked example SmolLM2 may lean towards "new"; the projection
-        # itself is checked against a plain step in test_manager_ops)
-        assert all(-1 <= r["held_cos"] <= 1 and math.isfinite(r["log_odds_new"]) for r in rows[1:])
-        with pytest.raises(SystemExit):  # the projection is exact for a plain gradient step only
-            train.parse_args(["--agent", "manager", "--hold-mean", "--optimizer", "adamw"])
-    a, b = load_file(straight / "checkpoint" / "model.safetensors"), load_file(killed / "checkpoint" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(SystemExit):  # the KL on the other choices needs the decision-only loss
-        train.parse_args(["--agent", "manager", "--slot-beta", "1.0"])
-    with pytest.raises(SystemExit):  # the arms are the ops format's first decision
-        train.parse_args(["--agent", "manager", "--manager-format", "mem0", "--all-arms"])

@@ -1,4 +1,4 @@
-"""data/locomo.py against the counts in SPEC section 2."""
+"""data/locomo.py against the counts in docs/method.md section 2."""
 
 import json
 from collections import Counter

@@ -152,7 +152,7 @@ def test_allowed_masks_keep_the_nucleus_and_pad_with_everything():
     assert allowed_masks([[0]], 5) is None
 
 
-@pytest.mark.parametrize("top_p", ["1.0", "0.8"])
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
 def test_rollout_groups_carry_the_sampling_support_to_the_loss_pass(tiny_checkpoints, top_p):
     """train.rollout with a format (and top-p): each group's allowed() gives the loss pass the sets the
     tokens were drawn from, so the new policy's log-probs equal the old ones before any update."""
@@ -164,8 +164,8 @@ def test_rollout_groups_carry_the_sampling_support_to_the_loss_pass(tiny_checkpo
     fmt = guide_for(P.answer_automaton(False), net, tok, True)
     example = agents.Example(tok.chat([{"role": "user", "content": "Who?"}]), "x", {}, fmt)
     task = agents.Task([example], [], lambda ex, texts: [{"reward": float(len(t) % 2)} for t in texts])
-    args = train.parse_args(["--model", str(ckpt), "--preset", "cpu", "--top-p", top_p, "--group-size", "4",
-                             "--max-new-tokens", "16", "--beta", "0"])
+    args = train.parse_args(["--model", str(ckpt), "--preset", "cpu", "--group-size", "4", "--max-new-tokens", "16",
+                             "--beta", "0"], settings=dict(top_p=top_p))
     groups, _ = train.rollout(net, tok, task, task.train, 0, args)
     for g in groups:
         logp, mask = net.logprobs(g.prompt, g.completions, args.temperature, False, g.allowed())

@@ -144,12 +144,13 @@ def test_training_runs_on_the_gym_and_resumes(agent, tiny_checkpoints, tmp_path)
     # the manager's guided output (a memory copied) is ~100 one-byte tokens in the tiny vocabulary: room to finish
     common = ["--agent", agent, "--preset", "cpu", "--model", ckpt, "--max-new-tokens", 8 if agent == "answer" else 200,
               "--group-size", 2,
-              "--questions-per-step", 1, "--answer-max-new-tokens", 3, "--memories-per-speaker", 1, "--manager-k", 1,
+              "--questions-per-step", 1, "--memories-per-speaker", 1,
               "--val-limit", 2, "--val-every", 1, "--save-every", 1, "--lr", 1e-3, "--answerer", ckpt,
               "--embedder", "hash"]  # MiniLM, the manager column's, is tested in test_minilm and test_manager_ops
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     for out, steps, extra in ((killed, 1, []), (killed, 2, ["--resume"]), (straight, 2, [])):
-        args = train.parse_args([str(x) for x in common + ["--out", out, "--steps", steps, *extra]])
+        args = train.parse_args([str(x) for x in common + ["--out", out, "--steps", steps, *extra]],
+                                settings=dict(answer_max_new_tokens=3, manager_k=1))
         assert args.data == "gym"
         train.run(args)
     a, b = [load_file(out / "checkpoint" / "model.safetensors") for out in (straight, killed)]

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from grpo import (agg_loss, compute_all_arms_advantage, compute_grpo_outcome_advantage, compute_policy_loss, grpo_loss,
-                  hold_along, kl_penalty, project_out_choices, zero_std_group_fraction)
+from decision import all_arms_advantage
+from grpo import (agg_loss, compute_grpo_outcome_advantage, compute_policy_loss, grpo_loss, kl_penalty,
+                  zero_std_group_fraction)
 from ppo import (Critic, compute_gae_advantage_return, compute_token_rewards, compute_value_loss,
                  last_token_index, masked_whiten)
 
@@ -32,11 +33,11 @@ def test_all_arms_advantage_hand_computed_and_the_exact_expected_gradient():
     w = pi[arms] / 2  # pi(a_i) / m_a: (0.25, 0.15, 0.1, 0.25, 0.15, 0.1), sums to 1
     value = 0.5 * 0.5 + 0.3 * 0 + 0.2 * 1  # 0.45 = sum_a pi(a) R_a
     want = 6 * w * (r - value)  # (0.825, -0.405, 0.33, -0.675, -0.405, 0.33)
-    got = compute_all_arms_advantage(r, arms, pi[arms].log(), 6, scale=False)
+    got = all_arms_advantage(r, arms, pi[arms].log(), 6, scale=False)
     assert torch.allclose(got, want, atol=1e-6)
     assert torch.allclose(got, torch.tensor([0.825, -0.405, 0.33, -0.675, -0.405, 0.33]), atol=1e-6)
     std = math.sqrt(float((w * (r - value) ** 2).sum()))
-    assert torch.allclose(compute_all_arms_advantage(r, arms, pi[arms].log(), 6), want / (std + 1e-4), atol=1e-6)
+    assert torch.allclose(all_arms_advantage(r, arms, pi[arms].log(), 6), want / (std + 1e-4), atol=1e-6)
     # the surrogate's gradient on the logits is that of the expected reward sum_a pi(a) R_a, exactly
     logits = pi.log().clone().requires_grad_(True)
     (got * torch.log_softmax(logits, 0)[arms]).sum().div(6).backward()
@@ -45,110 +46,16 @@ def test_all_arms_advantage_hand_computed_and_the_exact_expected_gradient():
     assert torch.allclose(logits.grad, expected.grad, atol=1e-6)
     # an arm a group did not try: the others carry its weight; equal rewards: no signal
     r2, arms2 = torch.tensor([1.0, 0, 1, 0]), torch.tensor([0, 1, 0, 1])
-    part = compute_all_arms_advantage(r2, arms2, torch.tensor([0.6, 0.2, 0.6, 0.2]).log(), 4, scale=False)
+    part = all_arms_advantage(r2, arms2, torch.tensor([0.6, 0.2, 0.6, 0.2]).log(), 4, scale=False)
     assert torch.allclose(part, 4 * torch.tensor([0.375, 0.125, 0.375, 0.125]) * (r2 - 0.75), atol=1e-6)
-    assert torch.equal(compute_all_arms_advantage(torch.ones(4), arms2, torch.zeros(4), 4), torch.zeros(4))
+    assert torch.equal(all_arms_advantage(torch.ones(4), arms2, torch.zeros(4), 4), torch.zeros(4))
+    # unequal arm counts: the weight 1/m_a matters. G = 3, arms (0, 1, 0), P(new) 0.5, rewards (1, 0, 1):
+    # w = (0.25, 0.5, 0.25), V = 0.5, A = 3 w (r - V) = (0.375, -0.75, 0.375)
+    odd = all_arms_advantage(torch.tensor([1.0, 0, 1]), torch.tensor([0, 1, 0]), torch.full((3,), 0.5).log(), 3,
+                             scale=False)
+    assert torch.allclose(odd, torch.tensor([0.375, -0.75, 0.375]), atol=1e-6)
     with pytest.raises(ValueError, match="whole groups"):
-        compute_all_arms_advantage(r[:5], arms[:5], pi[arms][:5], 6)
-
-
-def test_project_out_choices_centred_on_the_policy_zeroes_the_shared_push_of_forced_arms():
-    # --all-arms with --hold-prior: two states, outputs given "new" then a memory, P(new) 0.2 and 0.6
-    adv = torch.tensor([1.0, -0.5, -1.0, 0.5])
-    made = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 1]])
-    p = torch.tensor([0.2, 0.2, 0.6, 0.6])
-    out, _ = project_out_choices(adv, made, 2, expected=torch.stack([p, 1 - p], -1))
-    x = made[:, 0] - p  # d log pi(arm) / d (a logit bias on "new"): 1 - p for "new", -p for a memory
-    # hand-computed: x = (0.8, -0.2, 0.4, -0.6), x.A = 0.8 + 0.1 - 0.4 - 0.3 = 0.2, x.x = 1.2, beta = 1/6
-    assert torch.allclose(out, adv - x / 6, atol=1e-6)
-    assert abs(float((x * out).sum())) < 1e-6  # the step's push on the shared bias is 0
-    assert not torch.allclose(out.view(2, 2).sum(1), torch.zeros(2))  # group sums move (the reweighting allows it)
-
-
-def test_project_out_choices_hand_computed():
-    # four groups of 2; choices one-hot over (new, a memory). In groups 1-3 "new" came first; it won in two
-    # states and lost in one; in group 4 both samples named a memory (one right, one wrong).
-    adv = torch.tensor([1.0, -1.0,   1.0, -1.0,   -1.0, 1.0,   0.7, -0.7])
-    choices = torch.tensor([[1, 0], [0, 1]] * 3 + [[0, 1], [0, 1]], dtype=torch.float32)
-    out, removed = project_out_choices(adv, choices, 2)
-    # x (centred "new" column) = +-0.5 in groups 1-3, 0 in group 4; X^T A = 0.5 * (2 + 2 - 2) = 1, X^T X = 1.5:
-    # beta = 2/3, A' = A - (2/3) x
-    want = torch.tensor([2 / 3, -2 / 3,   2 / 3, -2 / 3,   -4 / 3, 4 / 3,   0.7, -0.7])
-    assert torch.allclose(out, want, atol=1e-6)
-    assert removed == pytest.approx((2 / 3) ** 2 * 1.5 / (6 + 2 * 0.49))  # sum((beta x)^2) / sum(A^2)
-    assert torch.allclose(out.view(4, 2).sum(1), torch.zeros(4), atol=1e-6)  # group sums stay 0
-    kept, _ = project_out_choices(adv, choices, 2, keep=0.25)  # a quarter of the fit put back: A - (3/4)(2/3) x
-    assert torch.allclose(kept, adv - 0.75 * (adv - want), atol=1e-6)
-    x = choices[:, 0] - choices[:, 0].view(4, 2).mean(1).repeat_interleave(2)
-    assert float(x @ kept) == pytest.approx(0.25 * float(x @ adv))  # the prior's push at a quarter of its size
-    # "new" winning in every state is all shared prior: nothing is left of it
-    same, share = project_out_choices(torch.tensor([1.0, -1.0, 1.0, -1.0]), choices[:4], 2)
-    assert torch.allclose(same, torch.zeros(4), atol=1e-6) and share == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="one row of choices"):
-        project_out_choices(adv, choices[:6], 2)
-
-
-def test_project_out_choices_zeroes_the_gradient_on_a_shared_logit_bias():
-    # a toy policy over 3 decisions, logits = W h_s + b; GRPO advantages on random rewards; after the
-    # projection the surrogate's gradient on b (the prior every state shares) is 0, on W it is not
-    torch.manual_seed(0)
-    S, G, K, D = 6, 8, 3, 5
-    h = torch.randn(S, D)
-    W, b = torch.randn(K, D, requires_grad=True), torch.zeros(K, requires_grad=True)
-    logp_all = torch.log_softmax(h @ W.T + b, -1)  # [S, K]
-    actions = torch.multinomial(logp_all.exp().detach(), G, replacement=True)  # [S, G]
-    rewards = torch.rand(S * G) + 0.5 * (actions.view(-1) == 0)  # decision 0 better everywhere, plus noise
-    adv = compute_grpo_outcome_advantage(rewards, G)
-    held, _ = project_out_choices(adv, torch.nn.functional.one_hot(actions.view(-1), K), G)
-    logp = logp_all.gather(1, actions).view(-1)  # [S * G], group by group
-    gb_raw, = torch.autograd.grad((adv * logp).sum(), b, retain_graph=True)
-    gb, gW = torch.autograd.grad((held * logp).sum(), (b, W))
-    assert gb_raw[0] > 1.0  # unprojected, the step pushes decision 0's prior up
-    assert torch.allclose(gb, torch.zeros(K), atol=1e-5)
-    assert gW.abs().max() > 0.1
-
-
-def test_hold_along_hand_computed():
-    # g = ([3, 4], [1]), m = ([1, 0], none for the second): g.m = 3, m.m = 1; move 0.2 at lr 0.1:
-    # coef = (3 + 0.2 / 0.1) / 1 = 5, g' = ([3 - 5, 4], [1]); the step -lr g'.m = 0.2; cosine 3 / (5 * 1)
-    a, b = torch.zeros(2, requires_grad=True), torch.zeros(1, requires_grad=True)
-    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([1.0])
-    cos = hold_along([a, b], [torch.tensor([1.0, 0.0]), None], move=0.2, lr=0.1)
-    assert torch.allclose(a.grad, torch.tensor([-2.0, 4.0])) and b.grad.tolist() == [1.0]
-    assert math.isclose(cos, 0.6, rel_tol=1e-6)
-    assert math.isclose(-0.1 * float(a.grad @ torch.tensor([1.0, 0.0])), 0.2, rel_tol=1e-6)
-    with pytest.raises(ValueError, match="no parameter"):
-        hold_along([b], [None])
-
-
-def test_hold_along_holds_a_networks_mean_logit_where_projecting_the_advantages_does_not():
-    # logit_s = v . tanh(W h_s): no bias, the prior is whatever the states share. A step on advantages that
-    # sum to 0 over the states (what project_out_choices leaves) still moves the mean logit; hold_along on
-    # the gradient of that mean leaves it where it was, to first order (here < 1 % of the unheld move)
-    torch.manual_seed(0)
-    S, D, H, lr = 8, 6, 16, 1e-4
-    h = (torch.randn(S, D) + 2.0).double()  # a large shared component, as a network's hidden states have
-    W0, v0 = (torch.randn(H, D) / D ** 0.5).double(), torch.randn(H).double()
-    W, v = W0.clone().requires_grad_(), v0.clone().requires_grad_()
-    logits = torch.tanh(h @ W.T) @ v  # [S]
-    m = torch.autograd.grad(logits.mean(), (W, v), retain_graph=True)
-    per_state = [torch.autograd.grad(logits[s], (W, v), retain_graph=True) for s in range(S)]
-    align = torch.tensor([sum((a * b).sum() for a, b in zip(g, m)) for g in per_state]).double()  # m . grad logit_s
-    adv = align - align.mean()  # sum 0: no push on a shared bias, but on states whose logits move the mean most
-
-    def mean_logit_after(hold: bool) -> float:
-        W, v = W0.clone().requires_grad_(), v0.clone().requires_grad_()
-        logits = torch.tanh(h @ W.T) @ v  # [S]
-        (-(adv * logits).sum()).backward(retain_graph=True)
-        if hold:
-            hold_along([W, v], torch.autograd.grad(logits.mean(), (W, v)), lr=lr)
-        with torch.no_grad():
-            W -= lr * W.grad
-            v -= lr * v.grad
-            return float((torch.tanh(h @ W.T) @ v).mean() - logits.mean())
-
-    raw, held = mean_logit_after(False), mean_logit_after(True)
-    assert abs(raw) > 1e-5 and abs(held) < 0.01 * abs(raw)  # raw: lr * sum_s adv_s^2 > 0 to first order
+        all_arms_advantage(r[:5], arms[:5], pi[arms][:5], 6)
 
 
 def test_kl_estimators():

@@ -9,8 +9,8 @@ import torch
 
 import agents
 import manager
-from grammar import (DecisionTemperature, allowed_masks, arm_guides, choice_slots, decision_arms, decision_slots,
-                     first_decision, guide_for)
+from decision import arm_guides, first_decision
+from grammar import allowed_masks, guide_for
 import model as M
 import prompts as P
 import train
@@ -184,8 +184,8 @@ def test_the_reward_ranks_the_oracle_above_none_and_a_wrong_update(smollm2, mini
     wrong update: they differ only there."""
     net, tok = smollm2
     # the base SmolLM2 answers in sentences: its probability of the bare gold is ~1e-3 whatever the bank (the
-    # probability reward needs the trained answerer, SPEC section 9), while F1 credits "Bruno lives in Paris."
-    args = train.parse_args(["--agent", "manager", "--preset", "cpu", "--reward", "f1", "--answer-max-new-tokens", "16"])
+    # probability reward needs the trained answerer, docs/method.md section 9), while F1 credits "Bruno lives in Paris."
+    args = train.parse_args(["--agent", "manager", "--preset", "cpu", "--reward", "f1"], settings=dict(answer_max_new_tokens=16))
     assert args.memories_per_speaker == 2 and not args.distill
     guide = guide_for(P.answer_automaton(False), net, tok, True)
     conv = Conversation("conv-hand", "Bruno", "Alice", [], [], [])
@@ -287,52 +287,8 @@ def test_balanced_states_hold_as_many_new_facts_as_changed_values(smollm2):
     assert [id(ex) for ex in agents.balanced_states(examples, seed=0)] == [id(ex) for ex in chosen]  # seeded
 
 
-def test_decision_temperature_heats_the_about_slot_only(smollm2):
-    """grammar.DecisionTemperature, on a hand-written ops output: the first token of each entry's "about" slot
-    is sampled at the decision temperature; every forced token, the event choice and a merge's free text at
-    the base temperature; and the sampler's log-probs equal the loss pass's (the ratio is 1 before a step)."""
-    net, tok = smollm2
-    V = net.lm_head.weight.shape[0]
-    g = P.manager_ops_automaton(SHOWN, 2).guide(tok, V)
-    text = ('{"memory": [{"fact": 0, "about": "new", "event": "ADD"}, {"fact": 1, "about": '
-            '"Bruno has a dog named Rocky", "event": "MERGE", "text": "Rocky and new Scout"}]}')
-    state, tokens, rest = g.start, [], text
-    while rest:  # the guide's own split: one token at a time where forced, else the longest that fits
-        fits = [t for t in g.allowed(state).nonzero()[:, 0].tolist() if rest.startswith(tok.decode([t]) or "\0")]
-        t = max(fits, key=lambda t: len(tok.decode([t])))
-        tokens.append(t)
-        state, rest = g.advance(state, t), rest[len(tok.decode([t])):]
-    heat = DecisionTemperature(base=1.0, decision=2.5, marker=P.decision_marker(tok))
-    allowed = allowed_masks([tokens], V, g)[0]  # [T, V]
-    temps = heat(allowed)[:, 0]  # [T]
-    hot = [tok.decode(tokens[:i]) for i in (temps == 2.5).nonzero()[:, 0].tolist()]
-    assert [h[-10:] for h in hot] == ['"about": "', '"about": "']  # the two about slots, nothing else
-    assert "new" in tok.decode(tokens[-8:])  # the merge text's "new" is free text: not heated
-    # --loss-slots about keeps exactly these positions in the loss mask; --loss-slots choices also the event
-    # after a named memory, never a forced token or the merge's free text
-    assert torch.equal(decision_slots(allowed, heat.marker), temps == 2.5)
-    chosen = [tok.decode(tokens[:i]) for i in choice_slots(allowed).nonzero()[:, 0].tolist()]
-    assert [c[-10:] for c in chosen if c.endswith('"about": "')] == ['"about": "', '"about": "']
-    assert any(c.endswith('"event": "') for c in chosen)  # the second entry's event (the first's ADD is forced)
-    assert not any('"text": "' in c for c in chosen)
-    assert len(chosen) < len(tokens) // 4
-    # hand-made masks: the marker among few tokens heats; among the whole vocabulary or absent, it does not
-    few, every, without = torch.zeros(3, V, dtype=torch.bool), torch.ones(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool)
-    few[:, [heat.marker, 5, 7]] = True
-    without[5] = True
-    assert heat(torch.stack([few[0], every, without]))[:, 0].tolist() == [2.5, 1.0, 1.0]
-    # sampled at these temperatures, then re-scored by the loss pass at the same: the same log-probs
-    prompt = tok.chat(P.manager_messages([{"id": "0", "text": SHOWN[0]}, {"id": "1", "text": SHOWN[1]}], FACTS, "ops"))
-    comps, logps = generate(net, [prompt] * 4, 48, heat, seed=0, return_logprobs=True, guide=g)
-    lp, mask = net.logprobs(prompt, comps, heat, False, allowed_masks(comps, V, g))
-    for i, c in enumerate(comps):
-        assert torch.allclose(lp[i, :len(c)], torch.tensor(logps[i]), atol=1e-4)
-    cold, _ = net.logprobs(prompt, comps, 1.0, False, allowed_masks(comps, V, g))
-    assert not torch.allclose(lp, cold, atol=1e-3)  # and they are not the untempered ones
-
-
-def test_all_arms_forces_each_first_decision_and_the_loss_pass_sees_the_policys(smollm2):
-    """--all-arms (grammar.arm_guides): the outputs of a group alternate between "new" and "a memory" at the
+def test_the_head_recipe_forces_each_first_decision_and_the_loss_pass_sees_the_policys(smollm2):
+    """decision.arm_guides (the decision head's rollout): the outputs of a group alternate between "new" and "a memory" at the
     first "about" slot, the rest sampled; every output parses, "new" ones ADD the fact and the others never
     do (the tokens "n", "ne" that spell "new" too belong to its arm: a shown memory's first token to the
     other, here "B", "Br", ... of "Bruno"); the loss pass with the format's own guide minus the sampler's
@@ -341,8 +297,9 @@ def test_all_arms_forces_each_first_decision_and_the_loss_pass_sees_the_policys(
     V, marker = net.lm_head.weight.shape[0], P.decision_marker(tok)
     g = P.manager_ops_automaton(SHOWN, 2).guide(tok, V)
     shown = [{"id": "0", "text": SHOWN[0]}, {"id": "1", "text": SHOWN[1]}]
-    guides, arms, slot = arm_guides(g, marker, 7)
-    assert slot == first_decision(g, marker)[1] and arms.tolist() == [0, 1, 0, 1, 0, 1, 0]
+    guides, arms = arm_guides(g, marker, 7)
+    slot = first_decision(g, marker)[1]
+    assert arms.tolist() == [0, 1, 0, 1, 0, 1, 0]
     assert {tok.decode([t]) for t in guides[0].only.nonzero()[:, 0].tolist()} <= {"n", "ne", "new", 'new"'}
     assert all(tok.decode([t]).startswith("B") for t in guides[1].only.nonzero()[:, 0].tolist())
     prompt = tok.chat(P.manager_messages(shown, FACTS, "ops"))
@@ -357,59 +314,7 @@ def test_all_arms_forces_each_first_decision_and_the_loss_pass_sees_the_policys(
     assert torch.allclose(p_new, p_new[0].expand_as(p_new), atol=1e-5) and 0 < p_new[0] < 1  # one state
     assert torch.allclose(p_new[0] + p_memory, torch.ones_like(p_memory), atol=1e-4)
     empty = P.manager_ops_automaton((), 1).guide(tok, V)  # no memory shown: "new" is forced, one arm
-    guides, arms, _ = arm_guides(empty, marker, 4)
+    guides, arms = arm_guides(empty, marker, 4)
     assert guides == [empty] * 4 and arms.tolist() == [0, 0, 0, 0]
     with pytest.raises(ValueError, match="ops format"):  # a format with a free choice before any decision
         first_decision(P.facts_automaton().guide(tok, V), marker)
-
-
-def test_hold_decision_prior_keeps_the_mean_log_odds_of_new_on_the_real_model(smollm2):
-    """--hold-mean (agents.hold_decision_prior) on SmolLM2 and two ops states: a gradient that pushes "new" up
-    in one state moves the two states' mean log-odds of "new" by a plain SGD step; projected, the same step
-    leaves it within 1 % of that move, and with --mean-target it moves by the share asked (25 %, to first order)."""
-    net, tok = smollm2
-    V, marker = net.lm_head.weight.shape[0], P.decision_marker(tok)
-    states = []
-    for shown in (SHOWN, SHOWN[::-1]):
-        g = P.manager_ops_automaton(shown, 2).guide(tok, V)
-        prompt = tok.chat(P.manager_messages([{"id": str(i), "text": t} for i, t in enumerate(shown)], FACTS, "ops"))
-        out = generate(net, [prompt], first_decision(g, marker)[1] + 2, 1.0, seed=0, guide=g)[0]
-        states.append((prompt, out, g))
-    params = [p for p in net.parameters() if p.requires_grad]
-    saved = [p.detach().clone() for p in params]
-    opt = torch.optim.SGD(params, lr=1e-3)
-
-    @torch.no_grad()
-    def mean_odds() -> float:  # the test's own: log P(the "new" arm) - log P(the memory arm), one state at a time
-        odds = []
-        for prompt, out, g in states:
-            _, slot, new, memory = decision_arms(g, marker)
-            z = net(torch.tensor([prompt + out[:slot]]))[0, -1]
-            odds.append(float(torch.logsumexp(z[new], 0) - torch.logsumexp(z[memory], 0)))
-        return sum(odds) / len(odds)
-
-    def step(hold: bool, target: float | None = None) -> float:
-        for p, s in zip(params, saved):
-            p.data.copy_(s)
-        net.zero_grad()
-        prompt, out, g = states[0]
-        logits = net(torch.tensor([prompt + out[:first_decision(g, marker)[1]]]))[0, -1]
-        (-torch.log_softmax(logits, -1)[marker]).backward()  # push "new" up in the first state
-        before = mean_odds()
-        if hold:
-            args = SimpleNamespace(decision_marker=marker, lr=1e-3, mean_target=target, mean_rate=0.25)
-            assert abs(agents.hold_decision_prior(net, opt, states, args)["log_odds_new"] - before) < 1e-3
-        opt.step()
-        net.zero_grad()
-        return mean_odds() - before
-
-    try:
-        odds0 = mean_odds()
-        raw, held, moved = step(False), step(True), step(True, target=odds0 + 0.2)
-    finally:
-        for p, s in zip(params, saved):
-            p.data.copy_(s)
-        net.zero_grad()
-    assert raw > 1.0  # pushed up in one state, the mean rises (10.6 here: one step of lr 1e-3 on SmolLM2)
-    assert abs(held) < 0.01 * raw  # 0.02 here: second order
-    assert abs(moved - held - 0.05) < 0.01  # and a quarter of the way to odds0 + 0.2 on top of that (0.055 here)

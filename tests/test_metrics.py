@@ -1,4 +1,4 @@
-"""metrics.py: SPEC section 3's worked values, and NLTK as the reference for BLEU-1."""
+"""metrics.py: docs/method.md section 3's worked values, and NLTK as the reference for BLEU-1."""
 
 import pytest
 from hypothesis import given, settings
@@ -8,7 +8,7 @@ from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
 from metrics import bleu1, evidence_recall, exact_match, f1, treebank_tokenize
 
-WORKED = [  # (prediction, gold, F1, BLEU-1) from SPEC section 3
+WORKED = [  # (prediction, gold, F1, BLEU-1) from docs/method.md section 3
     ("May 7, 2023", "7 May 2023", 1.0, 0.75),
     ("She went on 7 May 2023.", "7 May 2023", 0.6667, 0.4286),
     ("the adoption agencies", "Adoption agencies", 0.8, 0.6667),

@@ -72,11 +72,11 @@ def test_grpo_with_lora_trains_only_adapters_resumes_and_exports(tiny_checkpoint
     ckpt = tiny_checkpoints["llama"][0]
     _, tok = M.load_model(ckpt)
     common = ("--lr", 1e-2, "--max-new-tokens", 5, "--group-size", 4, "--questions-per-step", 2, "--beta", 0.05,
-              "--val-every", 2, "--save-every", 1, "--lora-rank", 4, "--lora-alpha", 8)
+              "--val-every", 2, "--save-every", 1, "--lora-rank", 4)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    train.run(flags(ckpt, straight, "--steps", 3, *common), repeat_task(tok))
-    train.run(flags(ckpt, killed, "--steps", 1, *common), repeat_task(tok))
-    train.run(flags(ckpt, killed, "--steps", 3, "--resume", *common), repeat_task(tok))
+    train.run(flags(ckpt, straight, "--steps", 3, *common, lora_alpha=8), repeat_task(tok))
+    train.run(flags(ckpt, killed, "--steps", 1, *common, lora_alpha=8), repeat_task(tok))
+    train.run(flags(ckpt, killed, "--steps", 3, "--resume", *common, lora_alpha=8), repeat_task(tok))
     files = {p.name for p in (straight / "checkpoint").iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors"} <= files
     assert "model.safetensors" not in files  # adapters only
@@ -103,7 +103,7 @@ def test_micro_batches_give_the_same_update(tiny_checkpoints, tmp_path):
     common = ("--lr", 1e-2, "--max-new-tokens", 6, "--group-size", 8, "--questions-per-step", 2, "--beta", 0.05,
               "--steps", 1, "--val-limit", 1)
     train.run(flags(ckpt, tmp_path / "whole", *common), repeat_task(tok))
-    train.run(flags(ckpt, tmp_path / "chunks", "--micro-batch", 3, "--no-checkpointing", *common), repeat_task(tok))
+    train.run(flags(ckpt, tmp_path / "chunks", *common, micro_batch=3, checkpointing=False), repeat_task(tok))
     a = load_file(tmp_path / "whole" / "checkpoint" / "model.safetensors")
     b = load_file(tmp_path / "chunks" / "checkpoint" / "model.safetensors")
     start = load_file(ckpt / "model.safetensors")
@@ -131,10 +131,12 @@ def test_compiled_blocks_compute_the_same_log_probs(tiny_checkpoints):
     assert generate(model, [prompt], 6, temperature=0, stop_ids=()) == want_tokens
 
 
-def torchrun(nproc: int, out: Path, *argv) -> None:
+def torchrun(nproc: int, out: Path, *argv, settings: dict | None = None) -> None:
+    """tests/ddp_worker.py under torchrun with train.py's flags `argv` and `settings` (train.parse_args's)."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "tests" / "ddp_worker.py"), "--out", str(out), *map(str, argv)]
+           str(ROOT / "tests" / "ddp_worker.py"), "--settings", json.dumps(settings or {}), "--out", str(out),
+           *map(str, argv)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -160,14 +162,16 @@ def test_two_ranks_take_the_step_one_process_takes(tiny_checkpoints, tmp_path, m
     _, tok = M.load_model(ckpt)
     lora, ppo = 4 if "lora" in mode else 0, "ppo" in mode
     common = [str(x) for x in ("--model", ckpt, "--preset", "cpu", "--lr", 1e-2, "--max-new-tokens", 6,
-                               "--group-size", 8, "--questions-per-step", 4, "--rollout-batch", 2, "--beta", 0.05,
-                               "--val-limit", 3, "--lora-rank", lora, "--lora-alpha", 8, "--algo",
-                               "ppo" if ppo else "grpo", "--critic-lr", 1e-2)]
+                               "--group-size", 8, "--questions-per-step", 4, "--beta", 0.05,
+                               "--val-limit", 3, "--lora-rank", lora, "--algo", "ppo" if ppo else "grpo",
+                               "--critic-lr", 1e-2)]
+    settings = dict(rollout_batch=2, lora_alpha=8)
 
     def one_process(out, steps, *extra):
-        train.run(train.parse_args(["--out", str(out), "--steps", str(steps), *extra, *common]), repeat_task(tok))
+        train.run(train.parse_args(["--out", str(out), "--steps", str(steps), *extra, *common], settings=settings),
+                  repeat_task(tok))
 
-    torchrun(2, tmp_path / "two", "--steps", 1, *common, *(["--fsdp"] if "fsdp" in mode else []))
+    torchrun(2, tmp_path / "two", "--steps", 1, *common, *(["--fsdp"] if "fsdp" in mode else []), settings=settings)
     one_process(tmp_path / "one", 1)
     name = "adapter_model.safetensors" if lora else "model.safetensors"
     a = load_file(tmp_path / "one" / "checkpoint" / name)
