@@ -378,7 +378,7 @@ def manager_score_many(pairs: list[tuple], answerer, tok, args, answer_guide=Non
     Plus the event mix, the decision made (dec_*), the bank size, and on the gym the decision's accuracy.
 
     A GRPO group repeats its decisions: outputs that leave the bank the same are scored once, and the
-    answerer's prompts of every pair go through it together (batches of --val-batch).
+    answerer's prompts of every pair go through it together (batches of val_batch).
     """
     k, fmt = args.memories_per_speaker, args.manager_format
     plan, needed = [], {}  # needed: (answer prompt, gold) -> its score, filled below

@@ -20,6 +20,7 @@ Read next: evaluate.py.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 import sys
@@ -27,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import decision
@@ -117,11 +118,13 @@ def load_models(args, base, ckpt: Path | None):
     dtype, dev = base.lm_head.weight.dtype, base.lm_head.weight.device
     ref = None
     if args.lora_rank:
-        policy = (lora.load_adapter(base, ckpt) if ckpt else
-                  lora.add_lora(base, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets))
+        with resume_file(ckpt / "adapter_model.safetensors") if ckpt else contextlib.nullcontext():
+            policy = (lora.load_adapter(base, ckpt) if ckpt else
+                      lora.add_lora(base, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets))
         ref = policy if args.beta > 0 else None
     else:
-        policy = M.load_model(str(ckpt), dtype, dev)[0] if ckpt else base
+        with resume_file(ckpt / "model.safetensors") if ckpt else contextlib.nullcontext():
+            policy = M.load_model(str(ckpt), dtype, dev)[0] if ckpt else base
         if args.beta > 0:
             ref = base if ckpt else M.load_model(args.model, dtype, dev)[0]
             ref.requires_grad_(False)
@@ -133,7 +136,8 @@ def load_models(args, base, ckpt: Path | None):
             lora.add_lora(backbone, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets, seed=1)
         critic = Critic(backbone)
         if ckpt:
-            load_trainable_state(critic, ckpt / "critic.safetensors")
+            with resume_file(ckpt / "critic.safetensors") as path:
+                load_trainable_state(critic, path)
     if args.compile:
         for m in (policy, critic.backbone if critic is not None else None):
             if m is not None:
@@ -176,10 +180,9 @@ def load_optimizer(opt: torch.optim.Optimizer, path: Path, module: torch.nn.Modu
             i, name = key.split(".", 1)
             state.setdefault(int(i), {})[name] = f.get_tensor(key)
     saved, now = optimizer_shape(groups), optimizer_shape(opt.param_groups)
-    if saved != now:  # another optimizer, or the output layer in or out of its own group (--head-lr-scale)
-        raise ValueError(f"{path}: saved for {saved[0]} with parameter groups of {saved[1]} tensors, but this run "
-                         f"has {now[0]} with {now[1]}: resume with the --optimizer, --head-lr-scale and "
-                         "--lora-rank the run was started with")
+    if saved != now:  # another optimizer, or other trainable tensors
+        raise ValueError(f"saved for {saved[0]} with parameter groups of {saved[1]} tensors, but this run has "
+                         f"{now[0]} with {now[1]}: resume with the settings and --lora-rank the run was started with")
     load_optimizer_state(opt, {"state": state, "param_groups": groups}, module)
 
 
@@ -226,7 +229,7 @@ def load_trainable_state(module: torch.nn.Module, path: Path) -> None:
     state = load_file(str(path))
     missing = set(trainable_state(module)) - set(state)
     if missing:
-        raise SystemExit(f"{path}: missing {sorted(missing)[:3]} - saved with other --lora flags?")
+        raise ValueError(f"missing {sorted(missing)[:3]}: saved with other LoRA settings?")
     module.load_state_dict(state, strict=False)
 
 
@@ -250,9 +253,24 @@ def find_checkpoint(out: Path) -> Path | None:
     return None
 
 
+@contextlib.contextmanager
+def resume_file(path: Path):
+    """Reading a file --resume needs: if it is missing or damaged, the run ends in one line that names it and the
+    way out, before anything is written (the log is trimmed and checkpoints replaced only after every read)."""
+    try:
+        yield path
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError, M.ModelLoadError) as e:
+        why = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise SystemExit(f"--resume: {path} is missing or damaged ({why}); nothing was changed: delete "
+                         f"{path.parent} to start afresh, or pass another --out") from None
+
+
 def checkpoint_to_resume(out: Path, resume: bool, model_name: str) -> Path | None:
     """OUT's checkpoint with --resume (None: start afresh); refuses to overwrite one without it. Creates OUT."""
     ckpt = find_checkpoint(out) if resume else None
+    if resume and ckpt is None and (out / "checkpoint").exists():  # a folder, but no state to say which step
+        with resume_file(out / "checkpoint" / "trainer_state.json") as path:
+            path.read_text()
     if resume and ckpt is None:
         print(f"--resume: no checkpoint in {out}; starting from {model_name}", file=sys.stderr)
     elif not resume and find_checkpoint(out):
@@ -265,11 +283,20 @@ def checkpoint_to_resume(out: Path, resume: bool, model_name: str) -> Path | Non
 
 
 def trim_metrics(path: Path, step: int) -> None:
-    """Drop log lines of steps after the checkpoint: a resumed run writes them again."""
+    """Drop log lines of steps after the checkpoint, which a resumed run writes again, and any line that does not
+    parse (a kill can cut the last one in half)."""
     if path.exists():
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                keep.append(line)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(path)
 
 
 def metrics_log(path: Path, resumed_at: int | None, is_main: bool):
@@ -288,9 +315,13 @@ def metrics_log(path: Path, resumed_at: int | None, is_main: bool):
 def load_training_state(ckpt: Path, opt, policy, critic=None, critic_opt=None) -> int:
     """--resume: the optimizers' state and the RNG from `ckpt` (weights are loaded with the models);
     returns the number of finished steps."""
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    load_optimizer(opt, ckpt / "optimizer.safetensors", policy)
+    with resume_file(ckpt / "trainer_state.json") as path:
+        state = json.loads(path.read_text())
+        step, rng = int(state["step"]), torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8)
+    with resume_file(ckpt / "optimizer.safetensors") as path:
+        load_optimizer(opt, path, policy)
     if critic is not None:
-        load_optimizer(critic_opt, ckpt / "critic_optimizer.safetensors", critic)
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8))
-    return state["step"]
+        with resume_file(ckpt / "critic_optimizer.safetensors") as path:
+            load_optimizer(critic_opt, path, critic)
+    torch.set_rng_state(rng)
+    return step

@@ -29,6 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from grpo import zero_std_group_fraction
@@ -329,8 +330,14 @@ def attach(model, ckpt: Path | None, examples: list, marker: int) -> None:
     """train.py --decision-head: the checkpoint's head, or a new one (w = 0) whose normaliser is fit on the first
     FIT_STATES of `examples` (a shuffle of the training states) that show a memory; then only w trains."""
     if ckpt is not None:
-        if not load_head(model, ckpt):
-            raise SystemExit(f"{ckpt}: no {FILE} to resume (the run was not started with --decision-head)")
+        try:
+            found = load_head(model, ckpt)
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+            raise SystemExit(f"--resume: {Path(ckpt) / FILE} is damaged ({str(e).splitlines()[0][:300]}); nothing was "
+                             f"changed: delete {ckpt} to start afresh, or pass another --out") from None
+        if not found:
+            raise SystemExit(f"--resume: no {Path(ckpt) / FILE} (the run was not started with --decision-head): "
+                             f"delete {ckpt} to start afresh, or pass another --out")
     else:
         slots = [s for s in (slot(ex.prompt, ex.guide, marker) for ex in examples[:4 * FIT_STATES]) if s][:FIT_STATES]
         _, h = slot_states(model, slots)

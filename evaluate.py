@@ -212,22 +212,40 @@ def bank_files(conv, folder: Path) -> dict:
     return {conv.speaker_a: where / "speaker_a.json", conv.speaker_b: where / "speaker_b.json"}
 
 
-def build_banks(convs: list, args, folder: Path, answerer, tok, manager, embedder, stats: dict) -> None:
-    """The conversations' banks (agents.conversation_banks), saved to folder/banks/<conv>/ so that a resumed run
-    reads them back. A manager model runs over every conversation at once (manager.run_managers: one batch
-    per turn index instead of one call per turn)."""
+def stats_file(conv, folder: Path) -> Path:
+    """What building a conversation's banks counted (the manager's parse failures, its decisions against the
+    oracle's), kept beside them so that a resumed run reports the same bank_stats as an unbroken one."""
+    return folder / "banks" / conv.sample_id / "stats.json"
+
+
+def build_banks(convs: list, args, folder: Path, answerer, tok, manager, embedder) -> None:
+    """The conversations' banks (agents.conversation_banks), saved to folder/banks/<conv>/ with their stats (written
+    first: a conversation counts as built once its banks are there) so that a resumed run reads them back. A manager
+    model runs over every conversation at once (manager.run_managers: one batch per turn index)."""
+    stats = [{} for _ in convs]
     if manager is not None:
-        facts = [conversation_facts(c, args.facts, answerer, tok, stats=stats, guided=args.guided) for c in convs]
+        facts = [conversation_facts(c, args.facts, answerer, tok, stats=st, guided=args.guided)
+                 for c, st in zip(convs, stats)]
         built = run_managers(convs, facts, manager, tok, embedder, args.manager_k, args.manager_max_new_tokens,
                              stats, guided=args.guided, fmt=args.manager_format,
                              arm=args.manager_arm and partial(oracle_arm, keep_sets=args.manager_arm == "keep-sets"))
     else:
-        built = [conversation_banks(c, args.manager, None, args.facts, answerer, tok, embedder, stats=stats,
-                                    guided=args.guided) for c in convs]
-    for conv, banks in zip(convs, built):
+        built = [conversation_banks(c, args.manager, None, args.facts, answerer, tok, embedder, stats=st,
+                                    guided=args.guided) for c, st in zip(convs, stats)]
+    for conv, banks, st in zip(convs, built, stats):
+        path = stats_file(conv, folder)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".tmp").write_text(json.dumps(st))
+        os.replace(path.with_suffix(".tmp"), path)
         for speaker, f in bank_files(conv, folder).items():
-            f.parent.mkdir(parents=True, exist_ok=True)
             banks[speaker].save(f)
+
+
+def add_counts(total: dict, part: dict) -> dict:
+    """Counts summed key by key, nested dicts (the decisions table) included."""
+    for k, v in part.items():
+        total[k] = add_counts(total.get(k, {}), v) if isinstance(v, dict) else total.get(k, 0) + v
+    return total
 
 
 def run(args) -> dict:
@@ -252,12 +270,16 @@ def run(args) -> dict:
     convs = {c.sample_id: c for c in dataset.load_conversations(args.data_file)}
     pred_file = out / "predictions.jsonl"
     done = read_predictions(pred_file)
-    stats, t0 = {}, time.perf_counter()
+    t0 = time.perf_counter()
     conv_ids = list(dict.fromkeys(q.conv_id for q in questions))
     todo = {c: [q for q in questions if q.conv_id == c and (q.conv_id, q.index) not in done] for c in conv_ids}
     missing = [convs[c] for c in conv_ids if todo[c] and not all(f.exists() for f in bank_files(convs[c], out).values())]
     if missing:
-        build_banks(missing, args, out, answerer, tok, manager, embedder, stats)
+        build_banks(missing, args, out, answerer, tok, manager, embedder)
+    stats = {}  # every built conversation's counts, also those built before a resume
+    for conv_id in conv_ids:
+        if stats_file(convs[conv_id], out).exists():
+            stats = add_counts(stats, json.loads(stats_file(convs[conv_id], out).read_text()))
     for conv_id in tqdm(conv_ids, desc="conversations"):
         if todo[conv_id]:
             banks = {s: MemoryBank.load(f, embedder) for s, f in bank_files(convs[conv_id], out).items()}

@@ -139,14 +139,15 @@ def run_manager(conv, facts: list[FactRecord], model, tok, embedder=None, k: int
 
 
 def run_managers(convs: list, facts: list[list[FactRecord]], model, tok, embedder=None, k: int = 5,
-                 max_new_tokens: int = 256, stats: dict | None = None, progress: bool = True, guided: bool = False,
-                 fmt: str = "mem0", arm=None) -> list[dict[str, MemoryBank]]:
+                 max_new_tokens: int = 256, stats: dict | list | None = None, progress: bool = True,
+                 guided: bool = False, fmt: str = "mem0", arm=None) -> list[dict[str, MemoryBank]]:
     """run_manager for several conversations at once: each conversation's calls are sequential (each edits the
     bank the next one reads), but the conversations are independent, so their n-th calls share one batch.
     arm (the gym, the ops format): a function (conv, dia_id, facts) -> "new"?, e.g. oracle_arm, that makes each
-    call's first decision instead of the model's head (evaluate.py --manager-arm)."""
-    stats = stats if stats is not None else {}
-    runs = [manager_calls(c, f, model, tok, embedder, k, stats, guided, fmt, arm) for c, f in zip(convs, facts)]
+    call's first decision instead of the model's head (evaluate.py --manager-arm). stats: one dict for every
+    conversation's counts, or a list of one per conversation (evaluate.py keeps each with its banks)."""
+    per_conv = stats if isinstance(stats, list) else [stats if stats is not None else {}] * len(convs)
+    runs = [manager_calls(c, f, model, tok, embedder, k, st, guided, fmt, arm) for c, f, st in zip(convs, facts, per_conv)]
     banks, asks = [None] * len(runs), {}
     for i, run in enumerate(runs):
         advance(run, i, None, asks, banks)

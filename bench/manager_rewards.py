@@ -77,8 +77,8 @@ def main() -> None:
     # the smoke test: never the main command's answerer in runs/, and hashed retrieval (MiniLM would embed every
     # state of both splits to score 4 of them)
     smoke = ["--answerer", str(a.model), "--embedder", "hash"] if a.smoke else []
-    args = train.parse_args(["--model", str(a.model), "--out", "unused", "--agent", "manager",
-                             "--manager-format", "ops", *smoke, *shlex.split(a.flags)])
+    args = train.parse_args(["--model", str(a.model), "--out", "unused", "--agent", "manager", "--preset", "cpu",
+                             *smoke, *shlex.split(a.flags)])  # the cpu preset: the ops format
     base, tok = M.load_model(args.model)
     task = agents.manager_task(args, tok, base)
     states = task.val if a.split == "val" else task.train
@@ -100,7 +100,7 @@ def main() -> None:
         if rivals:
             margins[kind].append(reward["oracle"] - max(rivals))
             wins[kind].append(float(reward["oracle"] > max(rivals)))
-    print(f"reward {args.reward} (temperature {args.reward_temperature}), answerer k {args.memories_per_speaker}, questions {args.manager_questions}, "
+    print(f"reward {args.reward} (temperature {args.reward_temperature}), answerer k {args.memories_per_speaker}, "
           f"manager k {args.manager_k}, {a.split} split, {len(states)} states ({unwritable} with the memory to "
           f"change not shown), {time.perf_counter() - t0:.0f} s")
     print("| oracle kind (turns) | " + " | ".join(CANDIDATES) + " | oracle - best wrong (paired) | oracle strictly best |")

@@ -137,7 +137,8 @@ def test_manager_training_writes_metrics_and_checkpoint_and_resumes(algo, tiny_c
               "--lr", 1e-3, "--memories-per-speaker", 1, "--val-limit", 1, "--save-every", 1, "--val-every", 1]
     # GRPO here also runs plain SGD (a setting, not a flag) and another loss aggregation, saved and resumed
     common += ["--loss-agg", "seq-mean-token-sum"] * (algo == "grpo")
-    settings = dict(manager_format="mem0", answer_max_new_tokens=3, window=4, optimizer="sgd" if algo == "grpo" else "adamw")
+    settings = dict(manager_format="mem0", answer_max_new_tokens=3, window=4,
+                    optimizer="sgd" if algo == "grpo" else "adamw")
     killed, straight = tmp_path / "killed", tmp_path / "straight"
 
     def parse(*extra):

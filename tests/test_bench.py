@@ -25,9 +25,9 @@ def test_every_bench_script_is_covered():
     assert scripts == {"bench_16bit.py", "bench_engine.py", "bench_generate.py", "bench_grpo_step.py", "bench_guided.py",
                        "bench_loss_pass.py", "bench_memory.py", "bench_precision.py", "bench_rss.py",
                        "bench_scale.py", "estimate_7b.py",
-                       "evidence_recall.py", "manager_bandit.py", "manager_priors.py", "manager_rewards.py", "sample_rewards.py",
+                       "evidence_recall.py", "manager_priors.py", "manager_rewards.py", "sample_rewards.py",
                        "shown_memories.py",
-                       "head_replay.py"}  # run by test_decision on the --head-replay run it trains
+                       "kill_soak.py"}  # run by test_resume.py (SIGKILL at random moments, then compared)
 
 
 @pytest.mark.parametrize("script, model, expect", [
@@ -46,7 +46,6 @@ def test_every_bench_script_is_covered():
     ("shown_memories.py", None, "| hash | 2 | 1.00 +- 0.00 (n=8)"),
     ("sample_rewards.py", "llama", "groups with signal"),
     ("manager_rewards.py", "llama", "| oracle kind (turns) |"),
-    ("manager_bandit.py", "llama", "with the reward inverted"),
     ("manager_priors.py", None, "AUC of P(new), ADD against UPDATE change states: "),
 ])
 def test_bench_script_smoke(script, model, expect, tiny_checkpoints):

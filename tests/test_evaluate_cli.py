@@ -41,8 +41,8 @@ def test_end_to_end_report_recomputes_from_predictions(tiny_checkpoints, tmp_pat
         for key in ("f1", "bleu1", "locomo_f1", "em", "recall"):
             assert v[key] == pytest.approx(sum(r[key] for r in mine) / len(mine)), (cat, key)
     assert on_disk["overall"]["count"] == 6 and on_disk["overall"]["parse_failures"] == 6
-    # banks are files, one per speaker, with every observation of conv-30 ADDed
-    banks = [MemoryBank.load(p) for p in sorted((tmp_path / "banks" / "conv-30").glob("*.json"))]
+    # banks are files, one per speaker (beside stats.json, their build counts), with every observation of conv-30 ADDed
+    banks = [MemoryBank.load(p) for p in sorted((tmp_path / "banks" / "conv-30").glob("speaker_*.json"))]
     assert len(banks) == 2 and all(len(b) > 10 for b in banks)
     table = capsys.readouterr().out
     assert "| overall | 6 |" in table and table.index("2 temporal") < table.index("overall")
@@ -121,7 +121,7 @@ def test_the_untrained_manager_builds_the_banks(tiny_checkpoints, tmp_path, firs
     assert stats["parse_fail"] > 0 and stats["ADD"] >= 2  # the first fact of each speaker goes in directly
     assert report["overall"]["count"] == 1
     n_facts = len(next(c for c in first_sessions_only() if c.sample_id == "conv-30").observations)
-    sizes = [len(MemoryBank.load(p)) for p in (tmp_path / "banks" / "conv-30").glob("*.json")]
+    sizes = [len(MemoryBank.load(p)) for p in (tmp_path / "banks" / "conv-30").glob("speaker_*.json")]
     assert 2 <= sum(sizes) <= n_facts  # what the manager kept of the session's facts
 
 
