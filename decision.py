@@ -296,7 +296,7 @@ def train_step(model, opt, tok, task, examples: list, step: int, args, marker: i
         fresh = sample_groups(model, tok, task, examples[r:r + Q], args.seed * 1_000_003 + step * 1_009 + r, args,
                               marker)
         sampled += fresh
-        kept += [g for g in fresh if not args.dynamic_sampling or len(set(g["rewards"].tolist())) > 1]
+        kept += [g for g in fresh if not args.dynamic_sampling or len({s["reward"] for s in g["scores"]}) > 1]
         if len(kept) >= Q:
             break
     groups = (kept + [g for g in sampled if all(g is not k for k in kept)])[:Q]  # informative states first
@@ -318,7 +318,7 @@ def train_step(model, opt, tok, task, examples: list, step: int, args, marker: i
 
     scores = [s for g in groups for s in g["scores"]]
     every = torch.cat([g["rewards"] for g in sampled])
-    return {**mean_scores(scores), "reward_se": standard_error([g["rewards"].mean().item() for g in groups]),
+    return {**mean_scores(scores), "reward_se": standard_error([sum(s["reward"] for s in g["scores"]) / G for g in groups]),
             "zero_std_groups": zero_std_group_fraction(rewards, G), "sampled_groups": len(sampled),
             "sampled_zero_std_groups": zero_std_group_fraction(every, G),
             "response_len": sum(n for g in groups for n in g["lengths"]) / (len(groups) * G),

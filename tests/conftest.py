@@ -145,6 +145,21 @@ def smollm2_path(smollm2_gguf, tmp_path_factory):
     return save_checkpoint(net, tok, tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")
 
 
+@pytest.fixture(scope="session")
+def tiny_smollm2_path(smollm2_path, tmp_path_factory):
+    """SmolLM2's tokenizer and chat format on a random network of 2 layers of width 64: the manager's ops format
+    (whose "new" is one token) at a fraction of the real model's cost, for tests whose subject is not the model."""
+    import dataclasses
+
+    import model as M
+    from checkpoint import save_checkpoint
+    net, tok = M.load_model(smollm2_path)
+    torch.manual_seed(0)
+    tiny = M.Transformer(dataclasses.replace(net.cfg, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                                             hidden_dim=96))
+    return save_checkpoint(tiny, tok, tmp_path_factory.mktemp("tiny-smollm2") / "model")
+
+
 @pytest.fixture
 def one_ops_demo(monkeypatch):
     """The ops prompt with one worked example instead of six (~330 tokens instead of ~1,070): for the tests that
