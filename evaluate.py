@@ -251,9 +251,10 @@ def add_counts(total: dict, part: dict) -> dict:
 def run(args) -> dict:
     """Banks, answers and scores for every question of the split; report.json; the table printed."""
     out = Path(args.out)
-    settings = check_run_folder(out, args)
+    settings, pack = check_run_folder(out, args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    precision.configure(args.precision, device)  # before loading: the engine's copies take its dtype
+    precision.configure(args.precision, device, pack)  # before loading: the engine's copies take its dtype
+    record_kernel(out, settings)
     answerer, tok = M.load_model(args.model, getattr(torch, args.dtype), device)
     manager = (None if args.manager in ("add-all", "oracle") else answerer if args.manager == "base" else
                M.load_model(args.manager, getattr(torch, args.dtype), device)[0])
@@ -302,17 +303,25 @@ def run(args) -> dict:
     return report
 
 
-def check_run_folder(out: Path, args) -> dict:
-    """The settings a resumed run must share (RUN_KEYS), written to OUT/run.json; refuses other settings."""
+def check_run_folder(out: Path, args) -> tuple[dict, bool | None]:
+    """The settings a resumed run must share (RUN_KEYS), written to OUT/run.json; refuses other settings. Also
+    returns the float32 decode kernel the folder's run chose (None for a new folder): a resumed run keeps it, so
+    its answers round as the killed run's did."""
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in RUN_KEYS}
     run_file = out / "run.json"
-    if run_file.exists() and json.loads(run_file.read_text()) != settings:
-        old = json.loads(run_file.read_text())
+    old = json.loads(run_file.read_text()) if run_file.exists() else None
+    if old is not None and {k: old.get(k) for k in RUN_KEYS} != settings:
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         raise SystemExit(f"{out} holds a run with other settings {diff} (was, now): use another --out")
-    run_file.write_text(json.dumps(settings, indent=2))
-    return settings
+    return settings, None if old is None else old.get("pack_float32")
+
+
+def record_kernel(out: Path, settings: dict) -> None:
+    """OUT/run.json: the settings and the float32 decode kernel chosen (precision.PACK_FLOAT32)."""
+    tmp = out / "run.json.tmp"
+    tmp.write_text(json.dumps({**settings, "pack_float32": precision.PACK_FLOAT32}, indent=2))
+    os.replace(tmp, out / "run.json")
 
 
 def answer_questions(conv, todo, banks, answerer, tok, args, judge, done: dict, pred_file: Path) -> None:

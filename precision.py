@@ -101,24 +101,33 @@ def choose(flag: str, device: torch.device | str, timings: dict | None = None) -
     return "bf16" if f32 / b16 >= MIN_SPEEDUP else "float32"
 
 
-def use(name: str, timings: dict | None = None) -> str:
+# The float32 decode kernel changes float32 rounding, so two runs of one command must not differ in it by timing
+# noise: oneDNN's prepacked weights unless the probe finds F.linear (MKL) clearly faster than them.
+PACK_MARGIN = 1.25
+
+
+def use(name: str, timings: dict | None = None, pack: bool | None = None) -> str:
     """Set the product dtype for models loaded (packed) from now on; returns `name`. With CPU `timings`
-    (probe's), the float32 decode kernel is the faster of oneDNN's prepacked and F.linear's."""
+    (probe's), the float32 decode kernel is oneDNN's prepacked one unless F.linear's is PACK_MARGIN times faster;
+    `pack` (a resumed run's recorded choice) decides instead."""
     global PRODUCTS, PACK_FLOAT32
     if name not in ("float32", "bf16"):
         raise ValueError(f"precision {name!r}: expected float32 or bf16 (choose() resolves auto)")
     PRODUCTS = torch.bfloat16 if name == "bf16" else torch.float32
-    if timings and "float32_packed" in timings:
-        PACK_FLOAT32 = timings["float32_packed"] <= timings["float32"]
+    if pack is not None:
+        PACK_FLOAT32 = pack
+    elif timings and "float32_packed" in timings:
+        PACK_FLOAT32 = timings["float32_packed"] <= PACK_MARGIN * timings["float32"]
     return name
 
 
-def configure(flag: str, device: torch.device | str) -> str:
+def configure(flag: str, device: torch.device | str, pack: bool | None = None) -> str:
     """choose() and use() with one probe: what train.py and evaluate.py call before loading any model. Prints
-    the choice and the probe's figures (stderr); returns 'float32' or 'bf16'."""
+    the choice and the probe's figures (stderr); returns 'float32' or 'bf16'. `pack`: the float32 decode kernel
+    a resumed run was started with (its rounding), not the probe's."""
     device = torch.device(device)
     timings = probe() if device.type == "cpu" else {}
-    name = use(choose(flag, device, timings), timings)
+    name = use(choose(flag, device, timings), timings, pack)
     figures = ", ".join(f"{k} {v:.2f} ms" for k, v in timings.items())
     print(f"precision {name} (--precision {flag}{'; probe: ' + figures if figures else ''})", file=sys.stderr)
     return name

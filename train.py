@@ -39,7 +39,7 @@ import engine
 import lora
 import model as M
 import precision
-from agents import Example, Task, answer_task, manager_task
+from agents import Example, Task, answer_task, manager_task, trained_setting
 from checkpoint import (checkpoint_to_resume, export_merged, load_models, load_training_state, make_optimizer,
                         metrics_log, save_training_state)
 from flags import parse_args
@@ -292,7 +292,10 @@ def run(args, task: Task | None = None) -> dict:
         raise SystemExit("--dynamic-sampling and --decision-head run in one process (ranks would keep other groups)")
     ckpt = checkpoint_to_resume(out, args.resume, args.model)
     dev = torch.device(args.device)
-    args.precision = precision.configure(args.precision, dev)  # bf16 products where they pay (before loading)
+    # bf16 products where they pay, chosen before loading; a resumed run keeps its float32 kernel (its rounding)
+    pack = trained_setting(str(ckpt), "pack_float32", None) if ckpt else None
+    args.precision = precision.configure(args.precision, dev, pack)
+    args.pack_float32 = precision.PACK_FLOAT32
     base, tok = M.load_model(args.model, getattr(torch, args.dtype), dev)
     if task is None:  # the banks and prompts are built from the starting model, also on resume
         task = (answer_task if args.agent == "answer" else manager_task)(args, tok, base)

@@ -149,3 +149,14 @@ def test_a_grpo_update_in_bf16_moves_the_loss_like_float32(tiny_checkpoints):
     f32, b16 = losses("float32"), losses("bf16")
     assert f32[-1] < f32[0] - 0.05 and b16[-1] < b16[0] - 0.05, (f32, b16)
     assert (b16 - f32).abs().max() <= 0.1 * (f32.max() - f32.min()), (f32, b16)
+
+
+def test_the_float32_kernel_does_not_flip_with_timing_noise_and_a_resume_keeps_its_own(monkeypatch):
+    """oneDNN's prepacked float32 weights unless F.linear is clearly (PACK_MARGIN) faster: a 10 % difference either
+    way, timing noise, keeps the choice; a resumed run's recorded choice wins over the probe (its rounding)."""
+    monkeypatch.setattr(precision, "PACK_FLOAT32", True)
+    for packed, want in ((1.1, True), (0.9, True), (1.0 * precision.PACK_MARGIN + 0.01, False)):
+        precision.use("float32", {"float32": 1.0, "float32_packed": packed})
+        assert precision.PACK_FLOAT32 is want, packed
+    precision.use("float32", {"float32": 1.0, "float32_packed": 0.5}, pack=False)
+    assert precision.PACK_FLOAT32 is False

@@ -115,3 +115,20 @@ def test_sigkill_at_random_moments_ends_as_an_unbroken_run(tiny_smollm2_path, tm
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "same as the unbroken run: yes" in r.stdout, r.stdout
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_resumed_run_keeps_the_float32_kernel_it_started_with(tiny_checkpoints, tmp_path, monkeypatch):
+    """The decode kernel changes float32 rounding: train.py records it in trainer_state.json, and a resume takes the
+    recorded one whatever this process's probe says."""
+    import precision
+    monkeypatch.setattr(precision, "PACK_FLOAT32", precision.PACK_FLOAT32)  # restored after the test
+    ckpt = tiny_checkpoints["llama"][0]
+    _, tok = M.load_model(ckpt)
+    common = ("--max-new-tokens", 3, "--group-size", 2, "--questions-per-step", 2, "--save-every", 1)
+    train.run(flags(ckpt, tmp_path, "--steps", 1, *common), repeat_task(tok))
+    state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
+    assert state["args"]["pack_float32"] is precision.PACK_FLOAT32
+    state["args"]["pack_float32"] = not precision.PACK_FLOAT32
+    (tmp_path / "checkpoint" / "trainer_state.json").write_text(json.dumps(state))
+    train.run(flags(ckpt, tmp_path, "--steps", 2, "--resume", *common), repeat_task(tok))
+    assert precision.PACK_FLOAT32 is state["args"]["pack_float32"]
