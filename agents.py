@@ -25,7 +25,7 @@ completions (one dict per completion, "reward" first). evaluate.py runs the same
    On the gym (data/gym.py) the right operations are known, so the environment uses them: every fact turn
    is an example, its state the oracle banks of the preceding turns, its questions the turn's probe (the
    attribute's current value: "Where does Alice live now?" right after she moved) and one per memory the
-   manager is shown (--manager-questions shown), and each output's decision is scored against the
+   manager is shown, and each output's decision is scored against the
    oracle's (op_acc, and per kind: a measure no LoCoMo run can give). The cpu preset's reward is the
    answerer's probability of the gold answers (--reward prob), its output format "ops" (prompts.py);
    what each choice does to the ranking of operations is in docs/manager.md.
@@ -286,13 +286,13 @@ ORACLE_KINDS = ("ADD", "UPDATE change", "UPDATE merge", "DELETE", "NONE")
 
 def oracle_kind(example) -> str:
     """A gym state's right decision, one of ORACLE_KINDS (manager.oracle_kind). Operation labels may choose
-    training states (--balance-kinds), never the reward."""
+    training states (balance_kinds, the decision head's recipe), never the reward."""
     meta = example.meta
     return manager_oracle_kind(meta["conv"], meta["dia_id"], meta["facts"])
 
 
 def balanced_states(examples: list, seed: int = 0) -> list:
-    """--balance-kinds: the ADD states and the UPDATE-change states whose memory to change is shown, as many of
+    """balance_kinds (flags.DECISION_HEAD): the ADD states and the UPDATE-change states whose memory to change is shown, as many of
     each (the larger kind subsampled, seeded). These are the kinds on which bench/manager_rewards.py measured
     the reward to rank the right decision first; balanced, a step's push on the shared "new" decision cancels
     unless the state tells the two apart (docs/manager.md)."""
@@ -354,10 +354,10 @@ def manager_task(args, tok, base_model):
         random.Random(0).shuffle(val)
     if args.balance_kinds:
         if args.data != "gym":
-            raise ValueError("--balance-kinds needs the gym's known operations (--data gym)")
+            raise ValueError("balance_kinds needs the gym's known operations (--data gym)")
         n = len(train)
         train = balanced_states(train, args.seed)
-        print(f"--balance-kinds: {len(train) // 2} ADD + {len(train) // 2} UPDATE-change training states of {n}",
+        print(f"balanced states: {len(train) // 2} ADD + {len(train) // 2} UPDATE-change training states of {n}",
               file=sys.stderr)
     return Task(train, val, lambda ex, texts: score_many([(ex, texts)])[0], score_many)
 

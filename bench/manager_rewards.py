@@ -3,7 +3,7 @@ each wrong one, per kind of gym turn, before any training (docs/method.md sectio
 
     python bench/manager_rewards.py --flags "--answerer runs/grpo-answer/checkpoint"           # the cpu preset
     python bench/manager_rewards.py --flags "--answerer runs/grpo-answer/checkpoint --reward em --memories-per-speaker 5"
-    python bench/manager_rewards.py --flags "... --manager-questions probe" --split train
+    python bench/manager_rewards.py --flags "--answerer runs/grpo-answer/checkpoint" --split train
 
 Builds the manager's RL states exactly as train.py does (train.parse_args with --flags; agents.manager_task),
 writes for each state the outputs of a few fixed decisions in the "ops" format, and scores them with the

@@ -233,7 +233,7 @@ def test_managers_batched_over_conversations_build_the_same_banks(tiny_checkpoin
 
 
 def test_oracle_arm_is_new_on_new_facts_and_with_keep_sets_on_growing_sets():
-    """manager.oracle_arm against agents.oracle_kind (the kinds the reward bench and --balance-kinds use)."""
+    """manager.oracle_arm against agents.oracle_kind (the kinds the reward bench and balance_kinds use)."""
     for conv in gym.load_conversations(splits=("val",))[:2]:
         for dia_id, mine in manager.facts_by_turn(agents.conversation_facts(conv, "observation")).items():
             kind = agents.oracle_kind(SimpleNamespace(meta={"conv": conv, "dia_id": dia_id, "facts": mine}))
@@ -262,7 +262,7 @@ def test_manager_arm_makes_each_first_decision_the_oracles(smollm2):
 
 
 def test_balanced_states_hold_as_many_new_facts_as_changed_values(smollm2):
-    """--balance-kinds: only ADD states and UPDATE-change states whose memory to change is shown, as many of
+    """balance_kinds: only ADD states and UPDATE-change states whose memory to change is shown, as many of
     each; the kinds agree with the oracle's events read here by hand (a change: the fact is the memory's new
     text; a merge: it is not)."""
     _, tok = smollm2
