@@ -87,7 +87,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     a("--out", default=None, help="run folder for metrics.jsonl and checkpoint/ (default runs/<algo>-<agent>)")
     a("--resume", action="store_true", help="continue from OUT/checkpoint (model, optimizer, step)")
     a("--preset", choices=("auto", *PRESETS), default="auto",
-      help="a group of defaults above (auto: paper with a GPU, cpu without); explicit flags win")
+      help="a group of defaults (flags.PRESETS; auto: paper with a GPU, cpu without); explicit flags win")
     a("--steps", type=int, help="optimizer steps in total (a resumed run counts the finished ones)")
     a("--questions-per-step", type=int,
       help="prompts per rollout batch: questions, or turns for the manager (paper: 128)")
