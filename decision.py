@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from grpo import zero_std_group_fraction
 from metrics import mean_scores, standard_error
-from sampling import common_prefix, generate
+from sampling import generate, prefix_segment, split_point
 
 FILE = "decision_head.safetensors"  # beside model.safetensors in a checkpoint folder
 FIT_STATES = 64  # training states whose hidden states fix the normaliser
@@ -155,17 +155,16 @@ def slot(prompt: list[int], guide, marker: int):
 @torch.no_grad()
 def slot_states(model, slots: list) -> tuple[torch.Tensor, torch.Tensor]:
     """(L [B]: the LM's log-odds of "new" at temperature 1, h [B, dim]) at each slot. The prompts' common prefix
-    (the system prompt and worked examples: ~900 of ~1,070 tokens) runs once into a KV cache, and each prompt's
-    rest is appended after it in turn, overwriting the last one's (one row at a time: no padding to mask)."""
+    (the system prompt and worked examples: ~900 of ~1,070 tokens) is a shared segment (sampling.prefix_segment:
+    computed once while the network is frozen), and each prompt's rest is appended after it in turn, overwriting
+    the last one's (one row at a time: no padding to mask)."""
     dev, L, H = model.lm_head.weight.device, [], []
     rows = [ids for ids, *_ in slots]
-    shared = common_prefix([tuple(r) for r in rows]) if len(rows) > 1 else 0
-    cache = model.new_cache(1, max(map(len, rows)))
-    if shared:
-        model.hidden_states(torch.tensor([rows[0][:shared]], device=dev), cache=cache)
-    filled, next_pos = cache.len, cache.next_pos.clone()
+    shared = split_point(model, list(dict.fromkeys(tuple(r) for r in rows)))
+    above = [prefix_segment(model, tuple(rows[0][:shared]))] if shared else []
+    cache = model.new_cache(1, max(map(len, rows)) - shared, above)
     for ids, _, new, memory in slots:
-        cache.len, cache.next_pos = filled, next_pos.clone()  # back to the prefix alone
+        cache.len, cache.next_pos[:] = 0, shared  # back to the prefix alone
         h = model.hidden_states(torch.tensor([ids[shared:]], device=dev), cache=cache)[0, -1]  # [dim]
         z = model.lm_head(h[None])[0].float()  # [V]
         L.append(torch.logsumexp(z[new.to(dev)], 0) - torch.logsumexp(z[memory.to(dev)], 0))

@@ -35,8 +35,8 @@ SETTINGS = dict(
     # 32 distinct prompts per validation generate call: faster than 64, peak 1 GiB lower (docs/speed.md)
     val_batch=32, rollout_batch=8,  # rollout: 8 questions (x G rows) per generate call
     dtype="float32",  # weights (AdamW acts on them); --precision chooses the products' precision
-    checkpointing=True, micro_batch=0, compile=False,  # activation checkpointing; loss-pass chunks (0: a whole
-    # group); torch.compile of blocks and the decode step (docs/scaling.md)
+    checkpointing=True, micro_batch=0, compile=False,  # activation checkpointing; loss-pass chunks (0: the whole
+    # minibatch); torch.compile of blocks and the decode step (docs/scaling.md)
     lora_alpha=32.0, lora_dropout=0.0, lora_targets=lora.LORA_TARGETS,  # with --lora-rank
     balance_kinds=False,  # the gym: train on as many new facts as changed values (agents.balanced_states)
 )

@@ -168,27 +168,79 @@ class RMSNorm(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Segment:
+    """Keys and values that a block of rows starts with, held once and read by every row of the block: prefix
+    caching (vLLM, SGLang). Row r of a segment of R rows is the start of rows r*n .. r*n + n - 1 of a batch of
+    B = R*n: the prompts' shared prefix (R = 1), or each distinct prompt of a batch that samples it n times."""
+    k: list  # per layer [R, Hkv, S, D]
+    v: list
+    valid: torch.Tensor  # [R, S] bool: slots holding a real token (a left-padded prompt has empty ones)
+
+    def rows(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        """t [R, ...] as [batch, ...]: expanded (no copy) for one row, repeated for several."""
+        return t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t.repeat_interleave(batch // t.shape[0], 0)
+
+
 class KVCache:
     """Keys and values of every layer, preallocated for `max_len` slots and written at slot `self.len`.
 
     Rows of a left-padded batch share slot indices but not positions: `valid[b, s]` says whether slot s of
     row b holds a real token, and `next_pos[b]` is the RoPE position row b's next token gets.
+    `above`: Segments every row attends to before its own slots (prefix caching: sampling.prefill fills them).
     Each layer has its own tensors, so the cache also works under autograd:
     writing layer j never touches a tensor that layer i saved for its backward.
     """
 
-    def __init__(self, cfg: Config, batch: int, max_len: int, dtype: torch.dtype, device):
+    def __init__(self, cfg: Config, batch: int, max_len: int, dtype: torch.dtype, device, above=()):
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.len = 0
+        self.above = list(above)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep (and repeat) the given batch rows: one prefilled prompt becomes G identical rows."""
         self.k, self.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
         self.valid, self.next_pos = self.valid[rows], self.next_pos[rows]
+
+    def segment(self) -> Segment:
+        """The filled slots as a Segment that a larger batch's rows continue (the cache is not copied)."""
+        n = self.len
+        return Segment([k[:, :, :n] for k in self.k], [v[:, :, :n] for v in self.v], self.valid[:, :n])
+
+    def above_valid(self) -> torch.Tensor | None:
+        """[B, S_above]: which of the segments' slots each row sees (None without segments)."""
+        B = self.valid.shape[0]
+        return torch.cat([seg.rows(seg.valid, B) for seg in self.above], 1) if self.above else None
+
+
+def cascade_attention(q: torch.Tensor, parts: list) -> torch.Tensor:
+    """One new token per row attending over shared segments and its own slots, none of them copied per row:
+    cascade attention (FlashInfer). q [B, H, 1, D]; parts: (k [R, Hkv, S, D], v, valid [R, S]), the own slots last
+    (R = B). Each segment's keys are read once for all n = B/R rows that start with it: the queries of those rows
+    become one [n*rep, D] block against [S, D]. One softmax over the concatenated scores. -> [B, H, 1, D] float32."""
+    B, H, _, D = q.shape
+    Hkv = parts[-1][0].shape[1]
+    rep = H // Hkv
+    q = q.float().reshape(B, Hkv, rep, D) * D ** -0.5
+    scores, blocks = [], []
+    for k, v, valid in parts:
+        R = k.shape[0]
+        n = B // R
+        qb = q.view(R, n, Hkv, rep, D).transpose(1, 2).reshape(R, Hkv, n * rep, D)  # the block's queries
+        s = (qb @ k.float().transpose(-1, -2)).masked_fill(~valid[:, None, None, :], float("-inf"))
+        scores.append(s.view(R, Hkv, n, rep, -1).transpose(1, 2).reshape(B, Hkv, rep, -1))  # [B, Hkv, rep, S]
+        blocks.append((R, n, v))
+    p = torch.softmax(torch.cat(scores, -1), -1)
+    out, start = 0.0, 0
+    for (R, n, v), s in zip(blocks, scores):
+        pb = p[..., start:start + s.shape[-1]].reshape(R, n, Hkv, rep, -1).transpose(1, 2).reshape(R, Hkv, n * rep, -1)
+        out = out + (pb @ v.float()).view(R, Hkv, n, rep, D).transpose(1, 2).reshape(B, Hkv, rep, D)
+        start += s.shape[-1]
+    return out.reshape(B, H, 1, D)
 
 
 class Linear(nn.Linear):
@@ -257,35 +309,45 @@ class Block(nn.Module):
         h = self.mlp_norm(x)
         return x + self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))
 
-    def shared(self, xp, xc, rope_p, rope_c, mask_c):
-        """The loss pass's block (completion_hidden): a prompt xp [1, P, dim] and G completions of it
-        xc [G, T, dim]. The prompt attends causally to itself; each completion attends to the prompt's keys
-        and values (expanded without a copy) and causally to its own real tokens (mask_c [G, 1, T, P + T])."""
-        qp, kp, vp = self.qkv(self.attn_norm(xp), *rope_p)  # [1, H or Hkv, P, D]
-        qc, kc, vc = self.qkv(self.attn_norm(xc), *rope_c)  # [G, H or Hkv, T, D]
-        G = xc.shape[0]
-        k = torch.cat([kp.expand(G, -1, -1, -1), kc], dim=2)  # [G, Hkv, P + T, D]
-        v = torch.cat([vp.expand(G, -1, -1, -1), vc], dim=2)
-        xp = self.mlp(xp + self.attend(qp, kp, vp, None, causal=True))
-        xc = self.mlp(xc + self.attend(qc, k, v, mask_c, causal=False))
-        return xp, xc
+    def tree(self, xs: list, ropes: list, masks: list, parents: list) -> list:
+        """The loss pass's block (losspass.tree_hidden) over a tree of token runs: level 0 (xs[0] [1, T0, dim]: a
+        prompt, or the prompts' shared prefix) attends causally to itself; each row of level l (xs[l] [R_l, T_l,
+        dim]) continues row parents[l] of level l - 1 and attends to that row's keys and values (its ancestors',
+        gathered: a copy only as large as the attention needs) and to its own under masks[l] [R_l, 1, T_l, keys]."""
+        out, K, V = [], None, None
+        for x, rope, mask, parent in zip(xs, ropes, masks, parents):
+            q, k, v = self.qkv(self.attn_norm(x), *rope)  # [R, H or Hkv, T, D]
+            if K is not None:
+                above = (lambda t: t.expand(len(parent), -1, -1, -1)) if K.shape[0] == 1 else (lambda t: t[parent])
+                k, v = torch.cat([above(K), k], dim=2), torch.cat([above(V), v], dim=2)  # [R, Hkv, keys, D]
+            out.append(self.mlp(x + self.attend(q, k, v, mask, causal=mask is None)))
+            K, V = k, v
+        return out
 
-    def step(self, x, cos, sin, mask, k_cache, v_cache, slot):
+    def step(self, x, cos, sin, mask, k_cache, v_cache, slot, above=()):
         """One new token per row (Transformer.decode_step): x [B, 1, dim]; its key and value are written at
-        `slot` (a [1] tensor) and attention spans the whole cache under `mask` [B, 1, 1, S]: static shapes."""
+        `slot` (a [1] tensor) and attention spans the whole cache under `mask` [B, 1, 1, S]: static shapes.
+        `above`: this layer's (k, v, valid) of the cache's shared segments, read by cascade_attention."""
         q, k, v = self.qkv(self.attn_norm(x), cos, sin)
         k_cache.index_copy_(2, slot, k)  # [B, Hkv, S, D] at slot <- [B, Hkv, 1, D]
         v_cache.index_copy_(2, slot, v)
-        return self.mlp(x + self.attend(q, k_cache, v_cache, mask, causal=False))
+        if not above:
+            return self.mlp(x + self.attend(q, k_cache, v_cache, mask, causal=False))
+        y = cascade_attention(q, [*above, (k_cache, v_cache, mask[:, 0, 0])]).to(x.dtype)  # [B, H, 1, D]
+        return self.mlp(x + self.wo(y.transpose(1, 2).reshape(x.shape[0], 1, -1)))
 
     def forward(self, x, cos, sin, mask, kv=None):
         q, k, v = self.qkv(self.attn_norm(x), cos, sin)
-        if kv is not None:  # write this chunk at its slots, then attend over every filled slot
-            k_cache, v_cache, start = kv
+        if kv is not None:  # write this chunk at its slots, then attend over the segments' slots and every filled one
+            k_cache, v_cache, start, above = kv
             T = x.shape[1]
             k_cache[:, :, start:start + T] = k
             v_cache[:, :, start:start + T] = v
             k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # [B, Hkv, S, D]
+            if above:  # a prompt appended after shared segments: their keys gathered for this chunk's queries
+                B = x.shape[0]
+                k = torch.cat([seg.rows(sk, B) for seg, sk, _ in above] + [k], dim=2)
+                v = torch.cat([seg.rows(sv, B) for seg, _, sv in above] + [v], dim=2)
         causal = mask is None and x.shape[1] > 1  # otherwise the mask says it (or one new token sees every slot)
         return self.mlp(x + self.attend(q, k, v, mask, causal))
 
@@ -303,6 +365,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.stop_ids: tuple = tuple(cfg.eos_token_ids)  # load_model replaces these with the tokenizer's
+        self.turn_ids: tuple = ()  # the chat format's turn-start token (load_model sets it; sampling.split_point)
         self.step_fn = None  # compile_decode: a compiled step_logits
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -329,6 +392,9 @@ class Transformer(nn.Module):
             cache.valid[:, start:start + T] = real
             cache.next_pos += real.sum(1)
             valid = cache.valid[:, :start + T]  # [B, S]
+            if cache.above:  # the shared segments' slots come first (Block.forward gathers their keys)
+                valid = torch.cat([cache.above_valid(), valid], 1)
+                start = start + valid.shape[1] - (cache.len + T)
         else:
             valid = real
         # No mask lets SDPA take its fast path: causal for a fresh prompt, unmasked for one new token. A chunk
@@ -342,10 +408,12 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, positions.clamp(min=0))
         x = self.tok_emb(input_ids)  # [B, T, dim]
         for i, layer in enumerate(self.layers):
-            kv = (cache.k[i], cache.v[i], start) if cache is not None else None
+            kv = None
+            if cache is not None:
+                kv = (cache.k[i], cache.v[i], cache.len, [(seg, seg.k[i], seg.v[i]) for seg in cache.above])
             x = layer(x, cos, sin, mask, kv)
         if cache is not None:
-            cache.len = start + T
+            cache.len += T
         return self.norm(x)
 
     def decode_step(self, token: torch.Tensor, cache: KVCache, step=None) -> torch.Tensor:
@@ -357,32 +425,40 @@ class Transformer(nn.Module):
         slot = torch.full((1,), cache.len, dtype=torch.long, device=token.device)
         cache.valid[:, cache.len] = True
         step = step or self.step_fn or self.step_logits  # compiled (compile_decode) or a CUDA graph (sampling.py)
-        logits = step(token, cache.next_pos, cache.valid, cache.k, cache.v, slot)
+        above = [(seg.k, seg.v, seg.valid) for seg in cache.above]
+        logits = step(token, cache.next_pos, cache.valid, cache.k, cache.v, slot, above)
         cache.next_pos += 1
         cache.len += 1
         return logits
 
-    def step_logits(self, token, next_pos, valid, ks, vs, slot):
-        """decode_step's tensor work: no Python numbers that change per step, so a compiled copy is reused."""
+    def step_logits(self, token, next_pos, valid, ks, vs, slot, above=()):
+        """decode_step's tensor work: no Python numbers that change per step, so a compiled copy is reused.
+        above: the cache's shared segments as (ks, vs, valid), read without copying (cascade_attention)."""
         cos, sin = rope_cos_sin(self.inv_freq, next_pos[:, None])  # [B, 1, 1, D]
         mask = valid[:, None, None, :]  # [B, 1, 1, S]
         x = self.tok_emb(token[:, None])  # [B, 1, dim]
-        for layer, k, v in zip(self.layers, ks, vs):
-            x = layer.step(x, cos, sin, mask, k, v, slot)
+        for i, (layer, k, v) in enumerate(zip(self.layers, ks, vs)):
+            x = layer.step(x, cos, sin, mask, k, v, slot, [(sk[i], sv[i], sval) for sk, sv, sval in above])
         return self.lm_head(self.norm(x))[:, 0]  # [B, V]
 
     def logprobs(self, prompt_ids: list[int], completions: list[list[int]], temperature: float = 1.0,
                  checkpoint: bool = True, allowed: torch.Tensor | None = None):
-        """The loss pass (losspass.completion_logprobs) as a method, which FSDP2 can hook like forward."""
+        """The loss pass of one prompt's completions (losspass.completion_logprobs)."""
         return losspass.completion_logprobs(self, prompt_ids, completions, temperature, checkpoint, allowed)
+
+    def group_logprobs(self, prompts: list[list[int]], groups: list[list[list[int]]], temperature: float = 1.0,
+                       checkpoint: bool = True, allowed: list | None = None) -> list:
+        """The loss pass of several prompts' completions, their shared prefix run once (losspass.group_logprobs),
+        as a method, which FSDP2 can hook like forward."""
+        return losspass.group_logprobs(self, prompts, groups, temperature, checkpoint, allowed)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE's cos and signed sin for positions [B, T] (the loss pass builds its own positions)."""
         return rope_cos_sin(self.inv_freq, positions)
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, above=()) -> KVCache:
         p = self.lm_head.weight
-        return KVCache(self.cfg, batch, max_len, p.dtype, p.device)
+        return KVCache(self.cfg, batch, max_len, p.dtype, p.device, above)
 
     def hf_names(self, fmt: str = "hf") -> dict[str, str]:
         """Our parameter names -> a checkpoint's (section 5); lora.py names adapter files with it."""
@@ -498,4 +574,5 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device="cp
         raise ModelLoadError(str(e)) from None
     model = build_model(config, tensors, fmt, str(path), dtype, device)
     model.stop_ids = tok.stop_ids or model.stop_ids
+    model.turn_ids = tok.turn_ids  # where a prompt's turns start: sampling.split_point cuts shared prefixes there
     return model, tok

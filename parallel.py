@@ -115,7 +115,7 @@ def validation_share(items: list, lock_step: bool) -> tuple[list, int]:
 
 class Call(torch.nn.Module):
     """module(*args) runs inner.<method>(*args). DDP syncs the gradients of what runs inside a forward call,
-    and the loss pass is a method (Transformer.logprobs, Critic.completion_values), not the forward."""
+    and the loss pass is a method (Transformer.group_logprobs, Critic.group_values), not the forward."""
 
     def __init__(self, inner: torch.nn.Module, method: str):
         super().__init__()
@@ -141,14 +141,14 @@ def prepare_models(policy, ref, critic, device, fsdp: bool):
     if fsdp:  # shard after loading whole weights; the optimizers are then built on the shards
         if world_size() == 1:
             raise SystemExit("--fsdp shards over several processes: start train.py with torchrun")
-        fsdp_shard(policy, policy.layers, ("logprobs", "decode_step"))  # the loss pass; generate's steps
+        fsdp_shard(policy, policy.layers, ("group_logprobs", "decode_step"))  # the loss pass; generate's steps
         if ref is not None and ref is not policy:
-            fsdp_shard(ref, ref.layers, ("logprobs",))
+            fsdp_shard(ref, ref.layers, ("group_logprobs",))
         if critic is not None:
-            fsdp_shard(critic, critic.backbone.layers, ("completion_values",))
+            fsdp_shard(critic, critic.backbone.layers, ("group_values",))
     # The loss pass as module calls, so that DDP sees it (it syncs the gradients of what runs in a forward).
-    policy_pass = data_parallel(Call(policy, "logprobs"), device)
-    return policy_pass, None if critic is None else data_parallel(Call(critic, "completion_values"), device)
+    policy_pass = data_parallel(Call(policy, "group_logprobs"), device)
+    return policy_pass, None if critic is None else data_parallel(Call(critic, "group_values"), device)
 
 
 def backward(loss: torch.Tensor) -> None:
@@ -160,14 +160,14 @@ def backward(loss: torch.Tensor) -> None:
 def fsdp_shard(module: torch.nn.Module, blocks, methods: tuple[str, ...]) -> None:
     """FSDP2: each block's parameters, then the rest's (the root: embeddings, norm, heads), sharded over the
     ranks and all-gathered just in time around each block's forward and backward. Entry points other than
-    forward are registered so they gather too: a block's shared-prompt and decode steps (Block.shared,
+    forward are registered so they gather too: a block's loss-pass and decode steps (Block.tree,
     Block.step) and the root's `methods` (the loss pass, generate's decode step, the critic's values)."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     engine.unpack(module)  # shards have no fast layout: decoding takes F.linear
     for layer in blocks:
         fully_shard(layer)
-        register_fsdp_forward_method(layer, "shared")
+        register_fsdp_forward_method(layer, "tree")
         register_fsdp_forward_method(layer, "step")  # a decode step (Transformer.decode_step)
     fully_shard(module)
     for name in methods:

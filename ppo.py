@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from losspass import completion_hidden
+from losspass import tree_hidden
 from parallel import concat_over_ranks
 
 
@@ -42,15 +42,21 @@ class Critic(nn.Module):
         h = self.backbone.hidden_states(input_ids, attention_mask)  # [B, L, dim]
         return self.value_head(h).squeeze(-1).float()
 
-    def completion_values(self, prompt_ids: list[int], completions: list[list[int]],
-                          checkpoint: bool = True) -> torch.Tensor:
-        """Values of G completions of one prompt, [G, T], the prompt run once (losspass.completion_hidden).
+    def group_values(self, prompts: list[list[int]], groups: list[list[list[int]]],
+                     checkpoint: bool = True) -> list[torch.Tensor]:
+        """Values of every completion of every prompt, per group [G, T], each prompt and the prompts' shared prefix
+        run once (losspass.tree_hidden).
 
         V[:, t] is read from the state before response token t was generated (as verl does), so GAE's
         delta_t = r_t + gamma V_{t+1} - V_t compares the states around token t. 0 on padding.
         """
-        h, _, mask = completion_hidden(self.backbone, prompt_ids, completions, checkpoint)  # [G, T, dim]
-        return self.value_head(h).squeeze(-1).float() * mask
+        h, _, mask = tree_hidden(self.backbone, prompts, groups, checkpoint)  # [M, T, dim]
+        values = self.value_head(h).squeeze(-1).float() * mask
+        out, row = [], 0
+        for g in groups:
+            out.append(values[row:row + len(g), :max(map(len, g))])
+            row += len(g)
+        return out
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,8 @@ import argparse
 import torch
 
 import model as M
+import precision
+from losspass import SHARED_PREFIX_MIN, common_prefix
 
 
 def sample_next(logits: torch.Tensor, temperature, top_p: float, generator, allowed: torch.Tensor | None = None,
@@ -156,39 +158,87 @@ def continuation_logprobs(model, prompt_ids: list[list[int]], continuations: lis
 
 
 def prefill(model, prompt_ids: list[list[int]], max_new_tokens: int, share_prefix: bool = True):
-    """Each distinct prompt run once into a KV cache with room for the new tokens, then repeated for its rows.
+    """The prompts run into a KV cache with room for the new tokens, each token once: prefix caching, as vLLM and
+    SGLang do it. The tokens form a tree of shared Segments that the rows read without copies (model.py):
 
-    The distinct prompts' common prefix (an agent's system prompt: 235 of ~570 tokens for the cpu preset's
-    answer prompts) runs once too, and each prompt's rest is appended after it, left-padded to a common
-    length: prefix caching, as vLLM and SGLang do it. Not under FSDP (share_prefix=False): every rank must
-    make the same number of forward calls, and its prompts' prefix is its own.
-    Returns (logits of each row's next token [B, V], cache).
+        the distinct prompts' common prefix (an agent's system prompt: 227 of ~530 tokens for the cpu preset's
+            answer prompts, ~980 of ~1,040 for the manager's), computed once, or taken from the last call's
+            (prefix_segment: a frozen model computes its system prompt once per process);
+        each distinct prompt's rest, left-padded to a common length, appended after it; where each prompt is
+            sampled n times in a row (a GRPO group), a segment its n rows share;
+        each row's own slots: its new tokens.
+
+    Not under FSDP (share_prefix=False): every rank must make the same number of forward calls, and its prompts'
+    prefix is its own. Returns (logits of each row's next token [B, V], cache).
     """
     dev = model.lm_head.weight.device
     unique = list(dict.fromkeys(tuple(p) for p in prompt_ids))
-    row_of = {p: i for i, p in enumerate(unique)}
-    shared = common_prefix(unique) if len(unique) > 1 and share_prefix else 0
-    if shared < SHARED_PREFIX_MIN:
-        shared = 0
+    shared = split_point(model, unique) if share_prefix else 0
+    above = [prefix_segment(model, unique[0][:shared])] if shared else []
     rests = [p[shared:] for p in unique]
     T = max(len(r) for r in rests)
-    check_cache_fits(model, len(prompt_ids), shared + T + max_new_tokens)
-    ids = torch.zeros(len(unique), T, dtype=torch.long)
-    real = torch.zeros(len(unique), T, dtype=torch.bool)
+    B, U = len(prompt_ids), len(unique)
+    n = B // U
+    grouped = share_prefix and n > 1 and [tuple(p) for p in prompt_ids] == [p for p in unique for _ in range(n)]
+    check_cache_fits(model, B, shared + T + max_new_tokens)
+    ids = torch.zeros(U, T, dtype=torch.long)
+    real = torch.zeros(U, T, dtype=torch.bool)
     for i, r in enumerate(rests):
         ids[i, T - len(r):] = torch.tensor(r)
         real[i, T - len(r):] = True
-    if shared:
-        cache = model.new_cache(1, shared + T + max_new_tokens)
-        model(torch.tensor([unique[0][:shared]], device=dev), cache=cache, last_only=True)  # [1, shared]
-        cache.select_rows(torch.zeros(len(unique), dtype=torch.long, device=dev))  # one copy per prompt
-    else:
-        cache = model.new_cache(len(unique), T + max_new_tokens)
+    cache = model.new_cache(U, T + (0 if grouped else max_new_tokens), above)
+    cache.next_pos += shared
     logits = model(ids.to(dev), real.to(dev), cache=cache, last_only=True)[:, -1]  # [U, V]
-    rows = torch.tensor([row_of[tuple(p)] for p in prompt_ids], device=dev)
-    if len(unique) != len(prompt_ids):
+    if grouped:  # each prompt's n rows read its slots as one more segment and own only their new tokens
+        rows = cache
+        cache = model.new_cache(B, max_new_tokens, [*above, rows.segment()])
+        cache.next_pos = rows.next_pos.repeat_interleave(n)
+        return logits.repeat_interleave(n, 0), cache
+    rows = torch.tensor([unique.index(tuple(p)) for p in prompt_ids], device=dev)
+    if U != B:  # duplicates not in blocks of n: their slots copied
         cache.select_rows(rows)
     return logits[rows], cache
+
+
+def weights_stamp(model) -> tuple:
+    """What a cached prefix's keys and values depend on besides its tokens: every parameter's storage and version
+    (an optimizer step bumps it), the LoRA adapters' switches, the products' precision."""
+    return (tuple((p.data_ptr(), p._version) for p in model.parameters()),
+            tuple(getattr(m, "lora_enabled", True) for m in model.modules()), precision.PRODUCTS, model.training)
+
+
+def split_point(model, prompts: list) -> int:
+    """Where the shared prefix of distinct `prompts` ends (0: none worth a segment). With a chat format
+    (model.turn_ids): at the start of the last turn that begins within their common prefix - for one prompt,
+    of its last user turn (its last two turn starts: the user's, then the assistant's header). So every call of an
+    agent cuts its prompts after the same whole turns (the system prompt and worked examples), whatever else they
+    happen to share, and prefix_segment's kept prefix serves them all, its numbers independent of the calls
+    before (a resumed run computes what an unbroken one did). Without a chat format: the common prefix."""
+    first, turns = prompts[0], set(getattr(model, "turn_ids", ()))
+    if not turns:
+        n = common_prefix(prompts) if len(prompts) > 1 else 0
+    elif len(prompts) > 1:
+        n = max((i for i in range(1, common_prefix(prompts) + 1) if first[i] in turns), default=0)
+    else:
+        starts = [i for i in range(1, len(first)) if first[i] in turns]
+        n = starts[-2] if len(starts) >= 2 else 0
+    return n if n >= SHARED_PREFIX_MIN else 0
+
+
+@torch.no_grad()
+def prefix_segment(model, ids: tuple) -> M.Segment:
+    """The keys and values of the tokens `ids` as a one-row Segment. The model keeps the last one it computed
+    (`model.prefix_kv`) and hands it out again for the same tokens while its weights are unchanged: automatic
+    prefix caching with one entry, enough for an agent whose every prompt starts with its system prompt (the frozen
+    reference, answerer and manager compute theirs once per process; the policy once per update)."""
+    stamp, kept = weights_stamp(model), getattr(model, "prefix_kv", None)
+    if kept is not None and kept[0] == tuple(ids) and kept[1] == stamp:
+        return kept[2]
+    cache = model.new_cache(1, len(ids))
+    model(torch.tensor([list(ids)], device=model.lm_head.weight.device), cache=cache, last_only=True)
+    seg = cache.segment()
+    model.prefix_kv = (tuple(ids), stamp, seg)
+    return seg
 
 
 def check_cache_fits(model, rows: int, slots: int) -> None:
@@ -214,19 +264,6 @@ def free_memory(device) -> int | None:
         return None
 
 
-SHARED_PREFIX_MIN = 16  # shorter common prefixes are run with each prompt (not worth a second forward call)
-
-
-def common_prefix(prompts: list[tuple]) -> int:
-    """Tokens that every prompt starts with, leaving each at least one token of its own."""
-    n = min(len(p) for p in prompts) - 1
-    first = prompts[0]
-    for i in range(n):
-        if any(p[i] != first[i] for p in prompts):
-            return i
-    return max(n, 0)
-
-
 class CudaGraphStep:
     """model.step_logits replayed from a CUDA graph: one launch per decode step instead of a few hundred
     kernel launches, whose cost dominates a decode step on a GPU (gpt-fast and vLLM do the same).
@@ -238,7 +275,8 @@ class CudaGraphStep:
         self.token = torch.zeros(cache.valid.shape[0], dtype=torch.long, device=cache.valid.device)
         self.slot = torch.full((1,), cache.len, dtype=torch.long, device=cache.valid.device)
         step = model.step_fn or model.step_logits
-        args = (self.token, cache.next_pos, cache.valid, cache.k, cache.v, self.slot)
+        above = [(seg.k, seg.v, seg.valid) for seg in cache.above]
+        args = (self.token, cache.next_pos, cache.valid, cache.k, cache.v, self.slot, above)
         side = torch.cuda.Stream()  # warm-up (and compilation) off the capturing stream, as CUDA graphs need
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -249,7 +287,7 @@ class CudaGraphStep:
         with torch.cuda.graph(self.graph):
             self.logits = step(*args)
 
-    def __call__(self, token, next_pos, valid, ks, vs, slot):
+    def __call__(self, token, next_pos, valid, ks, vs, slot, above=()):
         self.token.copy_(token)
         self.slot.copy_(slot)
         self.graph.replay()

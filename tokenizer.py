@@ -20,6 +20,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 
 CHAT_END = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
+TURN_START = {"llama3": "<|start_header_id|>", "chatml": "<|im_start|>"}
 
 
 class TokenizerError(ValueError):
@@ -34,6 +35,7 @@ class Tokenizer:
     bos_token: str | None = None  # Llama-3 prepends <|begin_of_text|>; ChatML models prepend nothing
     default_system: str | None = None  # ChatML templates (Qwen, SmolLM2) insert one when none is given
     pad_id: int = 0  # fills padded positions; masks never come from it (pad may equal a stop id)
+    turn_ids: tuple = ()  # the token that starts each turn (<|start_header_id|>, <|im_start|>): prefix caching's cuts
 
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids
@@ -73,7 +75,8 @@ class Tokenizer:
         if fmt == "llama3" and bos_token is None:
             bos_token = "<|begin_of_text|>"
         pad = stops[0] if stops else 0
-        return cls(tk, fmt, tuple(dict.fromkeys(stops)), bos_token, default_system, pad)
+        turns = (vocab[TURN_START[fmt]],) if fmt is not None else ()
+        return cls(tk, fmt, tuple(dict.fromkeys(stops)), bos_token, default_system, pad, turns)
 
     @classmethod
     def from_folder(cls, folder: Path, eos_ids=()) -> "Tokenizer":

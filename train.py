@@ -114,12 +114,15 @@ def rollout(policy, tok, task: Task, examples: list[Example], step: int, args, r
             break
     kept = {id(g) for g in groups}
     groups = (groups + [g for g in sampled if id(g) not in kept])[:Q]  # informative groups first
-    for g in groups:
-        if ref is not None:  # the reference's distribution over the same tokens as the policy's
-            with lora.adapters_disabled(ref):
-                g.ref_logp, _ = ref.logprobs(g.prompt, g.completions, args.temperature, True, g.allowed())
-        if critic is not None:
-            g.old_values = critic.completion_values(g.prompt, g.completions)
+    prompts, completions = [g.prompt for g in groups], [g.completions for g in groups]
+    if ref is not None:  # the reference's distribution over the same tokens as the policy's (one loss pass)
+        with lora.adapters_disabled(ref):
+            ref_logps = ref.group_logprobs(prompts, completions, args.temperature, True, [g.allowed() for g in groups])
+        for g, (ref_logp, _) in zip(groups, ref_logps):
+            g.ref_logp = ref_logp
+    if critic is not None:
+        for g, values in zip(groups, critic.group_values(prompts, completions)):
+            g.old_values = values
     rewards = torch.tensor([s["reward"] for g in groups for s in g.scores])  # [N * G], group by group
     if args.algo == "grpo":
         grpo_advantages(groups, rewards, args)
@@ -217,27 +220,37 @@ def minibatch_step(policy, opt, minibatch: list[Group], args, critic=None, criti
     stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0} | ({"value_loss": 0.0, "value_clip_frac": 0.0} if critic else {})
     if on_policy:
         stats["logp_mismatch"] = 0.0  # mean |sampler's log-prob - the loss pass's| per token
-    work = [c for g in minibatch for c in micro_batches(g, args.micro_batch)]
-    for i, c in enumerate(work):
-        w = c.mask.sum().item() / n_tokens  # this chunk's share of the minibatch's tokens
-        with no_sync(policy, last=i == len(work) - 1):  # gradients sync over ranks at the last backward only
-            logp, mask = policy(c.prompt, c.completions, args.temperature, args.checkpointing, c.allowed())
-            old_logp = logp.detach() if on_policy else c.old_logp
-            loss, st = grpo_loss(logp, old_logp, c.ref_logp, c.advantages, mask, beta, args.clip_low,
-                                 args.clip_high, args.loss_agg, denom)
-            backward(loss)
-        stats["loss"] += loss.item()
-        stats["clip_frac"] += w * st["clip_frac"]
-        stats["kl"] += w * st["kl"]
-        if on_policy:
-            stats["logp_mismatch"] += ((logp.detach() - c.old_logp).abs() * mask).sum().item() / n_tokens
+    # One loss pass for the whole minibatch (its prompts' shared prefix runs once); with micro_batch, one per chunk
+    chunks = [c for g in minibatch for c in micro_batches(g, args.micro_batch)]
+    work = [chunks] if args.micro_batch == 0 else [[c] for c in chunks]
+    for i, part in enumerate(work):
+        last = i == len(work) - 1  # gradients sync over ranks at the last backward only
+        prompts, completions = [c.prompt for c in part], [c.completions for c in part]
+        with no_sync(policy, last=last):
+            passes = policy(prompts, completions, args.temperature, args.checkpointing, [c.allowed() for c in part])
+            total = 0.0
+            for c, (logp, mask) in zip(part, passes):
+                w = c.mask.sum().item() / n_tokens  # this chunk's share of the minibatch's tokens
+                old_logp = logp.detach() if on_policy else c.old_logp
+                loss, st = grpo_loss(logp, old_logp, c.ref_logp, c.advantages, mask, beta, args.clip_low,
+                                     args.clip_high, args.loss_agg, denom)
+                total = total + loss
+                stats["loss"] += loss.item()
+                stats["clip_frac"] += w * st["clip_frac"]
+                stats["kl"] += w * st["kl"]
+                if on_policy:
+                    stats["logp_mismatch"] += ((logp.detach() - c.old_logp).abs() * mask).sum().item() / n_tokens
+            backward(total)
         if critic is not None:
-            with no_sync(critic, last=i == len(work) - 1):
-                values = critic(c.prompt, c.completions, args.checkpointing)
-                vloss, vclip = compute_value_loss(values, c.old_values, c.returns, mask, args.value_clip)
-                backward(w * vloss)  # token-mean over the minibatch
-            stats["value_loss"] += w * vloss.item()
-            stats["value_clip_frac"] += w * vclip.item()
+            with no_sync(critic, last=last):
+                total = 0.0
+                for c, values in zip(part, critic(prompts, completions, args.checkpointing)):
+                    w = c.mask.sum().item() / n_tokens
+                    vloss, vclip = compute_value_loss(values, c.old_values, c.returns, c.mask, args.value_clip)
+                    total = total + w * vloss  # token-mean over the minibatch
+                    stats["value_loss"] += w * vloss.item()
+                    stats["value_clip_frac"] += w * vclip.item()
+                backward(total)
     stats = all_sum(stats)  # every rank's share
     stats["grad_norm"] = clip_gradients(opt, args.grad_clip)
     opt.step()

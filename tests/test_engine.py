@@ -138,6 +138,7 @@ def test_common_prefix_is_prefilled_once_with_the_same_results(tiny_checkpoints,
     assert sampling.common_prefix([(1, 2, 3, 4), (1, 2, 5), (1, 2, 3)]) == 2
     assert sampling.common_prefix([(1, 2, 3), (1, 2, 3, 4)]) == 2  # each keeps a token of its own
     net, _ = M.load_model(tiny_checkpoints["qwen2"][0])
+    net.turn_ids = ()  # prompts without a chat format: the shared prefix is their common prefix (split_point)
     system = list(range(30, 50))
     prompts = [system + [7, 8, 9], system + [10], system + [7, 8, 9], system + [11, 12, 13, 14, 15]]
     calls = []
@@ -150,6 +151,64 @@ def test_common_prefix_is_prefilled_once_with_the_same_results(tiny_checkpoints,
     want, lw = generate(net, prompts, 5, temperature=1.0, seed=1, stop_ids=(), return_logprobs=True)
     assert got == want
     torch.testing.assert_close(torch.tensor(lg), torch.tensor(lw), rtol=0, atol=1e-5)
+
+
+def test_split_point_cuts_at_the_last_whole_turn_and_needs_a_long_enough_prefix(tiny_checkpoints, monkeypatch):
+    import sampling
+    net, _ = M.load_model(tiny_checkpoints["qwen2"][0])
+    net.turn_ids = ()
+    system, T = [1] + list(range(30, 50)), 1  # token 1 starts each turn
+    a, b = system + [T, 7, 8, 9, T, 5], system + [T, 7, 8, 2, T, 5]
+    assert sampling.split_point(net, [a, b]) == sampling.common_prefix([a, b]) == 24  # no chat format
+    assert sampling.split_point(net, [a]) == 0  # ... and for one prompt, no cut
+    net.turn_ids = (T,)
+    assert sampling.split_point(net, [a, b]) == 21  # the user turns differ after 3 tokens: cut before them
+    assert sampling.split_point(net, [a]) == 21  # one prompt: before its last user turn
+    monkeypatch.setattr(sampling, "SHARED_PREFIX_MIN", 22)
+    assert sampling.split_point(net, [a, b]) == 0
+
+
+def test_rollout_batches_read_shared_segments_without_copies_and_sample_the_same(tiny_checkpoints):
+    """A GRPO rollout's batch (3 distinct prompts, each 4 times in a row, after a shared system turn): the system
+    turn is one segment, each prompt's rest a segment its 4 rows share, and each row owns only its new tokens
+    (sampling.prefill); decoding reads them by cascade attention. Tokens and log-probs equal those of every row
+    prefilled whole (share_prefix off: sync_steps), to float32 rounding."""
+    import sampling
+    net, _ = M.load_model(tiny_checkpoints["qwen2"][0])
+    net.turn_ids = (1,)
+    system = [1] + list(range(30, 50))
+    distinct = [system + [1, 7, 8, 9, 1, 5], system + [1, 10, 1, 5], system + [1, 11, 12, 13, 14, 15, 1, 5]]
+    prompts = [p for p in distinct for _ in range(4)]
+    _, cache = sampling.prefill(net, prompts, 6)
+    assert [seg.k[0].shape[:3] for seg in cache.above] == [(1, 2, 21), (3, 2, 8)]  # [rows, Hkv, slots]
+    assert cache.k[0].shape[0] == 12 and cache.k[0].shape[2] == 6  # own slots: the new tokens only
+    got, lg = generate(net, prompts, 6, temperature=1.0, seed=3, stop_ids=(), return_logprobs=True)
+    want, lw = generate(net, prompts, 6, temperature=1.0, seed=3, stop_ids=(), return_logprobs=True, sync_steps=True)
+    assert got == want and len({tuple(t) for t in got}) > 3
+    torch.testing.assert_close(torch.tensor(lg), torch.tensor(lw), rtol=0, atol=1e-5)
+    scored = sampling.continuation_logprobs(net, prompts, got)  # teacher forcing through the same segments
+    plain = []
+    for p, c in zip(prompts, got):
+        logp = torch.log_softmax(net(torch.tensor([p + c]))[0, len(p) - 1:-1].float(), -1)
+        plain.append(logp.gather(-1, torch.tensor(c)[:, None]).sum().item() +
+                     torch.logsumexp(torch.log_softmax(net(torch.tensor([p + c]))[0, -1].float(), -1)[list(net.stop_ids)], 0).item())
+    torch.testing.assert_close(torch.tensor(scored), torch.tensor(plain), rtol=0, atol=1e-4)
+
+
+def test_a_frozen_models_system_turn_is_computed_once_until_its_weights_change(tiny_checkpoints):
+    import sampling
+    net, _ = M.load_model(tiny_checkpoints["qwen2"][0])
+    net.turn_ids = (1,)
+    system = tuple([1] + list(range(30, 50)))
+    first = sampling.prefix_segment(net, system)
+    assert sampling.prefix_segment(net, system) is first  # kept: the same tensors
+    assert sampling.prefix_segment(net, system[:-1]) is not first  # other tokens: computed
+    again = sampling.prefix_segment(net, system)
+    with torch.no_grad():
+        net.layers[0].wk.weight.mul_(1.5)  # an optimizer step writes in place
+    changed = sampling.prefix_segment(net, system)
+    assert changed is not again and not torch.equal(changed.k[0], again.k[0])
+    torch.testing.assert_close(again.k[0], first.k[0], rtol=0, atol=0)  # the same tokens, the same numbers
 
 
 def test_compiled_decode_step_on_smollm2_gives_the_same_greedy_tokens(smollm2):

@@ -201,20 +201,25 @@ def test_critic_values_start_at_zero_and_train(tiny_checkpoints):
     assert best_constant > 0.9 and loss.item() < 0.1 * best_constant
 
 
-def test_completion_values_are_the_critics_values_before_each_token(tiny_checkpoints):
-    """completion_values (the prompt run once, G completions sharing it) against the critic's plain forward
-    over prompt + completion: V[:, t] is the value at the position before completion token t; 0 on padding."""
+def test_group_values_are_the_critics_values_before_each_token(tiny_checkpoints):
+    """group_values (two prompts whose shared prefix runs once, each prompt once, its completions sharing it)
+    against the critic's plain forward over prompt + completion: V[:, t] is the value at the position before
+    completion token t; 0 on padding."""
     import model as M
     net, _ = M.load_model(tiny_checkpoints["llama"][0])
     critic = Critic(net)
     with torch.no_grad():
         critic.value_head.weight.normal_(generator=torch.Generator().manual_seed(1))
         critic.value_head.bias.fill_(0.3)
-    prompt, completions = [5, 17, 42, 99, 3], [[64, 200, 7], [11], [250, 8]]
-    got = critic.completion_values(prompt, completions, checkpoint=False)
-    assert got.shape == (3, 3)
-    for i, c in enumerate(completions):
-        plain = critic(torch.tensor([prompt + c]))[0]  # [P + T]
-        want = plain[len(prompt) - 1:len(prompt) - 1 + len(c)]
-        torch.testing.assert_close(got[i, :len(c)], want, atol=1e-5, rtol=1e-5)
-        assert torch.equal(got[i, len(c):], torch.zeros(3 - len(c)))
+    system = list(range(120, 140))  # 20 tokens: a shared prefix of its own (losspass.SHARED_PREFIX_MIN)
+    prompts = [system + [5, 17, 42, 99, 3], system + [61]]
+    groups = [[[64, 200, 7], [11], [250, 8]], [[9, 9], [31]]]
+    values = critic.group_values(prompts, groups, checkpoint=False)
+    assert [v.shape for v in values] == [(3, 3), (2, 2)]
+    for prompt, completions, got in zip(prompts, groups, values):
+        T = got.shape[1]
+        for i, c in enumerate(completions):
+            plain = critic(torch.tensor([prompt + c]))[0]  # [P + T]
+            want = plain[len(prompt) - 1:len(prompt) - 1 + len(c)]
+            torch.testing.assert_close(got[i, :len(c)], want, atol=1e-5, rtol=1e-5)
+            assert torch.equal(got[i, len(c):], torch.zeros(T - len(c)))

@@ -409,6 +409,43 @@ def test_shared_prompt_logprobs_and_gradients_equal_the_plain_pass(tiny_checkpoi
         assert torch.allclose(shared[n], p.grad, atol=1e-5, rtol=1e-4), n
 
 
+@pytest.mark.parametrize("checkpoint", [True, False])
+@pytest.mark.parametrize("prefix", [20, 0])
+def test_minibatch_pass_with_a_shared_prefix_equals_one_pass_per_group(tiny_checkpoints, prefix, checkpoint):
+    """The loss pass of a minibatch (the prompts' shared prefix run once, every group attending to it, its backward
+    summing theirs) against one pass per group (the prompt recomputed for each) and against plain forwards of each
+    full sequence: log-probs and every gradient equal to float32 rounding."""
+    ours, _ = M.load_model(tiny_checkpoints["qwen3"][0])
+    system = list(range(100, 100 + prefix))
+    prompts = [system + [40, 41, 42], system + list(range(50, 60)), system + [61]]  # rests of unequal lengths
+    groups = [[[5, 6, 7], [8]], [[9, 10, 11, 12, 13], [14, 15], [16]], [[17, 18]]]
+    weights = [torch.randn(len(g), max(map(len, g)), generator=torch.Generator().manual_seed(i))
+               for i, g in enumerate(groups)]
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in ours.named_parameters()}
+        ours.zero_grad()
+        return out
+
+    together = losspass.group_logprobs(ours, prompts, groups, temperature=0.7, checkpoint=checkpoint)
+    sum((lp * w).sum() for (lp, _), w in zip(together, weights)).backward()
+    g_together = grads()
+    apart = [losspass.completion_logprobs(ours, p, g, temperature=0.7, checkpoint=checkpoint)
+             for p, g in zip(prompts, groups)]
+    sum((lp * w).sum() for (lp, _), w in zip(apart, weights)).backward()
+    g_apart = grads()
+    for (lp, m), (lp2, m2), g in zip(together, apart, groups):
+        assert torch.equal(m, m2) and m.sum(1).tolist() == [len(c) for c in g]
+        torch.testing.assert_close(lp, lp2, atol=2e-6, rtol=1e-5)
+        for lp_row, p, c in zip(lp, [prompts[groups.index(g)]] * len(g), g):  # the plain forward of prompt + c
+            logits = ours(torch.tensor([p + c]))[0, len(p) - 1:-1] / 0.7
+            want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None])[:, 0]
+            torch.testing.assert_close(lp_row[:len(c)], want.detach(), atol=1e-5, rtol=1e-5)
+    for n in g_apart:
+        torch.testing.assert_close(g_together[n], g_apart[n], atol=1e-5, rtol=1e-4, msg=n)
+    assert max(g.abs().max().item() for g in g_apart.values()) > 1e-3  # the gradients compared are not all zero
+
+
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3"])
 def test_saved_checkpoint_loads_in_transformers_and_back(tiny_checkpoints, variant, tmp_path):
     from transformers import AutoModelForCausalLM
