@@ -154,9 +154,9 @@ def assert_same_step(a: dict, b: dict, tol: float = 1e-6, lr: float = 1e-2) -> N
 def test_two_ranks_take_the_step_one_process_takes(tiny_checkpoints, tmp_path, mode, monkeypatch):
     """Same global batch (4 questions x G=8): 2 gloo ranks (DDP replicas or FSDP2 shards) vs one process;
     then the 2-rank checkpoint resumed by one process equals a one-process run of the same length."""
-    if "fsdp" in mode:  # shards decode with F.linear, each prompt prefilled whole, no shared segments (engine.py,
-        # sampling.prefill):
-        # the one process does the same, or this tiny model's nearly flat distributions sample other tokens
+    if "fsdp" in mode:  # shards decode with F.linear and prefill each prompt whole, without shared segments
+        # (engine.py, sampling.prefill): the one process does the same, or this tiny model's nearly flat
+        # distributions sample other tokens
         monkeypatch.setattr(engine, "CPU_FAST_LAYOUT", False)
         prefill = sampling.prefill
         monkeypatch.setattr(sampling, "prefill", lambda m, p, n, share_prefix=True: prefill(m, p, n, share_prefix=False))
