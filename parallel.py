@@ -191,8 +191,8 @@ def full_state(module: torch.nn.Module) -> dict | None:
 @contextlib.contextmanager
 def no_sync(module, last: bool):
     """Gradients are reduced over ranks at the minibatch's last backward only; earlier ones accumulate
-    locally (DDP: no_sync; FSDP2: set_requires_gradient_sync)."""
-    if last or world_size() == 1:
+    locally (DDP: no_sync; FSDP2: set_requires_gradient_sync). A module of None (no critic) needs nothing."""
+    if last or world_size() == 1 or module is None:
         yield
     elif hasattr(module, "no_sync"):
         with module.no_sync():

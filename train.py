@@ -12,7 +12,7 @@ One step (paper Alg. 2 for the Answer Agent, Alg. 1 for the Memory Manager; docs
                     or for the manager the frozen answerer's score on the bank its events edited
     2. advantages   GRPO: normalised within each group, a frozen reference for the beta * KL term;
                     PPO: the KL penalty in the reward, a critic's values, GAE
-    3. update       epochs x minibatches; each group's loss pass runs its prompt once (losspass.py);
+    3. update       epochs x minibatches; one loss pass a minibatch, each shared token once (losspass.py);
                     gradients accumulate over a minibatch, then clip and AdamW
     4. log, save    a JSON line per step in OUT/metrics.jsonl, greedy validation every val_every steps, and
                     OUT/checkpoint replaced atomically (checkpoint.py); --resume continues it exactly
@@ -173,8 +173,7 @@ def micro_batches(g: Group, size: int) -> list[Group]:
         return [g]
     out = []
     for s in range(0, len(g.completions), size):
-        rows = slice(s, s + size)
-        T = max(map(len, g.completions[rows]))
+        rows, T = slice(s, s + size), max(map(len, g.completions[s:s + size]))
         cut = {f: getattr(g, f)[rows, :T] for f in ("old_logp", "mask", "ref_logp", "advantages", "old_values",
                                                      "returns") if getattr(g, f) is not None}
         out.append(replace(g, completions=g.completions[rows], scores=g.scores[rows],
@@ -184,8 +183,8 @@ def micro_batches(g: Group, size: int) -> list[Group]:
 
 def update(policy, opt, groups: list[Group], step: int, args, critic=None, critic_opt=None) -> dict:
     """PPO epochs over the rollout, each split into minibatches by prompt; one optimizer step per minibatch.
-    policy(prompt, completions, temperature, checkpoint) -> (logp, mask) and critic(...) -> values are the
-    loss-pass modules (parallel.prepare_models); the optimizers hold the trainable parameters."""
+    policy(prompts, groups, temperature, checkpoint, allowed) -> per group (logp, mask) and critic(...) -> values are
+    the loss-pass modules (parallel.prepare_models); the optimizers hold the trainable parameters."""
     sums, counts = {}, {}
     policy.train()  # LoRA dropout, if any, acts here only (sampling and the reference run in eval mode)
     for epoch in range(args.ppo_epochs):
@@ -208,49 +207,39 @@ def update(policy, opt, groups: list[Group], step: int, args, critic=None, criti
 
 def minibatch_step(policy, opt, minibatch: list[Group], args, critic=None, critic_opt=None,
                    on_policy: bool = False) -> dict:
-    """Loss pass and backward group by group (gradients accumulate), then clip and step: one optimizer step.
-    Each group's loss is normalised by the whole minibatch's denominator (over every rank), so the sum of
-    the backward passes is the gradient of the minibatch's loss (docs/method.md section 5).
+    """One loss pass over the minibatch (its prompts' shared prefix once; with micro_batch, one per chunk), its
+    backward, clip and step. Each group's loss is normalised by the whole minibatch's denominator (over every rank),
+    so the sum is the gradient of the minibatch's loss (docs/method.md section 5).
     `on_policy`: no step has been taken since the rollout, so the ratio's old log-probs are the loss pass's
     own (detached: the ratio is exactly 1, as TRL and verl compute it); the sampler's differ from them by
     float32 rounding, or bf16's (precision.py), logged as `logp_mismatch`. Later steps take the sampler's."""
     denom, n_tokens = all_sum([agg_denominator(args.loss_agg, [g.mask for g in minibatch], args.max_new_tokens),
                                sum(g.mask.sum().item() for g in minibatch)])
     beta = args.beta if args.algo == "grpo" else 0.0  # PPO's KL sits in the reward instead
-    stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0} | ({"value_loss": 0.0, "value_clip_frac": 0.0} if critic else {})
-    if on_policy:
-        stats["logp_mismatch"] = 0.0  # mean |sampler's log-prob - the loss pass's| per token
-    # One loss pass for the whole minibatch (its prompts' shared prefix runs once); with micro_batch, one per chunk
-    chunks = [c for g in minibatch for c in micro_batches(g, args.micro_batch)]
-    work = [chunks] if args.micro_batch == 0 else [[c] for c in chunks]
+    stats = dict.fromkeys(["loss", "clip_frac", "kl"] + ["value_loss", "value_clip_frac"] * (critic is not None) +
+                          ["logp_mismatch"] * on_policy, 0.0)  # logp_mismatch: mean |sampler's - the pass's| per token
+    work = [minibatch] if args.micro_batch == 0 else [[c] for g in minibatch for c in micro_batches(g, args.micro_batch)]
     for i, part in enumerate(work):
-        last = i == len(work) - 1  # gradients sync over ranks at the last backward only
-        prompts, completions = [c.prompt for c in part], [c.completions for c in part]
-        with no_sync(policy, last=last):
-            passes = policy(prompts, completions, args.temperature, args.checkpointing, [c.allowed() for c in part])
-            total = 0.0
-            for c, (logp, mask) in zip(part, passes):
+        prompts, completions, last = [c.prompt for c in part], [c.completions for c in part], i == len(work) - 1
+        with no_sync(policy, last=last), no_sync(critic, last=last):  # ranks sync gradients at the last backward
+            values = critic(prompts, completions, args.checkpointing) if critic is not None else [None] * len(part)
+            losses = []
+            for c, (logp, mask), v in zip(part, policy(prompts, completions, args.temperature, args.checkpointing,
+                                                       [c.allowed() for c in part]), values):
                 w = c.mask.sum().item() / n_tokens  # this chunk's share of the minibatch's tokens
-                old_logp = logp.detach() if on_policy else c.old_logp
-                loss, st = grpo_loss(logp, old_logp, c.ref_logp, c.advantages, mask, beta, args.clip_low,
-                                     args.clip_high, args.loss_agg, denom)
-                total = total + loss
-                stats["loss"] += loss.item()
-                stats["clip_frac"] += w * st["clip_frac"]
-                stats["kl"] += w * st["kl"]
+                loss, st = grpo_loss(logp, logp.detach() if on_policy else c.old_logp, c.ref_logp, c.advantages,
+                                     mask, beta, args.clip_low, args.clip_high, args.loss_agg, denom)
+                for k, x in (("loss", loss.item()), ("clip_frac", w * st["clip_frac"]), ("kl", w * st["kl"])):
+                    stats[k] += x
                 if on_policy:
                     stats["logp_mismatch"] += ((logp.detach() - c.old_logp).abs() * mask).sum().item() / n_tokens
-            backward(total)
-        if critic is not None:
-            with no_sync(critic, last=last):
-                total = 0.0
-                for c, values in zip(part, critic(prompts, completions, args.checkpointing)):
-                    w = c.mask.sum().item() / n_tokens
-                    vloss, vclip = compute_value_loss(values, c.old_values, c.returns, c.mask, args.value_clip)
-                    total = total + w * vloss  # token-mean over the minibatch
+                if critic is not None:  # the critic's loss, token-mean over the minibatch (its own parameters)
+                    vloss, vclip = compute_value_loss(v, c.old_values, c.returns, mask, args.value_clip)
+                    loss = loss + w * vloss
                     stats["value_loss"] += w * vloss.item()
                     stats["value_clip_frac"] += w * vclip.item()
-                backward(total)
+                losses.append(loss)
+            backward(sum(losses))
     stats = all_sum(stats)  # every rank's share
     stats["grad_norm"] = clip_gradients(opt, args.grad_clip)
     opt.step()
@@ -282,10 +271,9 @@ def validate(policy, tok, task: Task, args) -> dict:
                         sync_steps=args.fsdp, guide=guides)
         scores += [rows[0] for rows in task.score_all([(ex, [tok.decode(out)]) for ex, out in zip(chunk, outs)])]
     every = gather_lists({"scores": scores[:n_real]})["scores"]
-    out = mean_scores(every, "val_")
-    # the noise of the held-out figures: standard error of the mean over prompts
-    out.update({f"val_{k}_se": standard_error([s[k] for s in every]) for k in ("reward", "em") if k in every[0]})
-    out["val_n"] = len(every)
+    out = mean_scores(every, "val_")  # and the noise of the held-out figures: standard errors over the prompts
+    out.update({f"val_{k}_se": standard_error([s[k] for s in every]) for k in ("reward", "em") if k in every[0]},
+               val_n=len(every))
     return out
 
 
