@@ -34,7 +34,8 @@ from safetensors.torch import load_file, save_file
 
 from grpo import zero_std_group_fraction
 from metrics import mean_scores, standard_error
-from sampling import generate, prefix_segment, split_point
+from prefixcache import prefix_segment, split_point
+from sampling import generate
 
 FILE = "decision_head.safetensors"  # beside model.safetensors in a checkpoint folder
 FIT_STATES = 64  # training states whose hidden states fix the normaliser
@@ -155,7 +156,7 @@ def slot(prompt: list[int], guide, marker: int):
 @torch.no_grad()
 def slot_states(model, slots: list) -> tuple[torch.Tensor, torch.Tensor]:
     """(L [B]: the LM's log-odds of "new" at temperature 1, h [B, dim]) at each slot. The prompts' common prefix
-    (the system prompt and worked examples: ~900 of ~1,070 tokens) is a shared segment (sampling.prefix_segment:
+    (the system prompt and worked examples: ~900 of ~1,070 tokens) is a shared segment (prefixcache.prefix_segment:
     computed once while the network is frozen), and each prompt's rest is appended after it in turn, overwriting
     the last one's (one row at a time: no padding to mask)."""
     dev, L, H = model.lm_head.weight.device, [], []

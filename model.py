@@ -11,7 +11,8 @@ once; read it next), tokenizer.py (chat formats, stop ids), precision.py (bf16 p
 for them), cpu16.py (16-bit speed paths on CPUs without them) and engine.py (decoding from weights prepacked for the
 CPU's fast kernels): skip those three on a first read; lora.py (adapters), hf_loader.py and gguf_loader.py (reading
 checkpoint files). Then: grammar.py (guided decoding), sampling.py (generate; `python sampling.py --prompt ...`
-chats once). checkpoint.py writes what load_model reads.
+chats once) and prefixcache.py (keys and values that several rows or calls share, read without copies).
+checkpoint.py writes what load_model reads.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import losspass
 import precision
 from gguf_loader import OFFLINE_SMOLLM2, GGUFError, read_gguf, resolve_alias  # noqa: F401 (a name load_model takes)
 from hf_loader import ModelLoadError, download_from_hub, read_hf_folder
+from prefixcache import Segment, cascade_attention
 from tokenizer import Tokenizer
 
 # --------------------------------------------------------------------------------------------------
@@ -168,20 +170,6 @@ class RMSNorm(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Segment:
-    """Keys and values that a block of rows starts with, held once and read by every row of the block: prefix
-    caching (vLLM, SGLang). Row r of a segment of R rows is the start of rows r*n .. r*n + n - 1 of a batch of
-    B = R*n: the prompts' shared prefix (R = 1), or each distinct prompt of a batch that samples it n times."""
-    k: list  # per layer [R, Hkv, S, D]
-    v: list
-    valid: torch.Tensor  # [R, S] bool: slots holding a real token (a left-padded prompt has empty ones)
-
-    def rows(self, t: torch.Tensor, batch: int) -> torch.Tensor:
-        """t [R, ...] as [batch, ...]: expanded (no copy) for one row, repeated for several."""
-        return t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t.repeat_interleave(batch // t.shape[0], 0)
-
-
 class KVCache:
     """Keys and values of every layer, preallocated for `max_len` slots and written at slot `self.len`.
 
@@ -215,32 +203,6 @@ class KVCache:
         """[B, S_above]: which of the segments' slots each row sees (None without segments)."""
         B = self.valid.shape[0]
         return torch.cat([seg.rows(seg.valid, B) for seg in self.above], 1) if self.above else None
-
-
-def cascade_attention(q: torch.Tensor, parts: list) -> torch.Tensor:
-    """One new token per row attending over shared segments and its own slots, none of them copied per row:
-    cascade attention (FlashInfer). q [B, H, 1, D]; parts: (k [R, Hkv, S, D], v, valid [R, S]), the own slots last
-    (R = B). Each segment's keys are read once for all n = B/R rows that start with it: the queries of those rows
-    become one [n*rep, D] block against [S, D]. One softmax over the concatenated scores. -> [B, H, 1, D] float32."""
-    B, H, _, D = q.shape
-    Hkv = parts[-1][0].shape[1]
-    rep = H // Hkv
-    q = q.float().reshape(B, Hkv, rep, D) * D ** -0.5
-    scores, blocks = [], []
-    for k, v, valid in parts:
-        R = k.shape[0]
-        n = B // R
-        qb = q.view(R, n, Hkv, rep, D).transpose(1, 2).reshape(R, Hkv, n * rep, D)  # the block's queries
-        s = (qb @ k.float().transpose(-1, -2)).masked_fill(~valid[:, None, None, :], float("-inf"))
-        scores.append(s.view(R, Hkv, n, rep, -1).transpose(1, 2).reshape(B, Hkv, rep, -1))  # [B, Hkv, rep, S]
-        blocks.append((R, n, v))
-    p = torch.softmax(torch.cat(scores, -1), -1)
-    out, start = 0.0, 0
-    for (R, n, v), s in zip(blocks, scores):
-        pb = p[..., start:start + s.shape[-1]].reshape(R, n, Hkv, rep, -1).transpose(1, 2).reshape(R, Hkv, n * rep, -1)
-        out = out + (pb @ v.float()).view(R, Hkv, n, rep, D).transpose(1, 2).reshape(B, Hkv, rep, D)
-        start += s.shape[-1]
-    return out.reshape(B, H, 1, D)
 
 
 class Linear(nn.Linear):
@@ -365,7 +327,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.stop_ids: tuple = tuple(cfg.eos_token_ids)  # load_model replaces these with the tokenizer's
-        self.turn_ids: tuple = ()  # the chat format's turn-start token (load_model sets it; sampling.split_point)
+        self.turn_ids: tuple = ()  # the chat format's turn-start token (load_model sets it; prefixcache.split_point)
         self.step_fn = None  # compile_decode: a compiled step_logits
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -574,5 +536,5 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device="cp
         raise ModelLoadError(str(e)) from None
     model = build_model(config, tensors, fmt, str(path), dtype, device)
     model.stop_ids = tok.stop_ids or model.stop_ids
-    model.turn_ids = tok.turn_ids  # where a prompt's turns start: sampling.split_point cuts shared prefixes there
+    model.turn_ids = tok.turn_ids  # where a prompt's turns start: prefixcache.split_point cuts shared prefixes there
     return model, tok

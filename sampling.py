@@ -22,8 +22,7 @@ import argparse
 import torch
 
 import model as M
-import precision
-from losspass import SHARED_PREFIX_MIN, common_prefix
+from prefixcache import prefix_segment, split_point
 
 
 def sample_next(logits: torch.Tensor, temperature, top_p: float, generator, allowed: torch.Tensor | None = None,
@@ -175,6 +174,7 @@ def prefill(model, prompt_ids: list[list[int]], max_new_tokens: int, share_prefi
     """
     dev = model.lm_head.weight.device
     unique = list(dict.fromkeys(tuple(p) for p in prompt_ids))
+    row_of = {p: i for i, p in enumerate(unique)}
     shared = split_point(model, unique) if share_prefix else 0
     above = [prefix_segment(model, unique[0][:shared])] if shared else []
     rests = [p[shared:] for p in unique]
@@ -196,51 +196,10 @@ def prefill(model, prompt_ids: list[list[int]], max_new_tokens: int, share_prefi
         cache = model.new_cache(B, max_new_tokens, [*above, rows.segment()])
         cache.next_pos = rows.next_pos.repeat_interleave(n)
         return logits.repeat_interleave(n, 0), cache
-    rows = torch.tensor([unique.index(tuple(p)) for p in prompt_ids], device=dev)
+    rows = torch.tensor([row_of[tuple(p)] for p in prompt_ids], device=dev)
     if U != B:  # duplicates not in blocks of n: their slots copied
         cache.select_rows(rows)
     return logits[rows], cache
-
-
-def weights_stamp(model) -> tuple:
-    """What a cached prefix's keys and values depend on besides its tokens: every parameter's storage and version
-    (an optimizer step bumps it), the LoRA adapters' switches, the products' precision."""
-    return (tuple((p.data_ptr(), p._version) for p in model.parameters()),
-            tuple(getattr(m, "lora_enabled", True) for m in model.modules()), precision.PRODUCTS, model.training)
-
-
-def split_point(model, prompts: list) -> int:
-    """Where the shared prefix of distinct `prompts` ends (0: none worth a segment). With a chat format
-    (model.turn_ids): at the start of the last turn that begins within their common prefix - for one prompt,
-    of its last user turn (its last two turn starts: the user's, then the assistant's header). So every call of an
-    agent cuts its prompts after the same whole turns (the system prompt and worked examples), whatever else they
-    happen to share, and prefix_segment's kept prefix serves them all, its numbers independent of the calls
-    before (a resumed run computes what an unbroken one did). Without a chat format: the common prefix."""
-    first, turns = prompts[0], set(getattr(model, "turn_ids", ()))
-    if not turns:
-        n = common_prefix(prompts) if len(prompts) > 1 else 0
-    elif len(prompts) > 1:
-        n = max((i for i in range(1, common_prefix(prompts) + 1) if first[i] in turns), default=0)
-    else:
-        starts = [i for i in range(1, len(first)) if first[i] in turns]
-        n = starts[-2] if len(starts) >= 2 else 0
-    return n if n >= SHARED_PREFIX_MIN else 0
-
-
-@torch.no_grad()
-def prefix_segment(model, ids: tuple) -> M.Segment:
-    """The keys and values of the tokens `ids` as a one-row Segment. The model keeps the last one it computed
-    (`model.prefix_kv`) and hands it out again for the same tokens while its weights are unchanged: automatic
-    prefix caching with one entry, enough for an agent whose every prompt starts with its system prompt (the frozen
-    reference, answerer and manager compute theirs once per process; the policy once per update)."""
-    stamp, kept = weights_stamp(model), getattr(model, "prefix_kv", None)
-    if kept is not None and kept[0] == tuple(ids) and kept[1] == stamp:
-        return kept[2]
-    cache = model.new_cache(1, len(ids))
-    model(torch.tensor([list(ids)], device=model.lm_head.weight.device), cache=cache, last_only=True)
-    seg = cache.segment()
-    model.prefix_kv = (tuple(ids), stamp, seg)
-    return seg
 
 
 def check_cache_fits(model, rows: int, slots: int) -> None:

@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
+import prefixcache  # noqa: E402
 import sampling  # noqa: E402
 import model as M  # noqa: E402
 from bench_generate import RANDOM_CONFIGS, bandwidth_gbs, bench_model, sync, timed_interleaved, to_hf  # noqa: E402
@@ -228,13 +229,13 @@ def part_llama(model, args, rows, prompts):
 def with_engine(on: bool, fn):
     """Run fn as the code runs now (on), or as it ran before the engine (off): load_model packs nothing and
     prefill runs every prompt whole (no shared prefix). For the parts that load their own models."""
-    saved = engine.CPU_FAST_LAYOUT, sampling.SHARED_PREFIX_MIN
+    saved = engine.CPU_FAST_LAYOUT, prefixcache.SHARED_PREFIX_MIN
     engine.CPU_FAST_LAYOUT = on and saved[0]
-    sampling.SHARED_PREFIX_MIN = saved[1] if on else float("inf")
+    prefixcache.SHARED_PREFIX_MIN = saved[1] if on else float("inf")
     try:
         return fn()
     finally:
-        engine.CPU_FAST_LAYOUT, sampling.SHARED_PREFIX_MIN = saved
+        engine.CPU_FAST_LAYOUT, prefixcache.SHARED_PREFIX_MIN = saved
 
 
 def part_grpo(args, rows):

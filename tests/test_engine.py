@@ -15,6 +15,7 @@ import engine
 import losspass
 import model as M
 import precision
+import prefixcache
 from sampling import generate
 
 pytestmark = pytest.mark.skipif(not engine.CPU_FAST_LAYOUT, reason="this torch build has no oneDNN")
@@ -135,8 +136,8 @@ def test_common_prefix_is_prefilled_once_with_the_same_results(tiny_checkpoints,
     """Prompts sharing 20 tokens (an agent's system prompt) give the same tokens and log-probs when the
     prefix runs once (sampling.prefill) as when every prompt runs whole."""
     import sampling
-    assert sampling.common_prefix([(1, 2, 3, 4), (1, 2, 5), (1, 2, 3)]) == 2
-    assert sampling.common_prefix([(1, 2, 3), (1, 2, 3, 4)]) == 2  # each keeps a token of its own
+    assert prefixcache.common_prefix([(1, 2, 3, 4), (1, 2, 5), (1, 2, 3)]) == 2
+    assert prefixcache.common_prefix([(1, 2, 3), (1, 2, 3, 4)]) == 2  # each keeps a token of its own
     net, _ = M.load_model(tiny_checkpoints["qwen2"][0])
     net.turn_ids = ()  # prompts without a chat format: the shared prefix is their common prefix (split_point)
     system = list(range(30, 50))
@@ -147,25 +148,24 @@ def test_common_prefix_is_prefilled_once_with_the_same_results(tiny_checkpoints,
                         forward(self, ids, *a, **k))
     got, lg = generate(net, prompts, 5, temperature=1.0, seed=1, stop_ids=(), return_logprobs=True)
     assert calls[:2] == [(1, 20), (3, 5)]  # the prefix once, then the 3 distinct rests, left-padded
-    monkeypatch.setattr(sampling, "SHARED_PREFIX_MIN", 10**9)
+    monkeypatch.setattr(prefixcache, "SHARED_PREFIX_MIN", 10**9)
     want, lw = generate(net, prompts, 5, temperature=1.0, seed=1, stop_ids=(), return_logprobs=True)
     assert got == want
     torch.testing.assert_close(torch.tensor(lg), torch.tensor(lw), rtol=0, atol=1e-5)
 
 
 def test_split_point_cuts_at_the_last_whole_turn_and_needs_a_long_enough_prefix(tiny_checkpoints, monkeypatch):
-    import sampling
     net, _ = M.load_model(tiny_checkpoints["qwen2"][0])
     net.turn_ids = ()
     system, T = [1] + list(range(30, 50)), 1  # token 1 starts each turn
     a, b = system + [T, 7, 8, 9, T, 5], system + [T, 7, 8, 2, T, 5]
-    assert sampling.split_point(net, [a, b]) == sampling.common_prefix([a, b]) == 24  # no chat format
-    assert sampling.split_point(net, [a]) == 0  # ... and for one prompt, no cut
+    assert prefixcache.split_point(net, [a, b]) == prefixcache.common_prefix([a, b]) == 24  # no chat format
+    assert prefixcache.split_point(net, [a]) == 0  # ... and for one prompt, no cut
     net.turn_ids = (T,)
-    assert sampling.split_point(net, [a, b]) == 21  # the user turns differ after 3 tokens: cut before them
-    assert sampling.split_point(net, [a]) == 21  # one prompt: before its last user turn
-    monkeypatch.setattr(sampling, "SHARED_PREFIX_MIN", 22)
-    assert sampling.split_point(net, [a, b]) == 0
+    assert prefixcache.split_point(net, [a, b]) == 21  # the user turns differ after 3 tokens: cut before them
+    assert prefixcache.split_point(net, [a]) == 21  # one prompt: before its last user turn
+    monkeypatch.setattr(prefixcache, "SHARED_PREFIX_MIN", 22)
+    assert prefixcache.split_point(net, [a, b]) == 0
 
 
 def test_rollout_batches_read_shared_segments_without_copies_and_sample_the_same(tiny_checkpoints):
@@ -196,17 +196,16 @@ def test_rollout_batches_read_shared_segments_without_copies_and_sample_the_same
 
 
 def test_a_frozen_models_system_turn_is_computed_once_until_its_weights_change(tiny_checkpoints):
-    import sampling
     net, _ = M.load_model(tiny_checkpoints["qwen2"][0])
     net.turn_ids = (1,)
     system = tuple([1] + list(range(30, 50)))
-    first = sampling.prefix_segment(net, system)
-    assert sampling.prefix_segment(net, system) is first  # kept: the same tensors
-    assert sampling.prefix_segment(net, system[:-1]) is not first  # other tokens: computed
-    again = sampling.prefix_segment(net, system)
+    first = prefixcache.prefix_segment(net, system)
+    assert prefixcache.prefix_segment(net, system) is first  # kept: the same tensors
+    assert prefixcache.prefix_segment(net, system[:-1]) is not first  # other tokens: computed
+    again = prefixcache.prefix_segment(net, system)
     with torch.no_grad():
         net.layers[0].wk.weight.mul_(1.5)  # an optimizer step writes in place
-    changed = sampling.prefix_segment(net, system)
+    changed = prefixcache.prefix_segment(net, system)
     assert changed is not again and not torch.equal(changed.k[0], again.k[0])
     torch.testing.assert_close(again.k[0], first.k[0], rtol=0, atol=0)  # the same tokens, the same numbers
 
