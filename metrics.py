@@ -364,7 +364,7 @@ def held_out_summary(path: Path) -> str:
         return "validation: fewer than two validations in the log"
     first, last = rows[0], rows[-1]
     lines = [f"validation on {last.get('val_n', '?')} held-out prompts (mean +- standard error):"]
-    for key in ("reward", "em"):
+    for key in ("f1", "em") if "val_f1" in first else ("reward", "em"):  # the answerer's reward may turn F1 to EM
         if f"val_{key}" in first:
             a, b = first[f"val_{key}"], last[f"val_{key}"]
             lines.append(f"  {key:6s} step {first['step']}: {a:.3f} +- {first.get(f'val_{key}_se', 0.0):.3f}   "

@@ -79,7 +79,8 @@ def draw(rows: list[dict], title: str, dest: Path) -> Path:
         train_ax.plot(steps, means, color="black", linewidth=1.5, label=f"mean of the last {SMOOTH} steps")
     train_ax.set(title="training: the rollouts' reward", xlabel="step", ylabel="mean reward")
     train_ax.legend(loc="best", fontsize=8)
-    for key in ("val_reward", "val_em", "val_op_acc"):
+    f1 = any("val_f1" in r for r in rows)  # the answerer's: F1 beside EM (its reward may turn from one to the other)
+    for key in ("val_f1" if f1 else "val_reward", "val_em", "val_op_acc"):
         band(val_ax, key, key.removeprefix("val_"))
     val_ax.set(title="held out: greedy (± s.e.)", xlabel="step")
     val_ax.legend(loc="best", fontsize=8)

@@ -3,7 +3,7 @@
     python train.py --algo grpo                       # the main command: GRPO on the Answer Agent, preset cpu
     python train.py --algo grpo --agent manager --decision-head     # then the Memory Manager (decision.py)
     python train.py --algo ppo --model Qwen/Qwen2.5-7B-Instruct --preset paper --out runs/ppo
-    python train.py --algo grpo --out runs/grpo --resume              # continue a killed run from its checkpoint
+    python train.py --algo grpo --resume --steps 48   # continue the main run, killed or for more steps (32 more)
     torchrun --nproc_per_node 4 train.py --algo grpo --preset paper   # rollouts and loss pass over 4 ranks
 
 One step (paper Alg. 2 for the Answer Agent, Alg. 1 for the Memory Manager; docs/method.md sections 1 and 5):
@@ -18,8 +18,7 @@ One step (paper Alg. 2 for the Answer Agent, Alg. 1 for the Memory Manager; docs
                     OUT/checkpoint replaced atomically (checkpoint.py); --resume continues it exactly
 
 All randomness derives from (seed, step), so a resumed run takes the very steps the killed one would have. Under
-torchrun (parallel.py) each rank takes a share of the step's prompts, the loss is normalised by the whole step's
-token count, and rank 0 logs and saves; in one process every parallel.* call is a pass-through.
+torchrun (parallel.py) each rank takes a share of the prompts, rank 0 logs and saves; alone, parallel.* passes through.
 Read next: agents.py (the two agents as tasks and rewards), then grpo.py and ppo.py (the losses).
 """
 
@@ -182,9 +181,8 @@ def micro_batches(g: Group, size: int) -> list[Group]:
 
 
 def update(policy, opt, groups: list[Group], step: int, args, critic=None, critic_opt=None) -> dict:
-    """PPO epochs over the rollout, each split into minibatches by prompt; one optimizer step per minibatch.
-    policy(prompts, groups, temperature, checkpoint, allowed) -> per group (logp, mask) and critic(...) -> values are
-    the loss-pass modules (parallel.prepare_models); the optimizers hold the trainable parameters."""
+    """PPO epochs over the rollout, split into minibatches by prompt, one optimizer step each. policy and critic are
+    the loss-pass modules (parallel.prepare_models; per group (logp, mask), and values); opt holds the parameters."""
     sums, counts = {}, {}
     policy.train()  # LoRA dropout, if any, acts here only (sampling and the reference run in eval mode)
     for epoch in range(args.ppo_epochs):
@@ -272,8 +270,8 @@ def validate(policy, tok, task: Task, args) -> dict:
         scores += [rows[0] for rows in task.score_all([(ex, [tok.decode(out)]) for ex, out in zip(chunk, outs)])]
     every = gather_lists({"scores": scores[:n_real]})["scores"]
     out = mean_scores(every, "val_")  # and the noise of the held-out figures: standard errors over the prompts
-    out.update({f"val_{k}_se": standard_error([s[k] for s in every]) for k in ("reward", "em") if k in every[0]},
-               val_n=len(every))
+    out.update({f"val_{k}_se": standard_error([s[k] for s in every]) for k in ("reward", "em", "f1")
+                if k in every[0]}, val_n=len(every))
     return out
 
 
@@ -322,6 +320,8 @@ def run(args, task: Task | None = None) -> dict:
                disable=not main)
     for step in bar:
         t0 = time.perf_counter()
+        if step >= args.em_from > 0:  # the cpu preset's second phase: the paper's exact match (flags.py)
+            args.reward = "em"  # (the answer task's score reads args.reward)
         examples, offset = my_share(step_examples(task, step, args))
         if args.decision_head:  # the manager's small-model recipe: its own rollout and update (decision.py)
             roll = decision.train_step(policy, opt, tok, task, examples, step, args, decision_marker(tok))

@@ -25,7 +25,7 @@ def test_every_bench_script_is_covered():
     assert scripts == {"bench_16bit.py", "bench_engine.py", "bench_generate.py", "bench_grpo_step.py", "bench_guided.py",
                        "bench_loss_pass.py", "bench_memory.py", "bench_prefix.py", "bench_precision.py", "bench_rss.py",
                        "bench_scale.py", "estimate_7b.py",
-                       "evidence_recall.py", "manager_priors.py", "manager_rewards.py", "sample_rewards.py",
+                       "evidence_recall.py", "manager_priors.py", "manager_rewards.py", "paired.py", "sample_rewards.py",
                        "shown_memories.py",
                        "kill_soak.py"}  # run by test_resume.py (SIGKILL at random moments, then compared)
 
@@ -48,6 +48,7 @@ def test_every_bench_script_is_covered():
     ("sample_rewards.py", "llama", "groups with signal"),
     ("manager_rewards.py", "llama", "| oracle kind (turns) |"),
     ("manager_priors.py", None, "AUC of P(new), ADD against UPDATE change states: "),
+    ("paired.py", "llama", "2 questions scored by both"),
 ])
 def test_bench_script_smoke(script, model, expect, tiny_checkpoints):
     out = run_bench(script, *(["--model", tiny_checkpoints[model][0]] if model else []))
@@ -60,3 +61,15 @@ def test_manager_priors_auc_hand_computed():
     # pairs (1,0) win, (1,2) loss, (2,0) win, (2,2) tie: 2.5 of 4
     assert auc([1.0, 2.0], [0.0, 2.0]) == 0.625
     assert auc([3.0], [1.0, 2.0]) == 1.0 and auc([0.0], [1.0]) == 0.0
+
+
+def test_paired_difference_hand_computed():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from paired import paired
+    a = [{"em": x, "f1": x} for x in (1.0, 0.0, 1.0, 0.0)]
+    b = [{"em": x, "f1": 1.0} for x in (1.0, 1.0, 1.0, 0.0)]
+    # em: differences 0, 1, 0, 0: mean 0.25, sample sd 0.5, standard error 0.5 / 2; A's 0.5 +- (1/3/4) ** 0.5
+    # f1: differences 0, 1, 0, 1: mean 0.5, sd (1/3) ** 0.5, standard error 0.2887
+    text = paired(a, b)
+    assert "em  A  50.00 +- 28.87   B  75.00 +- 25.00   B - A +25.00 +- 25.00   (B better on 1, worse on 0)" in text
+    assert "f1  A  50.00 +- 28.87   B 100.00 +- 0.00   B - A +50.00 +- 28.87   (B better on 2, worse on 0)" in text

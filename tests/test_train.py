@@ -41,10 +41,35 @@ def test_score_answer_is_exact_match_after_the_marker():
     assert agents.score_answer(text, "beach") == {"reward": 1.0, "em": 1.0, "f1": 2 / 3, "parse_fail": 0.0}
     s = agents.score_answer("**Answer:** sunny beach", "the beach", reward="f1")
     assert s["em"] == 0.0 and s["reward"] == pytest.approx(0.5)  # {sunny, beach} vs {the, beach}
+    # F1 is over token sets: a date in another order scores 1, EM 0 (why the cpu preset turns to EM at step 16)
+    assert agents.score_answer("**Answer:** December 30, 2023", "30 December 2023", reward="f1") == {
+        "reward": 1.0, "em": 0.0, "f1": 1.0, "parse_fail": 0.0}
     # no marker: the paper scores 0; the lenient mode scores the first line and still counts the failure
     assert agents.score_answer("beach\nmore", "beach")["reward"] == 0.0
     assert agents.score_answer("beach\nmore", "beach", require_marker=False) == {
         "reward": 1.0, "em": 1.0, "f1": 1.0, "parse_fail": 1.0}
+
+
+def test_the_reward_turns_to_exact_match_from_step_em_from_also_after_a_resume(tiny_checkpoints, tmp_path):
+    """The cpu preset scores the answerer's first 16 steps with F1, the later ones with EM (flags.PRESETS); the
+    answer task's score reads args.reward, so a run resumed past that step scores with EM too."""
+    assert [train.parse_args(["--agent", a, "--preset", "cpu"]).em_from for a in ("answer", "manager")] == [16, 0]
+    ckpt = tiny_checkpoints["llama"][0]
+    _, tok = M.load_model(ckpt)
+
+    def run(out, steps, *extra):
+        args = flags(ckpt, out, "--steps", steps, "--max-new-tokens", 3, "--group-size", 2, "--questions-per-step",
+                     2, "--val-every", 3, "--val-limit", 1, "--save-every", 1, *extra, em_from=2)
+        task, seen = repeat_task(tok), []
+        score = task.score
+        task.score = lambda ex, texts: seen.append(args.reward) or score(ex, texts)  # the name each call saw
+        train.run(args, task)
+        return seen
+
+    # validation (1 prompt) at step 0, steps 1 and 2 (2 prompts each), step 3 and its validation
+    assert run(tmp_path / "a", 3) == ["f1"] * 5 + ["em"] * 3
+    assert run(tmp_path / "b", 2) == ["f1"] * 6  # and its last validation
+    assert run(tmp_path / "b", 3, "--resume") == ["em"] * 3
 
 
 def test_step_examples_take_each_question_once_per_epoch(tiny_checkpoints):
@@ -245,6 +270,13 @@ def test_the_run_ends_with_held_out_figures_and_their_standard_errors(tmp_path):
     assert "validation on 64 held-out prompts" in text
     assert "reward step 0: 0.100 +- 0.020   step 2: 0.450 +- 0.050   change +0.350" in text
     assert "em     step 0: 0.000 +- 0.000   step 2: 0.250 +- 0.054   change +0.250" in text
+    # the answerer's log has F1 beside the reward, which may have turned to EM: F1 and EM are shown
+    for r in rows[::2]:
+        r.update(val_f1=r["val_reward"] + 0.1, val_f1_se=0.01)
+    rows[2]["val_reward"] = rows[2]["val_em"]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = train.held_out_summary(log)
+    assert "f1     step 0: 0.200 +- 0.010   step 2: 0.550 +- 0.010   change +0.350" in text and "reward" not in text
 
 
 def test_dynamic_sampling_fills_the_step_and_resumes_exactly(tiny_checkpoints, tmp_path, monkeypatch):
