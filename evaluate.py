@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
       "for LongMemEval, which ships no facts)")
     a("--baseline", choices=tuple(BASELINES), default="memory-r1", help="a Table 1 row (see BASELINES)")
     a("--no-distill", dest="distill", action="store_false", default=None, help="the plain answer prompt")
-    a("--split", choices=("train", "val", "test"), default="test", help="Memory-R1's split (docs/method.md section 2)")
+    a("--split", choices=("train", "val", "test", "heldout"), default="test", help="Memory-R1's split (docs/method.md "
+      "section 2); the gym's heldout: its test worlds worded in phrasing families no split trains on")
     a("--limit", type=int, default=0, help="answer at most N questions, in file order (0: all)")
     a("--k", type=int, default=30, help="memories retrieved from each speaker's bank (paper: 30)")
     a("--manager-k", type=int, default=None, help="related memories the manager sees per fact (default: what its "

@@ -127,7 +127,8 @@ def memory_picks(model, tok, split: str, limit: int, manager_k: int, embedder, m
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=OFFLINE_SMOLLM2, help="the manager's policy (a checkpoint or the base)")
-    ap.add_argument("--split", choices=("train", "val"), default="val")
+    ap.add_argument("--split", choices=("train", "val", "heldout"), default="val",
+                    help="heldout: the test worlds in phrasing families training never sees (a diagnostic)")
     ap.add_argument("--limit", type=int, default=0, help="conversations (0: all of the split)")
     ap.add_argument("--manager-k", type=int, default=2, help="memories shown per fact (the cpu preset's 2)")
     ap.add_argument("--embedder", default="minilm", help="the manager's retrieval (the cpu preset's minilm)")

@@ -45,12 +45,13 @@ def paired(a: list[dict], b: list[dict], keys=("em", "f1")) -> str:
 
 
 def read_predictions(folder: Path) -> dict:
-    """evaluate.py's predictions.jsonl: (conversation, question index) -> its scores."""
+    """evaluate.py's predictions.jsonl: (conversation, question index) -> its scores. A conversation is named by its
+    id's last part, so the gym's test and heldout splits (the same worlds, other words) pair question by question."""
     path = Path(folder) / "predictions.jsonl"
     if not path.is_file():
         raise SystemExit(f"{path}: no predictions (evaluate.py --out {folder} writes them)")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(r["conv_id"], r["index"]): r for r in rows}
+    return {(r["conv_id"].rsplit("-", 1)[-1], r["index"]): r for r in rows}
 
 
 def val_scores(checkpoint: str, args, task) -> list[dict]:

@@ -99,6 +99,37 @@ def test_oracle_banks_answer_every_question_and_hold_no_stale_fact(conversations
     assert n == sum(len(gym.load_split(s)) for s in SPLITS)
 
 
+def test_every_phrasing_family_words_every_kind_of_turn():
+    for family, words in gym.FAMILIES.items():
+        assert set(words["say"]) == set(gym.SAY) and set(words["observe"]) == set(gym.OBSERVE), family
+        assert len(words["distract"]) == len(gym.DISTRACT), family
+    assert set(gym.HELDOUT_FAMILIES) <= set(gym.FAMILIES) and 0 not in gym.HELDOUT_FAMILIES
+
+
+def test_the_heldout_split_is_the_test_worlds_in_other_words(conversations):
+    """Frozen like the test file; conversation i is test conversation i in a held-out family: the same questions,
+    answers, evidence and oracle events (kinds and memory ids), no observation sentence in common, and each memory
+    the oracle keeps for an attribute names the same value as the test split's memory of that id."""
+    assert hashlib.sha256(gym.HELDOUT_FILE.read_bytes()).hexdigest() == gym.HELDOUT_SHA256
+    assert json.dumps(gym.generate_split("heldout"), indent=1, ensure_ascii=False) + "\n" == \
+        gym.HELDOUT_FILE.read_text()
+    heldout = gym.load_conversations(splits=("heldout",))
+    assert len(heldout) == len(conversations["test"]) and {q.category for q in gym.load_split("heldout")} == \
+        set(gym.CATEGORY_LABELS)
+    for new, old in zip(heldout, conversations["test"]):
+        assert new.sample_id == old.sample_id.replace("-test-", "-heldout-") and new.qa == old.qa
+        assert {d: [(e["event"], e["id"]) for e in k["events"]] for d, k in new.oracle.items()} == \
+               {d: [(e["event"], e["id"]) for e in k["events"]] for d, k in old.oracle.items()}
+        assert not {f.text for f in new.observations} & {f.text for f in old.observations}
+        new_banks, old_banks = manager.oracle_banks(new), manager.oracle_banks(old)
+        for person, values in read_back(old_banks).items():
+            for mid, mem in old_banks[person].memories.items():
+                text = new_banks[person].memories[mid].text
+                if not DISTRACTOR.match(mem.text):
+                    attr = next(a for a, (v, _) in values.items() if v in mem.text)
+                    assert person in text and values[attr][0].lower() in text.lower(), (mem.text, text)
+
+
 def test_oracle_events_of_each_turn_are_valid_on_the_bank_before_it(conversations):
     """Every UPDATE / DELETE / NONE names a memory that exists then; a probe's answer is right after the turn."""
     conv = conversations["train"][0]
