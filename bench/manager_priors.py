@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data.gym as gym  # noqa: E402
+from data.locomo import parse_conversation  # noqa: E402
 import prompts  # noqa: E402
 from agents import conversation_facts, manager_examples, oracle_kind  # noqa: E402
 from decision import ForcedArm, load_head, slot, slot_states  # noqa: E402
@@ -45,10 +46,20 @@ def auc(pos: list[float], neg: list[float]) -> float:
     return wins / (len(pos) * len(neg))
 
 
-def decision_states(model, tok, split: str, limit: int, manager_k: int, embedder) -> dict:
-    """oracle kind -> [(log-odds of new, hidden state at the decision slot)] over a split's gym states: the LM's
-    log-odds L at temperature 1 (decision.slot_states), plus s(h) for a manager trained with a decision head."""
-    convs = [c for c in gym.load_conversations() if gym.split_of(c.sample_id) == split][:limit or None]
+def split_conversations(split: str, limit: int, families=None) -> list:
+    """The gym split's conversations (the first `limit`; 0: all); with `families`, its worlds worded by each of them
+    in turn (gym.FAMILIES: the same events in other words)."""
+    if families is None:
+        return [c for c in gym.load_conversations() if gym.split_of(c.sample_id) == split][:limit or None]
+    out = []
+    for f in families:
+        out += [parse_conversation(c) for c in gym.generate_split(split, gym.Level(family=f))][:limit or None]
+    return out
+
+
+def decision_states(model, tok, convs: list, manager_k: int, embedder) -> dict:
+    """oracle kind -> [(log-odds of new, hidden state at the decision slot)] over the conversations' gym states: the
+    LM's log-odds L at temperature 1 (decision.slot_states), plus s(h) for a manager trained with a decision head."""
     kinds, slots = [], []
     for conv in convs:
         for ex in manager_examples(conv, [], conversation_facts(conv, "observation"), tok, embedder, k=manager_k,
@@ -102,7 +113,7 @@ def memory_picks(model, tok, split: str, limit: int, manager_k: int, embedder, m
     """Which memory does the frozen LM name once the decision is "a memory"? oracle kind -> [(is the memory to
     change the most similar one shown, does greedy decoding, made to take the memory arm, name it)] over the
     split's states about an existing memory that is shown (the first `most` of them; 0: all)."""
-    convs = [c for c in gym.load_conversations() if gym.split_of(c.sample_id) == split][:limit or None]
+    convs = split_conversations(split, limit)
     rows = []
     for conv in convs:
         for ex in manager_examples(conv, [], conversation_facts(conv, "observation"), tok, embedder, k=manager_k,
@@ -133,7 +144,7 @@ def main():
     ap.add_argument("--manager-k", type=int, default=2, help="memories shown per fact (the cpu preset's 2)")
     ap.add_argument("--embedder", default="minilm", help="the manager's retrieval (the cpu preset's minilm)")
     ap.add_argument("--probe", action="store_true", help="also fit a linear probe on train's decision-slot states "
-                    "(ADD against change) and print its AUC on --split")
+                    "(ADD against change; train's worlds in phrasing family 0, then 0 and 1) and print its AUC on --split")
     ap.add_argument("--no-demos", action="store_true", help="the ops prompt without its worked examples "
                     "(prompts.MANAGER_OPS_DEMOS), as before they were added")
     ap.add_argument("--which-memory", action="store_true", help="also: on the states about a shown memory, is it the "
@@ -147,7 +158,7 @@ def main():
     load_head(model, args.model)  # decision.py: P(new) = sigmoid(L + s(h)) for a manager trained with one
     embedder = make_embedder(args.embedder)
     limit = 1 if args.smoke else args.limit
-    states = decision_states(model, tok, args.split, limit, args.manager_k, embedder)
+    states = decision_states(model, tok, split_conversations(args.split, limit), args.manager_k, embedder)
     by_kind = {kind: [x for x, _ in rows] for kind, rows in states.items()}
     print(f"{args.model}, gym {args.split}: {sum(map(len, by_kind.values()))} states")
     print("| oracle kind | states | mean P(new) | median log-odds new |\n|---|---|---|---|")
@@ -174,11 +185,11 @@ def main():
             print(f"| {kind} | {len(rows)} | {sum(first) / len(rows):.2f} +- {standard_error(first):.2f} | "
                   f"{sum(named) / len(rows):.2f} +- {standard_error(named):.2f} |")
     if args.probe:
-        train = states if args.split == "train" else decision_states(model, tok, "train", limit, args.manager_k,
-                                                                     embedder)
-        fit, held = linear_probe(train, states)
-        print(f"linear probe on the decision slot's hidden state (ADD against change; fit on train): "
-              f"AUC {fit:.3f} on train, {held:.3f} on {args.split}")
+        for families in ([0], [0, 1]):  # fit on the train worlds in family 0 (the training split), or in 0 and 1
+            train = decision_states(model, tok, split_conversations("train", limit, families), args.manager_k, embedder)
+            fit, held = linear_probe(train, states)
+            print(f"linear probe on the decision slot's hidden state (ADD against change; fit on train, phrasing "
+                  f"families {families}): AUC {fit:.3f} on train, {held:.3f} on {args.split}")
 
 
 if __name__ == "__main__":
