@@ -340,12 +340,10 @@ def manager_task(args, tok, base_model):
         qs = dataset.load_split(split)
         out = []
         for conv_id in dict.fromkeys(q.conv_id for q in qs):
-            # the gym's training worlds also in other phrasing families (gym.FAMILIES; 0: the split's own words)
-            more = [gym.reworded(conv_id, f) for f in args.manager_families if f and split == "train"]
-            for conv in [convs[conv_id], *more]:
-                facts = conversation_facts(conv, args.facts, base_model, tok, guided=args.guided)
-                out += manager_examples(conv, [q for q in qs if q.conv_id == conv_id], facts, tok, embedder,
-                                        args.window, args.manager_k, vocab_size, args.manager_format, "shown")
+            conv = convs[conv_id]
+            facts = conversation_facts(conv, args.facts, base_model, tok, guided=args.guided)
+            out += manager_examples(conv, [q for q in qs if q.conv_id == conv_id], facts, tok, embedder,
+                                    args.window, args.manager_k, vocab_size, args.manager_format, "shown")
         return out
 
     def score_many(pairs):

@@ -40,7 +40,6 @@ SETTINGS = dict(
     # minibatch); torch.compile of blocks and the decode step (docs/scaling.md)
     lora_alpha=32.0, lora_dropout=0.0, lora_targets=lora.LORA_TARGETS,  # with --lora-rank
     balance_kinds=False,  # the gym: train on as many new facts as changed values (agents.balanced_states)
-    manager_families=(0,),  # the gym: the manager's training worlds in these phrasing families (data/gym.py)
 )
 
 PRESETS = {

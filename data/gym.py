@@ -477,14 +477,6 @@ def generate_split(split: str, level: Level | None = None) -> list[dict]:
     return [generate_conversation(SEED_BASE[split] + i, split, level) for i in range(level.conversations[split])]
 
 
-def reworded(sample_id: str, family: int):
-    """A generated conversation's world (train or val) written in phrasing family `family`, as a Conversation whose
-    id says so ("gym-train-00003-f1"): the same events, oracle and questions, other words."""
-    split, seed = split_of(sample_id), int(sample_id.split("-")[2])
-    conv = generate_conversation(seed, split, Level(family=family))
-    return parse_conversation({**conv, "sample_id": f"{sample_id}-f{family}"})
-
-
 def check_test_file(path: Path, sha256: str = TEST_SHA256) -> list[dict]:
     if not path.exists():
         raise DataError(f"{path}: the gym's frozen test file is missing; restore it from git "

@@ -9,7 +9,6 @@ import torch
 
 import agents
 import manager
-import model as M
 from data import gym, locomo
 
 SPLITS = ("train", "val", "test")
@@ -245,28 +244,3 @@ def test_difficulty_knobs():
     facts = [f for per in busy["observation"].values() for fs in per.values() for f, _ in fs]
     assert sum(bool(DISTRACTOR.match(f)) for f in facts) == 8  # 4 per speaker
 
-
-def test_the_manager_can_train_on_the_training_worlds_in_more_phrasing_families(tiny_checkpoints, monkeypatch):
-    """flags.SETTINGS manager_families: each training world also in family 1's words (gym.reworded), states for both;
-    validation stays in the split's own words."""
-    import train
-    ckpt = tiny_checkpoints["qwen2"][0]
-    model, tok = M.load_model(ckpt)
-    first = {s: gym.load_split(s)[0].conv_id for s in ("train", "val")}
-    load_split = gym.load_split
-    monkeypatch.setattr(gym, "load_split", lambda name, path=None: [q for q in load_split(name, path)
-                                                                     if q.conv_id == first[name]])
-    tasks = {}
-    for families in ((0,), (0, 1)):
-        args = train.parse_args(["--agent", "manager", "--preset", "cpu", "--model", str(ckpt), "--answerer", str(ckpt),
-                                 "--embedder", "hash"], settings=dict(manager_k=1, manager_families=families))
-        tasks[families] = agents.manager_task(args, tok, model)
-    one, two = tasks[(0,)], tasks[(0, 1)]
-    assert len(two.train) == 2 * len(one.train) and len(two.val) == len(one.val)
-    reworded = gym.reworded(first["train"], 1)
-    assert [ex.meta["conv"].sample_id for ex in two.train] == [first["train"]] * len(one.train) + \
-        [f"{first['train']}-f1"] * len(one.train)
-    words = {o.text for o in reworded.observations}
-    facts = [f.text for ex in two.train[len(one.train):] for f in ex.meta["facts"]]
-    assert facts and all(f in words for f in facts) and not words & {o.text for ex in one.train for o in ex.meta["facts"]}
-    assert [ex.meta["dia_id"] for ex in two.train[len(one.train):]] == [ex.meta["dia_id"] for ex in one.train]
