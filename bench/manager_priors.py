@@ -144,7 +144,7 @@ def main():
     ap.add_argument("--manager-k", type=int, default=2, help="memories shown per fact (the cpu preset's 2)")
     ap.add_argument("--embedder", default="minilm", help="the manager's retrieval (the cpu preset's minilm)")
     ap.add_argument("--probe", action="store_true", help="also fit a linear probe on train's decision-slot states "
-                    "(ADD against change; train's worlds in phrasing family 0, then 0 and 1) and print its AUC on --split")
+                    "(ADD against change; train's worlds in phrasing family 0, then 0 and 1); its AUC on --split")
     ap.add_argument("--no-demos", action="store_true", help="the ops prompt without its worked examples "
                     "(prompts.MANAGER_OPS_DEMOS), as before they were added")
     ap.add_argument("--which-memory", action="store_true", help="also: on the states about a shown memory, is it the "

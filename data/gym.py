@@ -154,7 +154,8 @@ SMALL_TALK = ["That's great to hear!", "Haha, nice.", "Wow, tell me more sometim
 FAMILIES = {
     1: dict(say={  # chatty, first person, other verbs and word order
         ("city", "intro"): ["These days I'm based in {v}.", "{v} has been my home for a while."],
-        ("city", "change"): ["Packed everything up in {old} and relocated to {v}.", "Said farewell to {old}, I'm settled in {v} now."],
+        ("city", "change"): ["Packed everything up in {old} and relocated to {v}.",
+                             "Said farewell to {old}, I'm settled in {v} now."],
         ("city", "restate"): ["Life in {v} is still lovely.", "Another sunny day in {v}."],
         ("job", "intro"): ["I earn my living as a {v}.", "By trade I'm a {v}."],
         ("job", "change"): ["Left my {old} position, I'm working as a {v} now.", "Career switch: from {old} to {v}!"],
@@ -174,10 +175,12 @@ FAMILIES = {
         ("hobbies", "extend"): ["I've gotten into {v} lately.", "New hobby: {v}!"],
     }, observe={
         ("city", "intro"): "{p} is based in {v}", ("city", "change"): "{p} relocated to {v}, leaving {old}, on {date}",
-        ("job", "intro"): "{p} is employed as a {v}", ("job", "change"): "On {date} {p} switched careers from {old} to {v}",
+        ("job", "intro"): "{p} is employed as a {v}",
+        ("job", "change"): "On {date} {p} switched careers from {old} to {v}",
         ("car", "intro"): "{p} owns a {v}", ("car", "change"): "{p} traded the {old} for a {v}",
         ("car", "retract"): "{p} got rid of the {old} and is now without a car",
-        ("food", "intro"): "{p} loves {v} more than any other food", ("food", "change"): "{p} now prefers {v} over {old}",
+        ("food", "intro"): "{p} loves {v} more than any other food",
+        ("food", "change"): "{p} now prefers {v} over {old}",
         ("dogs", "intro"): "{p} owns a dog called {v}", ("dogs", "extend"): "{p} adopted one more dog, called {v}",
         ("languages", "intro"): "{p} can speak {v}", ("languages", "extend"): "{p} can now also speak {v}",
         ("hobbies", "intro"): "{p} spends free time on {v}", ("hobbies", "extend"): "{p} recently started doing {v}",
@@ -189,17 +192,20 @@ FAMILIES = {
                  ("My roommate spends every weekend on {hobbies}.", "{p}'s roommate spends free time on {hobbies}")]),
     2: dict(say={  # the attribute first, changes implied ("Riga is home now")
         ("city", "intro"): ["Home is {v} for me.", "{v}, that's where I live."],
-        ("city", "change"): ["{old} is behind me, {v} is home now.", "Waking up in {v} every day now instead of {old}."],
+        ("city", "change"): ["{old} is behind me, {v} is home now.",
+                             "Waking up in {v} every day now instead of {old}."],
         ("city", "restate"): ["{v} keeps surprising me.", "Walked all over {v} today."],
         ("job", "intro"): ["{v} is what I do for work.", "Work-wise, I'm a {v}."],
-        ("job", "change"): ["No longer a {old}; these days my job title is {v}.", "Goodbye {old} work, hello {v} work."],
+        ("job", "change"): ["No longer a {old}; these days my job title is {v}.",
+                            "Goodbye {old} work, hello {v} work."],
         ("job", "restate"): ["Long shifts as a {v} this month.", "Still a {v}, still busy."],
         ("car", "intro"): ["A {v} is what I drive.", "The car in my driveway is a {v}."],
         ("car", "change"): ["A {v} sits in my driveway now, the {old} is history.", "Bye {old}, my new car is a {v}."],
         ("car", "retract"): ["The {old} is history and I have no car at all.", "Without the {old} I'm carless now."],
         ("car", "restate"): ["The {v} ran fine on the trip.", "Gave the {v} a service."],
         ("food", "intro"): ["Favourite dish? {v}.", "{v} wins every time for me."],
-        ("food", "change"): ["{v} is my favourite dish these days, not {old} anymore.", "Goodbye {old}, {v} is the dish now."],
+        ("food", "change"): ["{v} is my favourite dish these days, not {old} anymore.",
+                             "Goodbye {old}, {v} is the dish now."],
         ("food", "restate"): ["{v} tonight again, of course.", "More {v}, always more {v}."],
         ("dogs", "intro"): ["{v} is my dog.", "{v}, my dog, says hello."],
         ("dogs", "extend"): ["{v} joined our pack of dogs!", "{v} is the latest dog in the family."],
@@ -208,14 +214,18 @@ FAMILIES = {
         ("hobbies", "intro"): ["{v} is my hobby.", "{v} fills my free time."],
         ("hobbies", "extend"): ["{v} is my newest hobby.", "{v} became a hobby of mine too."],
     }, observe={
-        ("city", "intro"): "Home for {p} is {v}", ("city", "change"): "{v} is home for {p} now; {p} left {old} on {date}",
-        ("job", "intro"): "By profession {p} is a {v}", ("job", "change"): "{p} is no longer a {old}; {p} became a {v} on {date}",
-        ("car", "intro"): "The car {p} has is a {v}", ("car", "change"): "The {old} is gone; the car {p} has is a {v} now",
+        ("city", "intro"): "Home for {p} is {v}",
+        ("city", "change"): "{v} is home for {p} now; {p} left {old} on {date}",
+        ("job", "intro"): "By profession {p} is a {v}",
+        ("job", "change"): "{p} is no longer a {old}; {p} became a {v} on {date}",
+        ("car", "intro"): "The car {p} has is a {v}",
+        ("car", "change"): "The {old} is gone; the car {p} has is a {v} now",
         ("car", "retract"): "The {old} is gone and {p} has no car at all",
         ("food", "intro"): "The favourite dish of {p} is {v}",
         ("food", "change"): "{v} is the favourite dish of {p} these days, no longer {old}",
         ("dogs", "intro"): "{v} is the dog of {p}", ("dogs", "extend"): "{v} joined the dogs of {p}",
-        ("languages", "intro"): "{v} is a language {p} knows", ("languages", "extend"): "{v} is another language {p} knows now",
+        ("languages", "intro"): "{v} is a language {p} knows",
+        ("languages", "extend"): "{v} is another language {p} knows now",
         ("hobbies", "intro"): "{v} is a hobby of {p}", ("hobbies", "extend"): "{v} is the newest hobby of {p}",
     }, distract=[("Home for my sister is {city}.", "Home for the sister of {p} is {city}"),
                  ("{job} is what my best friend does.", "By profession the best friend of {p} is a {job}"),
@@ -248,13 +258,15 @@ FAMILIES = {
         ("city", "change"): "{p} said they had moved to {v} from {old}, as of {date}",
         ("job", "intro"): "{p} said their job is {v}",
         ("job", "change"): "{p} said they changed jobs, {old} to {v}, as of {date}",
-        ("car", "intro"): "{p} said their car is a {v}", ("car", "change"): "{p} said they replaced the {old} with a {v}",
+        ("car", "intro"): "{p} said their car is a {v}",
+        ("car", "change"): "{p} said they replaced the {old} with a {v}",
         ("car", "retract"): "{p} said they sold the {old} and have no car",
         ("food", "intro"): "{p} said {v} is their favourite food",
         ("food", "change"): "{p} said their favourite food changed from {old} to {v}",
         ("dogs", "intro"): "{p} said they have a dog, {v}", ("dogs", "extend"): "{p} said they added a dog, {v}",
         ("languages", "intro"): "{p} said they speak {v}", ("languages", "extend"): "{p} said they now speak {v} too",
-        ("hobbies", "intro"): "{p} said {v} is their hobby", ("hobbies", "extend"): "{p} said they are also into {v} now",
+        ("hobbies", "intro"): "{p} said {v} is their hobby",
+        ("hobbies", "extend"): "{p} said they are also into {v} now",
     }, distract=[("Sister's in {city}.", "{p} said their sister lives in {city}"),
                  ("Best friend's a {job}.", "{p} said their best friend's job is {job}"),
                  ("Neighbour got a {car}.", "{p} said their neighbour's car is a {car}"),
@@ -343,7 +355,8 @@ class World:
         options = self.say_words[(attr, kind)]
         text = upper_first(options[i % len(options)].format(v=v, old=old))
         observe = self.observe_words
-        fact = upper_first(observe.get((attr, kind), observe[(attr, "intro")]).format(p=person, v=v, old=old, date=date))
+        template = observe.get((attr, kind), observe[(attr, "intro")])
+        fact = upper_first(template.format(p=person, v=v, old=old, date=date))
         if kind == "intro":
             st[attr] = [v] if attr in SETS else v
             events = self.add(person, attr, fact)
