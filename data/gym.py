@@ -44,6 +44,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from data.gym_families import FAMILIES, HELDOUT_FAMILIES
 from data.locomo import DataError, Question, parse_conversation
 
 TEST_FILE = Path(__file__).resolve().parent / "gym_test.json"
@@ -64,7 +65,7 @@ class Level:
     change_weight: float = 3.0  # how often an event changes a value, against restating one (weight 1)
     distractors: int = 2  # facts per speaker about somebody else, sharing the attributes' words
     small_talk: float = 0.5  # chance of a fact-free reply after each fact turn
-    family: int = 0  # the wording (FAMILIES; 0: SAY, OBSERVE and DISTRACT above)
+    family: int = 0  # the wording (WORDS; 0: SAY, OBSERVE and DISTRACT below)
 
     def __post_init__(self):
         self.conversations = self.conversations or {"train": 24, "val": 8, "test": 24}
@@ -144,137 +145,9 @@ DISTRACT = [("My sister lives in {city}.", "{p}'s sister lives in {city}"),
 SMALL_TALK = ["That's great to hear!", "Haha, nice.", "Wow, tell me more sometime.", "I'm glad things are going well.",
               "Same here, it's been a busy week.", "Oh really? Good for you.", "Ha, that sounds like you.",
               "Nice! Let's catch up properly soon.", "Hey, good to hear from you again!", "Interesting!"]
+# Every phrasing family's words (data/gym_families.py), family 0 the ones above; a conversation is written in one.
+WORDS = {0: dict(say=SAY, observe=OBSERVE, distract=DISTRACT), **FAMILIES}
 
-# Phrasing families: the same events in other words. Family 0 is the wording above (every split and figure before
-# families existed); families 1-3 each word every kind of turn, observation and distractor their own way (person
-# and tense, word order, synonyms, a change implied rather than stated). A conversation is written in one family.
-# The template is chosen with the same random draw as family 0's (index into its list), so one seed gives the
-# same world, events, oracle and questions in every family: only the text differs. Family 1 may be trained on;
-# families 2 and 3 are held out: the "heldout" split rewords the test split's worlds with them (frozen below).
-FAMILIES = {
-    1: dict(say={  # chatty, first person, other verbs and word order
-        ("city", "intro"): ["These days I'm based in {v}.", "{v} has been my home for a while."],
-        ("city", "change"): ["Packed everything up in {old} and relocated to {v}.",
-                             "Said farewell to {old}, I'm settled in {v} now."],
-        ("city", "restate"): ["Life in {v} is still lovely.", "Another sunny day in {v}."],
-        ("job", "intro"): ["I earn my living as a {v}.", "By trade I'm a {v}."],
-        ("job", "change"): ["Left my {old} position, I'm working as a {v} now.", "Career switch: from {old} to {v}!"],
-        ("job", "restate"): ["Busy days as a {v} lately.", "Being a {v} is tiring but fun."],
-        ("car", "intro"): ["My ride is a {v}.", "I own a {v}."],
-        ("car", "change"): ["The {old} is gone, got myself a {v}.", "Swapped my {old} for a {v}."],
-        ("car", "retract"): ["Parted with my {old}, I'm car-free now.", "No more {old}, I go everywhere by bike now."],
-        ("car", "restate"): ["The {v} never lets me down.", "Washed the {v} today."],
-        ("food", "intro"): ["I could eat {v} every single day.", "{v} is the best food there is."],
-        ("food", "change"): ["I'm over {old}, {v} is my top food now.", "{v} beats {old} for me these days."],
-        ("food", "restate"): ["Ate {v} for lunch, never gets old.", "Craving {v} again."],
-        ("dogs", "intro"): ["My pup is called {v}.", "I've got a dog, {v}."],
-        ("dogs", "extend"): ["We adopted one more dog, {v}!", "Meet {v}, the newest dog in our house."],
-        ("languages", "intro"): ["I can speak {v}.", "{v} is my language."],
-        ("languages", "extend"): ["I'm now fluent in {v} as well!", "Finally picked up {v}."],
-        ("hobbies", "intro"): ["{v} is how I relax.", "I spend weekends on {v}."],
-        ("hobbies", "extend"): ["I've gotten into {v} lately.", "New hobby: {v}!"],
-    }, observe={
-        ("city", "intro"): "{p} is based in {v}", ("city", "change"): "{p} relocated to {v}, leaving {old}, on {date}",
-        ("job", "intro"): "{p} is employed as a {v}",
-        ("job", "change"): "On {date} {p} switched careers from {old} to {v}",
-        ("car", "intro"): "{p} owns a {v}", ("car", "change"): "{p} traded the {old} for a {v}",
-        ("car", "retract"): "{p} got rid of the {old} and is now without a car",
-        ("food", "intro"): "{p} loves {v} more than any other food",
-        ("food", "change"): "{p} now prefers {v} over {old}",
-        ("dogs", "intro"): "{p} owns a dog called {v}", ("dogs", "extend"): "{p} adopted one more dog, called {v}",
-        ("languages", "intro"): "{p} can speak {v}", ("languages", "extend"): "{p} can now also speak {v}",
-        ("hobbies", "intro"): "{p} spends free time on {v}", ("hobbies", "extend"): "{p} recently started doing {v}",
-    }, distract=[("My sister is based in {city}.", "{p}'s sister is based in {city}"),
-                 ("My best friend is employed as a {job}.", "{p}'s best friend is employed as a {job}"),
-                 ("My neighbour owns a {car} now.", "{p}'s neighbour owns a {car}"),
-                 ("My brother's dog is called {dogs}.", "{p}'s brother owns a dog called {dogs}"),
-                 ("My cousin can speak {languages}.", "{p}'s cousin can speak {languages}"),
-                 ("My roommate spends every weekend on {hobbies}.", "{p}'s roommate spends free time on {hobbies}")]),
-    2: dict(say={  # the attribute first, changes implied ("Riga is home now")
-        ("city", "intro"): ["Home is {v} for me.", "{v}, that's where I live."],
-        ("city", "change"): ["{old} is behind me, {v} is home now.",
-                             "Waking up in {v} every day now instead of {old}."],
-        ("city", "restate"): ["{v} keeps surprising me.", "Walked all over {v} today."],
-        ("job", "intro"): ["{v} is what I do for work.", "Work-wise, I'm a {v}."],
-        ("job", "change"): ["No longer a {old}; these days my job title is {v}.",
-                            "Goodbye {old} work, hello {v} work."],
-        ("job", "restate"): ["Long shifts as a {v} this month.", "Still a {v}, still busy."],
-        ("car", "intro"): ["A {v} is what I drive.", "The car in my driveway is a {v}."],
-        ("car", "change"): ["A {v} sits in my driveway now, the {old} is history.", "Bye {old}, my new car is a {v}."],
-        ("car", "retract"): ["The {old} is history and I have no car at all.", "Without the {old} I'm carless now."],
-        ("car", "restate"): ["The {v} ran fine on the trip.", "Gave the {v} a service."],
-        ("food", "intro"): ["Favourite dish? {v}.", "{v} wins every time for me."],
-        ("food", "change"): ["{v} is my favourite dish these days, not {old} anymore.",
-                             "Goodbye {old}, {v} is the dish now."],
-        ("food", "restate"): ["{v} tonight again, of course.", "More {v}, always more {v}."],
-        ("dogs", "intro"): ["{v} is my dog.", "{v}, my dog, says hello."],
-        ("dogs", "extend"): ["{v} joined our pack of dogs!", "{v} is the latest dog in the family."],
-        ("languages", "intro"): ["{v} is a language I speak.", "{v}? I speak it."],
-        ("languages", "extend"): ["{v} is another language I speak now.", "{v} got added to my languages."],
-        ("hobbies", "intro"): ["{v} is my hobby.", "{v} fills my free time."],
-        ("hobbies", "extend"): ["{v} is my newest hobby.", "{v} became a hobby of mine too."],
-    }, observe={
-        ("city", "intro"): "Home for {p} is {v}",
-        ("city", "change"): "{v} is home for {p} now; {p} left {old} on {date}",
-        ("job", "intro"): "By profession {p} is a {v}",
-        ("job", "change"): "{p} is no longer a {old}; {p} became a {v} on {date}",
-        ("car", "intro"): "The car {p} has is a {v}",
-        ("car", "change"): "The {old} is gone; the car {p} has is a {v} now",
-        ("car", "retract"): "The {old} is gone and {p} has no car at all",
-        ("food", "intro"): "The favourite dish of {p} is {v}",
-        ("food", "change"): "{v} is the favourite dish of {p} these days, no longer {old}",
-        ("dogs", "intro"): "{v} is the dog of {p}", ("dogs", "extend"): "{v} joined the dogs of {p}",
-        ("languages", "intro"): "{v} is a language {p} knows",
-        ("languages", "extend"): "{v} is another language {p} knows now",
-        ("hobbies", "intro"): "{v} is a hobby of {p}", ("hobbies", "extend"): "{v} is the newest hobby of {p}",
-    }, distract=[("Home for my sister is {city}.", "Home for the sister of {p} is {city}"),
-                 ("{job} is what my best friend does.", "By profession the best friend of {p} is a {job}"),
-                 ("A {car} is what my neighbour got.", "The car the neighbour of {p} has is a {car}"),
-                 ("{dogs} is my brother's dog.", "{dogs} is the dog of the brother of {p}"),
-                 ("{languages} is what my cousin speaks.", "{languages} is a language the cousin of {p} knows"),
-                 ("{hobbies} is my roommate's thing.", "{hobbies} is a hobby of the roommate of {p}")]),
-    3: dict(say={  # reported, past tense, terse
-        ("city", "intro"): ["Been in {v} for years.", "Live in {v}, have for ages."],
-        ("city", "change"): ["Moved. {old} out, {v} in.", "Changed cities: {v} now, not {old}."],
-        ("city", "restate"): ["{v} still good.", "Nothing new in {v}."],
-        ("job", "intro"): ["Job: {v}.", "Been a {v} a long time."],
-        ("job", "change"): ["Changed jobs. Was a {old}, am a {v}.", "{old} no more. {v} now."],
-        ("job", "restate"): ["{v} work, as usual.", "Same old {v} routine."],
-        ("car", "intro"): ["Car: {v}.", "Got a {v}."],
-        ("car", "change"): ["Car's a {v} now. Sold the {old}.", "{old} sold, {v} bought."],
-        ("car", "retract"): ["Sold the {old}. Carless.", "{old} gone, no replacement."],
-        ("car", "restate"): ["{v} still fine.", "Drove the {v} to work."],
-        ("food", "intro"): ["Fave food: {v}.", "Always {v}."],
-        ("food", "change"): ["Fave food changed: {v}, not {old}.", "{old} was the fave. Now {v}."],
-        ("food", "restate"): ["{v} again.", "Had {v}, naturally."],
-        ("dogs", "intro"): ["Dog: {v}.", "Got a dog, {v}."],
-        ("dogs", "extend"): ["New dog: {v}.", "Added a dog, {v}."],
-        ("languages", "intro"): ["Speak {v}.", "Language: {v}."],
-        ("languages", "extend"): ["Speak {v} now too.", "Added {v} to my languages."],
-        ("hobbies", "intro"): ["Hobby: {v}.", "Into {v}."],
-        ("hobbies", "extend"): ["New hobby: {v}.", "Also into {v} now."],
-    }, observe={
-        ("city", "intro"): "{p} said they live in {v}",
-        ("city", "change"): "{p} said they had moved to {v} from {old}, as of {date}",
-        ("job", "intro"): "{p} said their job is {v}",
-        ("job", "change"): "{p} said they changed jobs, {old} to {v}, as of {date}",
-        ("car", "intro"): "{p} said their car is a {v}",
-        ("car", "change"): "{p} said they replaced the {old} with a {v}",
-        ("car", "retract"): "{p} said they sold the {old} and have no car",
-        ("food", "intro"): "{p} said {v} is their favourite food",
-        ("food", "change"): "{p} said their favourite food changed from {old} to {v}",
-        ("dogs", "intro"): "{p} said they have a dog, {v}", ("dogs", "extend"): "{p} said they added a dog, {v}",
-        ("languages", "intro"): "{p} said they speak {v}", ("languages", "extend"): "{p} said they now speak {v} too",
-        ("hobbies", "intro"): "{p} said {v} is their hobby",
-        ("hobbies", "extend"): "{p} said they are also into {v} now",
-    }, distract=[("Sister's in {city}.", "{p} said their sister lives in {city}"),
-                 ("Best friend's a {job}.", "{p} said their best friend's job is {job}"),
-                 ("Neighbour got a {car}.", "{p} said their neighbour's car is a {car}"),
-                 ("Brother's dog: {dogs}.", "{p} said their brother has a dog, {dogs}"),
-                 ("Cousin speaks {languages}.", "{p} said their cousin speaks {languages}"),
-                 ("Roommate's into {hobbies}.", "{p} said their roommate's hobby is {hobbies}")]),
-}
-HELDOUT_FAMILIES = (2, 3)  # never trained on: the heldout split alternates them over the test split's worlds
 
 
 def join(items: list[str]) -> str:
@@ -297,9 +170,7 @@ class World:
 
     def __init__(self, rng: random.Random, names: list[str], family: int = 0):
         self.rng, self.names = rng, names
-        words = FAMILIES.get(family, {})
-        self.say_words, self.observe_words = words.get("say", SAY), words.get("observe", OBSERVE)
-        self.distract_words = words.get("distract", DISTRACT)
+        self.words = WORDS[family]  # say, observe and distract templates
         self.state = {p: {} for p in names}  # person -> attribute -> value (single) or list (set)
         self.bank = {p: {} for p in names}  # person -> memory id -> (attribute or None, text)
         self.next_id = {p: 0 for p in names}
@@ -352,9 +223,9 @@ class World:
         else:  # restate, retract
             v = old[-1] if isinstance(old, list) else old
         i = rng.randrange(len(SAY[(attr, kind)]))  # family 0's draw in every family: the same world follows
-        options = self.say_words[(attr, kind)]
+        options = self.words["say"][(attr, kind)]
         text = upper_first(options[i % len(options)].format(v=v, old=old))
-        observe = self.observe_words
+        observe = self.words["observe"]
         template = observe.get((attr, kind), observe[(attr, "intro")])
         fact = upper_first(template.format(p=person, v=v, old=old, date=date))
         if kind == "intro":
@@ -420,7 +291,7 @@ def generate_conversation(seed: int, split: str, level: Level | None = None) -> 
             for person in names:
                 for j in rng.sample(range(len(DISTRACT)), level.distractors // 2 + (index == level.sessions) *
                                     (level.distractors % 2)):
-                    say, fact = world.distract_words[j]
+                    say, fact = world.words["distract"][j]
                     values = {a: rng.choice(VALUES[a]) for a in VALUES}
                     text = upper_first(fact.format(p=person, **values))
                     world.say(person, upper_first(say.format(**values)), text, world.add(person, None, text))
