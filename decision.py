@@ -18,7 +18,10 @@ every state. After the decision the output is the frozen LM's, guided, within th
 The update (paper section 3's outcome reward; the gradient is the "all-action" policy gradient, Sutton et al.
 2001, Allen et al. 2017's Mean Actor-Critic): the G outputs of a state take the two arms in turn, so every arm is
 tried in every state (GRPO would rarely try an arm the policy has nearly given up), and the policy's own P(arm)
-reweights them (all_arms_advantage). No operation label enters the reward.
+reweights them (all_arms_advantage). No operation label enters the reward. The frozen LM writes the rest of each
+arm greedily, as it does at evaluation (flags.DECISION_HEAD: temperature 0, G = 2): the policy being trained is the
+one deployed, and an arm's reward is a function of the state alone. Sampled at temperature 1 instead, one output
+per arm carried the noise of every later token, and the head read the state worse (docs/manager.md).
 
 The pieces, in order: 1. the decision slot of a format and its two arms; 2. the head and the states it reads;
 3. decisions at evaluation; 4. one training step. Read next: prompts.py.

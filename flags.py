@@ -72,11 +72,12 @@ PRESETS = {
 
 # --decision-head brings its own recipe (decision.py, docs/manager.md): only the head's 576 numbers train, so no
 # reference model (beta 0) and plain gradient descent at a rate fit for a linear read-out of standardised features;
-# 8 states x 4 outputs a step, as many new facts as changed values (balance_kinds); one memory shown per fact: the
-# frozen LM then cannot name the wrong one, which it did on 31 % of val changes at k = 2, while the memory to
-# change is the most similar one on every val change. Explicit flags win.
-DECISION_HEAD = dict(balance_kinds=True, beta=0.0, optimizer="sgd", lr=0.5, questions_per_step=8, group_size=4,
-                     manager_k=1)
+# as many new facts as changed values (balance_kinds); one memory shown per fact: the frozen LM then cannot name the
+# wrong one, which it did on 31 % of val changes at k = 2. The frozen LM writes the rest of each arm greedily, as at
+# evaluation (temperature 0), so an arm's reward is a function of the state alone: one output per arm (G = 2), no
+# sampling noise, no tied group to resample (dynamic sampling off), and 24 states a step. Explicit flags win.
+DECISION_HEAD = dict(balance_kinds=True, beta=0.0, optimizer="sgd", lr=0.5, questions_per_step=24, group_size=2,
+                     temperature=0.0, dynamic_sampling=0, manager_k=1)
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@
     python bench/manager_priors.py --split val --no-demos        # the prompt without its worked examples
     python bench/manager_priors.py --model runs/mgr-head/checkpoint   # with its decision head (decision.py)
     python bench/manager_priors.py --split val --which-memory    # and which memory the LM names after the decision
+    python bench/manager_priors.py --model RUN/checkpoint --split val --family 1 --manager-k 1   # val, other words
 
 In the "ops" format the first choice of each entry is its "about" slot: "new" (then ADD) or the first
 token of a shown memory's text. For each gym state (agents.manager_examples, as train.py builds them:
@@ -140,6 +141,8 @@ def main():
     ap.add_argument("--model", default=OFFLINE_SMOLLM2, help="the manager's policy (a checkpoint or the base)")
     ap.add_argument("--split", choices=("train", "val", "heldout"), default="val",
                     help="heldout: the test worlds in phrasing families training never sees (a diagnostic)")
+    ap.add_argument("--family", type=int, help="the split's worlds worded by this phrasing family (gym.FAMILIES; val "
+                    "in family 1 is how far a head carries to other words, read on val); default: the split's own")
     ap.add_argument("--limit", type=int, default=0, help="conversations (0: all of the split)")
     ap.add_argument("--manager-k", type=int, default=2, help="memories shown per fact (the cpu preset's 2)")
     ap.add_argument("--embedder", default="minilm", help="the manager's retrieval (the cpu preset's minilm)")
@@ -151,6 +154,9 @@ def main():
                     "most similar one, and does the LM, made to name a memory, name it (memory_picks)")
     ap.add_argument("--smoke", action="store_true", help="one conversation")
     args = ap.parse_args()
+    if args.family is not None and (args.split == "heldout" or args.family not in gym.WORDS):
+        ap.error(f"--family {args.family}: give one of the phrasing families {sorted(gym.WORDS)}, and not with --split "
+                 "heldout (the test worlds in the families it words them in itself)")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))  # both cores, unless told fewer
     if args.no_demos:
         prompts.MANAGER_OPS_DEMOS = ()  # manager_messages reads it at each call
@@ -158,9 +164,11 @@ def main():
     load_head(model, args.model)  # decision.py: P(new) = sigmoid(L + s(h)) for a manager trained with one
     embedder = make_embedder(args.embedder)
     limit = 1 if args.smoke else args.limit
-    states = decision_states(model, tok, split_conversations(args.split, limit), args.manager_k, embedder)
+    families = None if args.family is None else [args.family]
+    states = decision_states(model, tok, split_conversations(args.split, limit, families), args.manager_k, embedder)
     by_kind = {kind: [x for x, _ in rows] for kind, rows in states.items()}
-    print(f"{args.model}, gym {args.split}: {sum(map(len, by_kind.values()))} states")
+    worded = "" if args.family is None else f" in phrasing family {args.family}"
+    print(f"{args.model}, gym {args.split}{worded}: {sum(map(len, by_kind.values()))} states")
     print("| oracle kind | states | mean P(new) | median log-odds new |\n|---|---|---|---|")
     for kind, xs in sorted(by_kind.items()):
         ps = [1 / (1 + math.exp(-x)) for x in xs]

@@ -63,6 +63,14 @@ def test_manager_priors_auc_hand_computed():
     assert auc([3.0], [1.0, 2.0]) == 1.0 and auc([0.0], [1.0]) == 0.0
 
 
+
+@pytest.mark.parametrize("flags, says", [(["--split", "heldout", "--family", "1"], "not with --split heldout"),
+                                         (["--split", "val", "--family", "9"], "give one of the phrasing families")])
+def test_manager_priors_refuses_a_family_it_cannot_word(flags, says):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "manager_priors.py"), *flags], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and says in r.stderr.strip().splitlines()[-1]
+
 def test_paired_difference_hand_computed():
     sys.path.insert(0, str(ROOT / "bench"))
     from paired import paired

@@ -129,15 +129,15 @@ def test_a_decision_head_run_trains_the_head_alone_and_resumes(smollm2_path, tmp
 
 
 def test_the_decision_head_brings_its_recipe_and_explicit_flags_win():
-    """--decision-head sets the recipe of flags.DECISION_HEAD (no reference, SGD at 0.5, balanced states, 8 x 4, one
-    memory shown); a flag given wins; without it the cpu preset's manager column is as before; a reference, or the
-    answer agent, is refused."""
+    """--decision-head sets the recipe of flags.DECISION_HEAD (no reference, SGD at 0.5, balanced states, 24 x 2 with
+    the rest written greedily, one memory shown); a flag given wins; without it the cpu preset's manager column is
+    as before; a reference, or the answer agent, is refused."""
     import pytest
 
     import train
     a = train.parse_args(["--agent", "manager", "--preset", "cpu", "--decision-head"])
-    assert (a.balance_kinds, a.beta, a.optimizer, a.lr, a.questions_per_step, a.group_size, a.manager_k) == \
-           (True, 0.0, "sgd", 0.5, 8, 4, 1)
+    assert (a.balance_kinds, a.beta, a.optimizer, a.lr, a.questions_per_step, a.group_size, a.temperature,
+            a.dynamic_sampling, a.manager_k) == (True, 0.0, "sgd", 0.5, 24, 2, 0.0, 0, 1)
     assert train.parse_args(["--agent", "manager", "--preset", "cpu", "--decision-head", "--lr", "0.1"]).lr == 0.1
     b = train.parse_args(["--agent", "manager", "--preset", "cpu"])
     assert (b.decision_head, b.balance_kinds, b.beta, b.optimizer, b.lr, b.manager_k) == (False, False, 0.01, "adamw", 5e-6, 2)
